@@ -1,0 +1,160 @@
+//! Flush and commit coordination (group commit).
+//!
+//! One commit thread runs every commit. A commit is: freeze the dirty bitmap blocks (phase 1),
+//! write them to their shadow slots *while* flushing the destination, then write the
+//! superblock (phase 2). The metadata API only accepts phase 2 with a `DestinationFlushed`
+//! token, and that token is made by a flush issued after the freeze.
+//!
+//! Epochs: `started` counts commits that have begun, `completed` the last finished epoch. A
+//! FLUSH arriving when `started == s` waits for epoch `s + 1`, which begins (and so flushes the
+//! destination) after the FLUSH arrived; that flush covers every write completed before the
+//! FLUSH on any queue (seed 003). Concurrent FLUSH and FUA requests from all queues share the
+//! same epoch, and an empty FLUSH never causes a second destination flush (seed 002).
+//!
+//! Failure is sticky (seed 004): a failed destination flush or metadata write switches the
+//! engine to read-only (or fail) mode before the epoch is marked complete, and in those modes
+//! every FLUSH and FUA reports EIO, so no later FLUSH can claim lost data is safe.
+
+use super::{Engine, Mode};
+use crate::metadata;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+pub(super) struct CommitState {
+    pub started: u64,
+    pub completed: u64,
+    pub requested: u64,
+    pub last_commit: Option<Instant>,
+    pub shutdown: bool,
+}
+
+impl Engine {
+    /// Asks for a commit that starts after now; returns the epoch to wait for.
+    pub(super) fn request_commit(&self) -> u64 {
+        let mut st = self.commit_state.lock();
+        let epoch = st.started + 1;
+        st.requested = st.requested.max(epoch);
+        self.commit_cv.notify_one();
+        epoch
+    }
+
+    /// FLUSH semantics: returns once a destination flush (and metadata commit, if anything
+    /// changed) that started after this call has completed, or EIO if the engine is not in
+    /// read-write mode (now or after that commit).
+    pub async fn flush(&self) -> Result<(), super::IoError> {
+        self.stats
+            .flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.mode() != Mode::ReadWrite {
+            return Err(super::IoError::eio(
+                "the device is not in read-write mode; FLUSH refused",
+            ));
+        }
+        let epoch = self.request_commit();
+        self.commit_done
+            .wait_until(|| self.commit_state.lock().completed >= epoch)
+            .await;
+        match self.mode() {
+            Mode::ReadWrite => Ok(()),
+            _ => Err(super::IoError::eio(
+                "commit failed; the device left read-write mode",
+            )),
+        }
+    }
+
+    /// Blocking FLUSH for engine threads and tools (never called on a queue thread).
+    pub fn flush_blocking(&self) -> Result<(), super::IoError> {
+        futures_lite::future::block_on(self.flush())
+    }
+
+    pub(super) fn commit_thread(&self) {
+        loop {
+            let epoch = {
+                let mut st = self.commit_state.lock();
+                loop {
+                    if st.requested > st.started {
+                        break;
+                    }
+                    let due = st
+                        .last_commit
+                        .is_none_or(|t| t.elapsed() >= self.config.commit_period);
+                    if self.md.is_dirty() && due && self.mode() == Mode::ReadWrite {
+                        break;
+                    }
+                    if st.shutdown {
+                        return;
+                    }
+                    let wait = self.config.commit_period.min(Duration::from_millis(200));
+                    self.commit_cv.wait_for(&mut st, wait);
+                }
+                st.started += 1;
+                st.started
+            };
+            let result = self.commit_once();
+            if let Err(e) = result {
+                self.enter_degraded(Mode::ReadOnly, &format!("commit failed: {e}"));
+            }
+            {
+                let mut st = self.commit_state.lock();
+                st.completed = epoch;
+                st.last_commit = Some(Instant::now());
+            }
+            self.commit_done.notify();
+        }
+    }
+
+    /// One commit: destination flush always; the two metadata phases when anything changed.
+    fn commit_once(&self) -> Result<(), String> {
+        if self.mode() != Mode::ReadWrite {
+            return Err("device is not in read-write mode".into());
+        }
+        if !self.md.is_dirty() {
+            return self
+                .dest
+                .flush()
+                .map_err(|e| format!("destination flush: {e}"));
+        }
+        let frozen = self
+            .md
+            .begin_commit()
+            .map_err(|e| format!("metadata phase 1: {e}"))?;
+        // The shadow writes and the destination flush are independent: overlap them.
+        let (shadows, dest) = std::thread::scope(|s| {
+            let shadows = s.spawn(|| frozen.write_shadows());
+            let dest = metadata::flush_destination(self.dest.as_ref(), &frozen);
+            (shadows.join(), dest)
+        });
+        let dest = dest.map_err(|e| format!("destination flush: {e}"))?;
+        let shadows = shadows
+            .map_err(|_| "metadata shadow writer panicked".to_string())?
+            .map_err(|e| format!("metadata shadow write: {e}"))?;
+        self.md
+            .finish_commit(frozen, shadows, dest)
+            .map_err(|e| format!("metadata superblock write: {e}"))?;
+        self.stats
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Switches to a degraded mode (never back), persisting it when the metadata device
+    /// still works; if even that fails the engine goes to fail mode.
+    pub(super) fn enter_degraded(&self, mode: Mode, reason: &str) {
+        let mut cur = self.mode.lock();
+        if cur.0 >= mode {
+            return;
+        }
+        log::error!("switching to {} mode: {reason}", mode.name());
+        *cur = (mode, reason.to_string());
+        let md_mode = match mode {
+            Mode::ReadWrite => metadata::Mode::ReadWrite,
+            Mode::ReadOnly => metadata::Mode::ReadOnly,
+            Mode::Fail => metadata::Mode::Fail,
+        };
+        if let Err(e) = self.md.persist_mode(md_mode, reason) {
+            let reason = format!("{reason}; persisting the mode failed too: {e}");
+            log::error!("switching to fail mode: {reason}");
+            *cur = (Mode::Fail, reason);
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Background hydration: copies unhydrated regions from the source to the destination.
+//!
+//! Better than dm-clone's sweep:
+//! - it never pauses for user I/O (it is bounded by `threshold` regions in flight, which
+//!   counts write-triggered hydrations too, and by an optional byte rate limit);
+//! - regions that users read are queued as hints and hydrated first;
+//! - a source read error is retried a bounded number of times with backoff; then the region is
+//!   marked failed (reads of it return EIO), reported in the status, and the sweep goes on.
+//!
+//! Invariant: a region is copied only while its region lock is held and only if its bit is
+//! clear under the lock; the bit is set after the destination write completed and before the
+//! lock is released (see `regions`).
+
+use super::{Engine, Mode};
+use crate::io::AlignedBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Token bucket for the hydration rate limit.
+pub(super) struct RateLimiter {
+    pub tokens: f64,
+    pub last: Instant,
+}
+
+impl Engine {
+    pub(super) fn hydration_worker(&self) {
+        loop {
+            if self.hydrate_stop.load(Ordering::Acquire) {
+                return;
+            }
+            let knobs = self.knobs();
+            let runnable = knobs.hydration_enabled
+                && knobs.threshold > 0
+                && self.mode() == Mode::ReadWrite
+                && !self.fully_hydrated.load(Ordering::Acquire);
+            if !runnable {
+                self.hydrate_wake.wait_until_blocking(
+                    || self.hydrate_stop.load(Ordering::Acquire) || self.hydration_runnable(),
+                    Duration::from_millis(500),
+                );
+                continue;
+            }
+            let batch = knobs.batch_size.max(1).min(knobs.threshold);
+            // Reserve budget before picking regions.
+            let reserved = loop {
+                let cur = self.hydrations_in_flight.load(Ordering::Acquire);
+                if cur + batch > knobs.threshold {
+                    break None;
+                }
+                if self
+                    .hydrations_in_flight
+                    .compare_exchange(cur, cur + batch, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    break Some(batch);
+                }
+            };
+            let Some(reserved) = reserved else {
+                self.hydrate_wake.wait_until_blocking(
+                    || {
+                        self.hydrate_stop.load(Ordering::Acquire)
+                            || self.hydrations_in_flight.load(Ordering::Acquire) + batch
+                                <= self.knobs().threshold
+                    },
+                    Duration::from_millis(200),
+                );
+                continue;
+            };
+            let progressed = self.hydrate_next_batch(reserved);
+            self.hydrations_in_flight
+                .fetch_sub(reserved, Ordering::AcqRel);
+            self.hydrate_wake.notify();
+            if !progressed {
+                self.check_fully_hydrated();
+                // Everything left is locked by writers or failed: wait a little.
+                self.hydrate_wake.wait_until_blocking(
+                    || self.hydrate_stop.load(Ordering::Acquire),
+                    Duration::from_millis(50),
+                );
+            }
+        }
+    }
+
+    fn hydration_runnable(&self) -> bool {
+        let k = self.knobs();
+        k.hydration_enabled
+            && k.threshold > 0
+            && self.mode() == Mode::ReadWrite
+            && !self.fully_hydrated.load(Ordering::Acquire)
+    }
+
+    /// Picks up to `max` contiguous unhydrated, unlocked regions (hints first) and copies them.
+    /// Returns false when no region could be picked.
+    fn hydrate_next_batch(&self, max: u64) -> bool {
+        let nr = self.geo.nr_regions;
+        let mut first = None;
+        while let Some(r) = self.hints.lock().pop_front() {
+            if r < nr && !self.md.is_hydrated(r) && !self.is_failed(r) {
+                first = Some(r);
+                break;
+            }
+        }
+        let mut guards = Vec::new();
+        if let Some(r) = first {
+            if let Some(g) = self.locks.try_lock(r) {
+                guards.push(g);
+            }
+        }
+        if guards.is_empty() {
+            let mut cursor = self.cursor.lock();
+            let start = *cursor;
+            let mut r = start;
+            let mut scanned = 0;
+            while scanned < nr {
+                if !self.md.is_hydrated(r) && !self.is_failed(r) {
+                    if let Some(g) = self.locks.try_lock(r) {
+                        guards.push(g);
+                        *cursor = (r + 1) % nr;
+                        break;
+                    }
+                }
+                r = (r + 1) % nr;
+                scanned += 1;
+            }
+            if guards.is_empty() {
+                return false;
+            }
+        }
+        // Extend to contiguous regions.
+        let head = guards[0].region();
+        while (guards.len() as u64) < max {
+            let r = head + guards.len() as u64;
+            if r >= nr || self.md.is_hydrated(r) || self.is_failed(r) {
+                break;
+            }
+            match self.locks.try_lock(r) {
+                Some(g) => guards.push(g),
+                None => break,
+            }
+        }
+        // Re-check under the locks: a writer may have hydrated the head meanwhile.
+        while guards
+            .first()
+            .is_some_and(|g| self.md.is_hydrated(g.region()))
+        {
+            guards.remove(0);
+        }
+        if let Some(pos) = guards.iter().position(|g| self.md.is_hydrated(g.region())) {
+            guards.truncate(pos);
+        }
+        let Some(head) = guards.first().map(|g| g.region()) else {
+            return true;
+        };
+        let count = guards.len() as u64;
+        self.copy_regions(head, count);
+        drop(guards);
+        true
+    }
+
+    /// Copies regions `[head, head+count)` (locks held by the caller); on a persistent
+    /// source error splits the batch to isolate failing regions.
+    fn copy_regions(&self, head: u64, count: u64) {
+        let (off, len) = self.geo.regions_span(head, count);
+        self.rate_limit(len);
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        let mut attempt = 0;
+        let read = loop {
+            match self.source.read_at(&mut buf, off) {
+                Ok(()) => break Ok(()),
+                Err(e) if count > 1 => break Err(e),
+                Err(e) => {
+                    if attempt >= self.config.source_retries {
+                        break Err(e);
+                    }
+                    std::thread::sleep(self.config.retry_backoff * (1 << attempt.min(10)));
+                    attempt += 1;
+                }
+            }
+        };
+        if let Err(e) = read {
+            if count > 1 {
+                for r in head..head + count {
+                    self.copy_regions(r, 1);
+                }
+            } else {
+                log::error!("hydration of region {head} failed: {e}; marking it failed");
+                self.failed.lock().insert(head);
+                self.has_failed.store(true, Ordering::Release);
+            }
+            return;
+        }
+        if self.mode() != Mode::ReadWrite {
+            return;
+        }
+        if let Err(e) = self.dest.write_at(&buf, off) {
+            log::error!(
+                "hydration write of regions {head}..{} failed: {e}",
+                head + count
+            );
+            self.stats.dest_write_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // The copy completed: only now may the bits be set.
+        self.md.set_range_hydrated(head, count);
+        self.stats.bytes_hydrated.fetch_add(len, Ordering::Relaxed);
+        self.stats
+            .regions_hydrated_bg
+            .fetch_add(count, Ordering::Relaxed);
+        self.check_fully_hydrated();
+    }
+
+    fn rate_limit(&self, bytes: u64) {
+        let rate = self.knobs().rate_bytes_per_sec;
+        if rate == 0 {
+            return;
+        }
+        let sleep = {
+            let mut rl = self.rate.lock();
+            let now = Instant::now();
+            let refill = now.duration_since(rl.last).as_secs_f64() * rate as f64;
+            rl.tokens = (rl.tokens + refill).min(rate as f64);
+            rl.last = now;
+            rl.tokens -= bytes as f64;
+            if rl.tokens < 0.0 {
+                Duration::from_secs_f64(-rl.tokens / rate as f64)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !sleep.is_zero() {
+            std::thread::sleep(sleep);
+        }
+    }
+}

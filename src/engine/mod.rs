@@ -1,0 +1,664 @@
+//! The clone engine: decides where every I/O goes and when the bitmap may be committed.
+//!
+//! Transport-agnostic (no ublk types): queue threads call [`Engine::read`], [`Engine::write`],
+//! [`Engine::discard`] and [`Engine::flush`] with a [`DataPath`]; the engine's own threads
+//! commit metadata (`commit`) and hydrate in the background (`hydrate`).
+//!
+//! Invariants:
+//! - a region's bit is set only after the destination write that made its data complete has
+//!   finished, and it is committed only after a destination flush issued after the bit was set
+//!   (the metadata API enforces the flush by type);
+//! - a region that is not hydrated is written only under its region lock (`regions`), so a
+//!   hydration copy never lands over newer user data;
+//! - FLUSH and FUA complete only after a destination flush that started after they arrived;
+//!   once a commit has failed, every FLUSH and FUA fails (sticky degraded mode).
+
+mod commit;
+mod hydrate;
+pub mod path;
+pub mod regions;
+pub mod wake;
+
+pub use path::{DataPath, Side, SyncPath};
+
+use crate::io::{AlignedBuf, BlockDev};
+use crate::metadata::Metadata;
+use parking_lot::{Condvar, Mutex};
+use regions::RegionLocks;
+use serde::Serialize;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use wake::{Kick, Kickers, Signal};
+
+/// Metadata mode, ordered by severity (dm-clone's rw / ro / fail).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Mode {
+    ReadWrite,
+    ReadOnly,
+    Fail,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::ReadWrite => "rw",
+            Mode::ReadOnly => "ro",
+            Mode::Fail => "fail",
+        }
+    }
+}
+
+/// An I/O error returned to the frontend: an errno plus a message for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoError {
+    pub errno: i32,
+    pub msg: String,
+}
+
+impl IoError {
+    pub fn eio(msg: impl Into<String>) -> IoError {
+        IoError {
+            errno: libc::EIO,
+            msg: msg.into(),
+        }
+    }
+    pub fn einval(msg: impl Into<String>) -> IoError {
+        IoError {
+            errno: libc::EINVAL,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (errno {})", self.msg, self.errno)
+    }
+}
+
+/// Run-time knobs (dm-clone's messages plus ours).
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Knobs {
+    pub hydration_enabled: bool,
+    /// Maximum regions being hydrated at once, including write-triggered hydrations.
+    pub threshold: u64,
+    /// Contiguous regions per background copy.
+    pub batch_size: u64,
+    /// Background hydration byte rate limit; 0 = unlimited.
+    pub rate_bytes_per_sec: u64,
+    /// Queue regions that users read for early hydration.
+    pub hydrate_on_read: bool,
+}
+
+impl Knobs {
+    /// Defaults sized so that one background copy moves about 4 MiB.
+    pub fn defaults_for(region_size: u64) -> Knobs {
+        let batch = (4 << 20) / region_size.max(1);
+        let batch = batch.max(1);
+        Knobs {
+            hydration_enabled: true,
+            threshold: batch * 2,
+            batch_size: batch,
+            rate_bytes_per_sec: 0,
+            hydrate_on_read: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Size of the clone device in bytes (the source size).
+    pub size: u64,
+    pub discard_passdown: bool,
+    pub commit_period: Duration,
+    pub source_retries: u32,
+    pub retry_backoff: Duration,
+    pub hydration_workers: usize,
+    pub knobs: Knobs,
+}
+
+impl EngineConfig {
+    pub fn new(size: u64, region_size: u64) -> EngineConfig {
+        EngineConfig {
+            size,
+            discard_passdown: true,
+            commit_period: Duration::from_secs(1),
+            source_retries: 3,
+            retry_backoff: Duration::from_millis(10),
+            hydration_workers: 2,
+            knobs: Knobs::defaults_for(region_size),
+        }
+    }
+}
+
+/// Region arithmetic.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub size: u64,
+    pub region_size: u64,
+    pub region_shift: u32,
+    pub nr_regions: u64,
+}
+
+impl Geometry {
+    pub fn region_of(&self, offset: u64) -> u64 {
+        offset >> self.region_shift
+    }
+    pub fn region_start(&self, r: u64) -> u64 {
+        r << self.region_shift
+    }
+    /// End of region `r`, clamped to the device size (the last region may be partial).
+    pub fn region_end(&self, r: u64) -> u64 {
+        ((r + 1) << self.region_shift).min(self.size)
+    }
+    /// Byte span of regions `[head, head+count)`.
+    pub fn regions_span(&self, head: u64, count: u64) -> (u64, u64) {
+        let start = self.region_start(head);
+        (start, self.region_end(head + count - 1) - start)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub commits: AtomicU64,
+    pub flushes: AtomicU64,
+    pub bytes_hydrated: AtomicU64,
+    pub regions_hydrated_bg: AtomicU64,
+    pub regions_hydrated_write: AtomicU64,
+    pub dest_write_errors: AtomicU64,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub size: u64,
+    pub region_size: u64,
+    pub regions: u64,
+    pub hydrated: u64,
+    pub hydrating: u64,
+    pub failed_regions: Vec<u64>,
+    pub mode: Mode,
+    pub mode_reason: String,
+    pub commits: u64,
+    pub flushes: u64,
+    pub bytes_hydrated: u64,
+    pub hydration_rate_bytes_per_sec: u64,
+    pub knobs: Knobs,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    geo: Geometry,
+    md: Arc<Metadata>,
+    source: Arc<dyn BlockDev>,
+    dest: Arc<dyn BlockDev>,
+    kickers: Arc<Kickers>,
+    locks: RegionLocks,
+    knobs: Mutex<Knobs>,
+    mode: Mutex<(Mode, String)>,
+    commit_state: Mutex<commit::CommitState>,
+    commit_cv: Condvar,
+    commit_done: Signal,
+    hydrate_wake: Signal,
+    hydrate_stop: AtomicBool,
+    hydrations_in_flight: AtomicU64,
+    fully_hydrated: AtomicBool,
+    cursor: Mutex<u64>,
+    hints: Mutex<VecDeque<u64>>,
+    failed: Mutex<BTreeSet<u64>>,
+    has_failed: AtomicBool,
+    rate: Mutex<hydrate::RateLimiter>,
+    rate_sample: Mutex<(Instant, u64, u64)>,
+    stats: Stats,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+const MAX_HINTS: usize = 4096;
+
+impl Engine {
+    /// Builds the engine and starts its commit and hydration threads.
+    pub fn start(
+        md: Arc<Metadata>,
+        source: Arc<dyn BlockDev>,
+        dest: Arc<dyn BlockDev>,
+        config: EngineConfig,
+    ) -> Result<Arc<Engine>, String> {
+        let region_size = md.region_size();
+        if !region_size.is_power_of_two() {
+            return Err(format!("region size {region_size} is not a power of two"));
+        }
+        let geo = Geometry {
+            size: config.size,
+            region_size,
+            region_shift: region_size.trailing_zeros(),
+            nr_regions: md.nr_regions(),
+        };
+        if geo.nr_regions != config.size.div_ceil(region_size) {
+            return Err(format!(
+                "metadata has {} regions but a {}-byte device at {region_size}-byte regions needs {}",
+                geo.nr_regions,
+                config.size,
+                config.size.div_ceil(region_size)
+            ));
+        }
+        if source.size() < config.size || dest.size() < config.size {
+            return Err(format!(
+                "source ({} bytes) and destination ({} bytes) must hold the {}-byte device",
+                source.size(),
+                dest.size(),
+                config.size
+            ));
+        }
+        let kickers = Arc::new(Kickers::default());
+        let engine = Arc::new(Engine {
+            knobs: Mutex::new(config.knobs.clone()),
+            geo,
+            locks: RegionLocks::new(&kickers),
+            commit_done: Signal::new(&kickers),
+            hydrate_wake: Signal::new(&kickers),
+            kickers,
+            md,
+            source,
+            dest,
+            mode: Mutex::new((Mode::ReadWrite, String::new())),
+            commit_state: Mutex::new(commit::CommitState::default()),
+            commit_cv: Condvar::new(),
+            hydrate_stop: AtomicBool::new(false),
+            hydrations_in_flight: AtomicU64::new(0),
+            fully_hydrated: AtomicBool::new(false),
+            cursor: Mutex::new(0),
+            hints: Mutex::new(VecDeque::new()),
+            failed: Mutex::new(BTreeSet::new()),
+            has_failed: AtomicBool::new(false),
+            rate: Mutex::new(hydrate::RateLimiter {
+                tokens: 0.0,
+                last: Instant::now(),
+            }),
+            rate_sample: Mutex::new((Instant::now(), 0, 0)),
+            stats: Stats::default(),
+            threads: Mutex::new(Vec::new()),
+            config,
+        });
+        engine.check_fully_hydrated();
+        let mut threads = Vec::new();
+        let e = engine.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("clone-commit".into())
+                .spawn(move || e.commit_thread())
+                .map_err(|e| format!("cannot start the commit thread: {e}"))?,
+        );
+        for i in 0..engine.config.hydration_workers.max(1) {
+            let e = engine.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("clone-hydrate-{i}"))
+                    .spawn(move || e.hydration_worker())
+                    .map_err(|e| format!("cannot start a hydration thread: {e}"))?,
+            );
+        }
+        *engine.threads.lock() = threads;
+        Ok(engine)
+    }
+
+    /// Stops hydration, runs a final commit, marks the metadata clean and joins the threads.
+    pub fn shutdown(&self) -> Result<(), String> {
+        self.hydrate_stop.store(true, Ordering::Release);
+        self.hydrate_wake.notify();
+        let final_commit = if self.mode() == Mode::ReadWrite {
+            self.flush_blocking().map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        self.commit_state.lock().shutdown = true;
+        self.commit_cv.notify_all();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+        final_commit?;
+        if self.mode() == Mode::ReadWrite {
+            self.md
+                .close_clean()
+                .map_err(|e| format!("marking the metadata clean: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn add_kicker(&self, k: Kick) {
+        self.kickers.add(k);
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode.lock().0
+    }
+
+    pub fn knobs(&self) -> Knobs {
+        self.knobs.lock().clone()
+    }
+
+    pub fn set_knobs(&self, k: Knobs) {
+        *self.knobs.lock() = k;
+        self.hydrate_wake.notify();
+    }
+
+    pub fn is_fully_hydrated(&self) -> bool {
+        self.fully_hydrated.load(Ordering::Acquire)
+    }
+
+    fn is_failed(&self, r: u64) -> bool {
+        self.has_failed.load(Ordering::Acquire) && self.failed.lock().contains(&r)
+    }
+
+    fn check_fully_hydrated(&self) {
+        if !self.fully_hydrated.load(Ordering::Acquire)
+            && self.md.hydrated_count() == self.geo.nr_regions
+        {
+            self.fully_hydrated.store(true, Ordering::Release);
+        }
+    }
+
+    fn is_hydrated(&self, r: u64) -> bool {
+        self.fully_hydrated.load(Ordering::Acquire) || self.md.is_hydrated(r)
+    }
+
+    fn validate(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        if offset % crate::io::SECTOR_SIZE != 0 || len % crate::io::SECTOR_SIZE != 0 {
+            return Err(IoError::einval(format!(
+                "unaligned I/O at offset {offset} length {len} (must be 512-byte aligned)"
+            )));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.geo.size => Ok(()),
+            _ => Err(IoError::einval(format!(
+                "I/O at offset {offset} length {len} is beyond the device size {}",
+                self.geo.size
+            ))),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let (mode, reason) = self.mode.lock().clone();
+        let bytes = self.stats.bytes_hydrated.load(Ordering::Relaxed);
+        let rate = {
+            let mut s = self.rate_sample.lock();
+            let dt = s.0.elapsed().as_secs_f64();
+            if dt >= 1.0 {
+                s.2 = ((bytes - s.1) as f64 / dt) as u64;
+                *s = (Instant::now(), bytes, s.2);
+            }
+            s.2
+        };
+        Status {
+            size: self.geo.size,
+            region_size: self.geo.region_size,
+            regions: self.geo.nr_regions,
+            hydrated: self.md.hydrated_count(),
+            hydrating: self.hydrations_in_flight.load(Ordering::Relaxed),
+            failed_regions: self.failed.lock().iter().copied().collect(),
+            mode,
+            mode_reason: reason,
+            commits: self.stats.commits.load(Ordering::Relaxed),
+            flushes: self.stats.flushes.load(Ordering::Relaxed),
+            bytes_hydrated: bytes,
+            hydration_rate_bytes_per_sec: rate,
+            knobs: self.knobs(),
+        }
+    }
+
+    //--------------------------------------------------------------------------------------
+    // Reads
+
+    pub async fn read<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), IoError> {
+        self.validate(offset, buf.len() as u64)?;
+        if self.mode() == Mode::Fail {
+            return Err(IoError::eio("device is in fail mode"));
+        }
+        if self.is_fully_hydrated() {
+            return p
+                .read(Side::Dest, buf, offset)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()));
+        }
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let r = self.geo.region_of(pos);
+            let hydrated = self.is_hydrated(r);
+            if !hydrated && self.is_failed(r) {
+                return Err(IoError::eio(format!(
+                    "region {r} could not be hydrated: source read errors"
+                )));
+            }
+            // Extend the run over regions in the same state.
+            let mut run_end = self.geo.region_end(r).min(end);
+            while run_end < end {
+                let next = self.geo.region_of(run_end);
+                if self.is_hydrated(next) != hydrated || (!hydrated && self.is_failed(next)) {
+                    break;
+                }
+                run_end = self.geo.region_end(next).min(end);
+            }
+            let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            let side = if hydrated { Side::Dest } else { Side::Source };
+            p.read(side, slice, pos)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()))?;
+            if !hydrated && self.knobs.lock().hydrate_on_read {
+                let mut hints = self.hints.lock();
+                if hints.len() < MAX_HINTS {
+                    hints.push_back(r);
+                }
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    //--------------------------------------------------------------------------------------
+    // Writes
+
+    /// A write. With `fua` it completes only once it and the metadata that makes it visible
+    /// are durable.
+    pub async fn write<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.validate(offset, data.len() as u64)?;
+        match self.mode() {
+            Mode::Fail => return Err(IoError::eio("device is in fail mode")),
+            Mode::ReadOnly if fua => {
+                return Err(IoError::eio(
+                    "device is read-only after a failure; FUA refused",
+                ))
+            }
+            _ => {}
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_inner(p, offset, data).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_inner<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), IoError> {
+        let end = offset + data.len() as u64;
+        let first = self.geo.region_of(offset);
+        let last = self.geo.region_of(end - 1);
+        // Fast path: every touched region is hydrated.
+        if (first..=last).all(|r| self.is_hydrated(r)) {
+            return p
+                .write_dest(data, offset)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()));
+        }
+        // Lock the unhydrated regions in ascending order.
+        let mut guards = Vec::new();
+        for r in first..=last {
+            if !self.is_hydrated(r) {
+                let g = self.locks.lock(r).await;
+                if !self.is_hydrated(r) {
+                    guards.push(g);
+                }
+            }
+        }
+        if guards.is_empty() {
+            return p
+                .write_dest(data, offset)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()));
+        }
+        if self.mode() != Mode::ReadWrite {
+            return Err(IoError::eio(
+                "device is read-only after a failure; cannot hydrate for this write",
+            ));
+        }
+        let locked = |r: u64| guards.iter().any(|g| g.region() == r);
+        // Extend the write to whole regions for a partially covered unhydrated head or tail,
+        // filling the uncovered parts from the source (copy-on-write hydration).
+        let start = if locked(first) {
+            self.geo.region_start(first)
+        } else {
+            offset
+        };
+        let stop = if locked(last) {
+            self.geo.region_end(last)
+        } else {
+            end
+        };
+        // Write-triggered hydrations count against the hydration threshold, like dm-clone.
+        self.hydrations_in_flight
+            .fetch_add(guards.len() as u64, Ordering::AcqRel);
+        let result = async {
+            if start == offset && stop == end {
+                // Whole regions overwritten: no copy needed.
+                return p.write_dest(data, offset).await;
+            }
+            let mut buf = AlignedBuf::zeroed((stop - start) as usize);
+            if start < offset {
+                p.read(Side::Source, &mut buf[..(offset - start) as usize], start)
+                    .await?;
+            }
+            if stop > end {
+                let at = (end - start) as usize;
+                p.read(Side::Source, &mut buf[at..], end).await?;
+            }
+            buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(data);
+            p.write_dest(&buf, start).await
+        }
+        .await;
+        self.hydrations_in_flight
+            .fetch_sub(guards.len() as u64, Ordering::AcqRel);
+        self.hydrate_wake.notify();
+        result.map_err(|e| IoError::eio(e.to_string()))?;
+        // The data of every locked region is now complete on the destination.
+        for g in &guards {
+            self.md.set_hydrated(g.region());
+        }
+        self.stats
+            .regions_hydrated_write
+            .fetch_add(guards.len() as u64, Ordering::Relaxed);
+        drop(guards);
+        self.check_fully_hydrated();
+        Ok(())
+    }
+
+    //--------------------------------------------------------------------------------------
+    // Discards
+
+    /// Discard: whole covered regions that are not hydrated are marked hydrated without a
+    /// copy; the range is passed down to the destination unless disabled. Partially covered
+    /// unhydrated regions at the edges get zeroes written (through the copy path), so that no
+    /// part of a discarded range reads back stale source data.
+    pub async fn discard<P: DataPath>(&self, p: &P, offset: u64, len: u64) -> Result<(), IoError> {
+        self.validate(offset, len)?;
+        match self.mode() {
+            Mode::Fail => return Err(IoError::eio("device is in fail mode")),
+            Mode::ReadOnly => return Ok(()),
+            Mode::ReadWrite => {}
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let rs = offset.div_ceil(self.geo.region_size);
+        let re = if end == self.geo.size {
+            self.geo.nr_regions
+        } else {
+            end >> self.geo.region_shift
+        };
+        // Edges: partial regions.
+        let full_start = self.geo.region_start(rs).min(end);
+        let full_end = if re > rs {
+            self.geo.region_end(re - 1)
+        } else {
+            full_start
+        };
+        let mut edges = Vec::new();
+        if rs >= re {
+            edges.push((offset, end));
+        } else {
+            if offset < full_start {
+                edges.push((offset, full_start));
+            }
+            if full_end < end {
+                edges.push((full_end, end));
+            }
+        }
+        for (a, b) in edges {
+            let r = self.geo.region_of(a);
+            if !self.is_hydrated(r) {
+                let zeroes = vec![0u8; (b - a) as usize];
+                self.write_inner(p, a, &zeroes).await?;
+            } else if self.config.discard_passdown {
+                p.discard_dest(a, b - a)
+                    .await
+                    .map_err(|e| IoError::eio(e.to_string()))?;
+            }
+        }
+        if rs >= re {
+            return Ok(());
+        }
+        for r in rs..re {
+            if !self.is_hydrated(r) {
+                let g = self.locks.lock(r).await;
+                if !self.is_hydrated(r) {
+                    self.md.set_hydrated(r);
+                }
+                drop(g);
+            }
+        }
+        self.check_fully_hydrated();
+        if self.config.discard_passdown {
+            p.discard_dest(full_start, full_end - full_start)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,502 @@
+//! Engine tests on in-memory devices: a model-based randomized test with concurrent queues and
+//! background hydration, plus fault tests.
+
+use super::*;
+use crate::io::mem::{MemDev, Op};
+use futures_lite::future::block_on;
+use rand::{Rng, SeedableRng};
+use std::io;
+
+const SECTOR: u64 = 512;
+
+pub(crate) struct Rig {
+    pub source: Arc<MemDev>,
+    pub dest: Arc<MemDev>,
+    pub meta: Arc<MemDev>,
+    pub engine: Arc<Engine>,
+    pub path: SyncPath,
+}
+
+pub(crate) fn pattern(size: u64, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..size).map(|_| rng.gen()).collect()
+}
+
+pub(crate) fn rig(size: u64, region_size: u64, tweak: impl FnOnce(&mut EngineConfig)) -> Rig {
+    let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
+    let dest = Arc::new(MemDev::new("dest", size + 4096));
+    let meta = Arc::new(MemDev::new("meta", 1 << 20));
+    let md = Arc::new(Metadata::new_in_core(
+        meta.clone(),
+        region_size,
+        size.div_ceil(region_size),
+    ));
+    let mut cfg = EngineConfig::new(size, region_size);
+    cfg.retry_backoff = Duration::ZERO;
+    tweak(&mut cfg);
+    let engine = match Engine::start(md, source.clone(), dest.clone(), cfg) {
+        Ok(e) => e,
+        Err(e) => panic!("engine start: {e}"),
+    };
+    let path = SyncPath {
+        source: source.clone(),
+        dest: dest.clone(),
+    };
+    Rig {
+        source,
+        dest,
+        meta,
+        engine,
+        path,
+    }
+}
+
+fn no_hydration(c: &mut EngineConfig) {
+    c.knobs.hydration_enabled = false;
+}
+
+/// Test-level range lock so that overlapping operations from different threads are
+/// serialised and the reference model stays deterministic.
+struct RangeLocks {
+    busy: Mutex<Vec<bool>>,
+    cv: Condvar,
+}
+
+impl RangeLocks {
+    fn lock(&self, a: u64, b: u64) {
+        let mut busy = self.busy.lock();
+        loop {
+            if busy[a as usize..b as usize].iter().all(|x| !x) {
+                busy[a as usize..b as usize].fill(true);
+                return;
+            }
+            self.cv.wait(&mut busy);
+        }
+    }
+    fn unlock(&self, a: u64, b: u64) {
+        self.busy.lock()[a as usize..b as usize].fill(false);
+        self.cv.notify_all();
+    }
+}
+
+/// The expected content: `None` for discarded bytes (undefined).
+struct Model {
+    bytes: Mutex<Vec<Option<u8>>>,
+}
+
+fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, size: u64) {
+    let r = rig(size, region_size, |c| {
+        c.knobs.batch_size = 2;
+        c.knobs.threshold = 4;
+        c.commit_period = Duration::from_millis(20);
+    });
+    let model = Model {
+        bytes: Mutex::new(pattern(size, 1).into_iter().map(Some).collect()),
+    };
+    let sectors = size / SECTOR;
+    let locks = RangeLocks {
+        busy: Mutex::new(vec![false; sectors as usize]),
+        cv: Condvar::new(),
+    };
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (r, model, locks) = (&r, &model, &locks);
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + t as u64);
+                for _ in 0..ops {
+                    let len_sectors = match rng.gen_range(0..10) {
+                        0..=5 => rng.gen_range(1..=region_size / SECTOR * 2),
+                        6..=8 => rng.gen_range(1..=8),
+                        _ => rng.gen_range(1..=(region_size / SECTOR) * 5),
+                    }
+                    .min(sectors);
+                    let a = rng.gen_range(0..=sectors - len_sectors);
+                    let b = a + len_sectors;
+                    let (off, len) = (a * SECTOR, len_sectors * SECTOR);
+                    locks.lock(a, b);
+                    match rng.gen_range(0..100) {
+                        0..=44 => {
+                            let mut buf = vec![0u8; len as usize];
+                            let res = block_on(r.engine.read(&r.path, off, &mut buf));
+                            assert_eq!(res, Ok(()));
+                            let m = model.bytes.lock();
+                            for (i, got) in buf.iter().enumerate() {
+                                if let Some(want) = m[off as usize + i] {
+                                    assert_eq!(
+                                        *got,
+                                        want,
+                                        "seed {seed}: byte {} read back wrong",
+                                        off as usize + i
+                                    );
+                                }
+                            }
+                        }
+                        45..=84 => {
+                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                            let fua = rng.gen_range(0..10) == 0;
+                            assert_eq!(block_on(r.engine.write(&r.path, off, &data, fua)), Ok(()));
+                            let mut m = model.bytes.lock();
+                            for (i, v) in data.iter().enumerate() {
+                                m[off as usize + i] = Some(*v);
+                            }
+                        }
+                        85..=91 => {
+                            assert_eq!(block_on(r.engine.discard(&r.path, off, len)), Ok(()));
+                            let mut m = model.bytes.lock();
+                            for i in off..off + len {
+                                m[i as usize] = None;
+                            }
+                        }
+                        _ => assert_eq!(block_on(r.engine.flush()), Ok(())),
+                    }
+                    locks.unlock(a, b);
+                }
+            });
+        }
+    });
+    // Let background hydration finish, then check the destination against the model.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
+        r.engine
+            .hydrate_wake
+            .wait_until_blocking(|| r.engine.is_fully_hydrated(), Duration::from_millis(50));
+    }
+    assert!(
+        r.engine.is_fully_hydrated(),
+        "seed {seed}: hydration did not finish: {:?}",
+        r.engine.status()
+    );
+    assert_eq!(r.engine.shutdown(), Ok(()));
+    let dest = r.dest.snapshot();
+    let m = model.bytes.lock();
+    for (i, want) in m.iter().enumerate() {
+        if let Some(want) = want {
+            assert_eq!(
+                dest[i], *want,
+                "seed {seed}: destination byte {i} differs from the model"
+            );
+        }
+    }
+    assert_eq!(
+        r.source.snapshot(),
+        pattern(size, 1),
+        "the source must never be written"
+    );
+    let _ = &r.meta;
+}
+
+#[test]
+fn random_concurrent_workload_matches_model() {
+    for seed in 0..12 {
+        run_random_workload(seed, 4, 150, 4096, 64 * 4096 + 1024);
+    }
+}
+
+#[test]
+fn random_workload_large_regions() {
+    for seed in 100..104 {
+        run_random_workload(seed, 3, 100, 64 * 1024, 16 * 64 * 1024);
+    }
+}
+
+#[test]
+fn reads_of_unhydrated_regions_come_from_the_source() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    let mut buf = vec![0u8; 16 * 4096];
+    assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+    assert_eq!(buf, r.source.snapshot());
+    assert_eq!(r.dest.write_count(), 0, "reads must not write");
+}
+
+#[test]
+fn partial_write_keeps_the_rest_of_the_region_from_the_source() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 4096 + 512, &[0xAB; 1024], false)),
+        Ok(())
+    );
+    let src = r.source.snapshot();
+    let dest = r.dest.snapshot();
+    assert_eq!(&dest[4096..4096 + 512], &src[4096..4096 + 512]);
+    assert_eq!(&dest[4096 + 512..4096 + 1536], &[0xAB; 1024]);
+    assert_eq!(&dest[4096 + 1536..8192], &src[4096 + 1536..8192]);
+    assert_eq!(r.engine.status().hydrated, 1);
+}
+
+#[test]
+fn whole_region_write_does_not_read_the_source() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    r.source.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Read { .. }).then(|| io::Error::other("no"))
+    })));
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 8192, &[1; 8192], false)),
+        Ok(())
+    );
+    assert_eq!(r.engine.status().hydrated, 2);
+}
+
+#[test]
+fn flush_commits_and_flushes_destination_once() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 512], false)),
+        Ok(())
+    );
+    let before = r.dest.flush_count();
+    assert_eq!(block_on(r.engine.flush()), Ok(()));
+    assert_eq!(
+        r.dest.flush_count(),
+        before + 1,
+        "one destination flush per commit"
+    );
+    assert!(r.meta.flush_count() > 0, "metadata committed");
+    assert_eq!(r.engine.status().commits, 1);
+    // An empty FLUSH with nothing changed still flushes the destination (covers writes).
+    assert_eq!(block_on(r.engine.flush()), Ok(()));
+    assert_eq!(r.dest.flush_count(), before + 2);
+    assert_eq!(
+        r.engine.status().commits,
+        1,
+        "no metadata commit when nothing changed"
+    );
+}
+
+#[test]
+fn concurrent_flushes_share_commits() {
+    let r = rig(64 * 4096, 4096, no_hydration);
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let r = &r;
+            s.spawn(move || {
+                for i in 0..20u64 {
+                    let off = ((t * 8 + i % 8) % 64) * 4096;
+                    assert_eq!(
+                        block_on(r.engine.write(&r.path, off, &[t as u8; 4096], false)),
+                        Ok(())
+                    );
+                    assert_eq!(block_on(r.engine.flush()), Ok(()));
+                }
+            });
+        }
+    });
+    let st = r.engine.status();
+    assert_eq!(st.flushes, 160);
+    assert!(
+        r.dest.flush_count() <= 160,
+        "never more destination flushes than FLUSHes"
+    );
+}
+
+#[test]
+fn flush_covers_writes_completed_on_other_threads() {
+    // A write completed on "queue" A before a FLUSH on "queue" B must be durable after it.
+    let r = rig(16 * 4096, 4096, no_hydration);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(
+                block_on(r.engine.write(&r.path, 4096, &[7; 4096], false)),
+                Ok(())
+            )
+        })
+        .join()
+        .map_err(|_| "writer panicked")
+        .unwrap_or(());
+        s.spawn(|| assert_eq!(block_on(r.engine.flush()), Ok(())));
+    });
+    assert_eq!(&r.dest.durable()[4096..8192], &[7; 4096]);
+}
+
+#[test]
+fn destination_flush_failure_is_sticky_read_only() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 4096], false)),
+        Ok(())
+    );
+    r.dest.set_fault(Some(Arc::new(|op: &Op| {
+        (*op == Op::Flush).then(|| io::Error::other("cache died"))
+    })));
+    let e = block_on(r.engine.flush());
+    assert_eq!(e.as_ref().map_err(|e| e.errno), Err(libc::EIO));
+    assert_eq!(r.engine.mode(), Mode::ReadOnly);
+    r.dest.set_fault(None);
+    // The device recovered, but a later FLUSH must not pretend the lost data is safe.
+    assert_eq!(
+        block_on(r.engine.flush()).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[2; 512], true)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    // Writes needing hydration fail, writes to hydrated regions and reads work.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 8192, &[2; 512], false)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[3; 512], false)),
+        Ok(())
+    );
+    let mut buf = [0u8; 512];
+    assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+    assert_eq!(buf, [3; 512]);
+    assert!(r.engine.status().mode_reason.contains("cache died"));
+}
+
+#[test]
+fn metadata_write_failure_is_sticky() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 4096], false)),
+        Ok(())
+    );
+    r.meta.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Write { .. }).then(|| io::Error::other("md dead"))
+    })));
+    assert!(block_on(r.engine.flush()).is_err());
+    assert_ne!(r.engine.mode(), Mode::ReadWrite);
+    r.meta.set_fault(None);
+    assert!(block_on(r.engine.flush()).is_err());
+}
+
+#[test]
+fn destination_write_error_fails_the_write_only() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    r.dest.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Write { .. }).then(|| io::Error::other("bad sector"))
+    })));
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 512], false)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(
+        r.engine.status().hydrated,
+        0,
+        "a failed hydration must not set the bit"
+    );
+    r.dest.set_fault(None);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 512], false)),
+        Ok(())
+    );
+    assert_eq!(r.engine.mode(), Mode::ReadWrite);
+}
+
+#[test]
+fn source_read_errors_mark_the_region_failed_and_hydration_continues() {
+    let size = 16 * 4096;
+    let r = rig(size, 4096, |c| {
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 4;
+        c.knobs.hydration_enabled = false;
+    });
+    // Region 5 is unreadable; then hydration is enabled at run time.
+    r.source.set_fault(Some(Arc::new(|op: &Op| match op {
+        Op::Read { offset, len } if *offset < 6 * 4096 && offset + len > 5 * 4096 => {
+            Some(io::Error::other("medium error"))
+        }
+        _ => None,
+    })));
+    let mut knobs = r.engine.knobs();
+    knobs.hydration_enabled = true;
+    r.engine.set_knobs(knobs);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = r.engine.status();
+        if st.hydrated + st.failed_regions.len() as u64 == st.regions || Instant::now() > deadline {
+            break;
+        }
+        r.engine
+            .hydrate_wake
+            .wait_until_blocking(|| false, Duration::from_millis(20));
+    }
+    let st = r.engine.status();
+    assert_eq!(st.failed_regions, vec![5]);
+    assert_eq!(
+        st.hydrated,
+        st.regions - 1,
+        "hydration continued past the bad region"
+    );
+    let mut buf = [0u8; 512];
+    assert_eq!(
+        block_on(r.engine.read(&r.path, 5 * 4096, &mut buf)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(r.engine.mode(), Mode::ReadWrite);
+}
+
+#[test]
+fn discard_marks_whole_regions_without_copy_and_zeroes_partial_edges() {
+    let r = rig(16 * 4096, 4096, |c| {
+        no_hydration(c);
+        c.discard_passdown = false;
+    });
+    r.source.set_fault(Some(Arc::new(|op: &Op| match op {
+        Op::Read { offset, .. } if *offset >= 4096 && *offset < 3 * 4096 => {
+            Some(io::Error::other("must not copy"))
+        }
+        _ => None,
+    })));
+    // [1024, 3*4096+1024): regions 1 and 2 whole, region 0 and 3 partial.
+    assert_eq!(block_on(r.engine.discard(&r.path, 1024, 3 * 4096)), Ok(()));
+    r.source.set_fault(None);
+    let mut buf = vec![0u8; 4 * 4096];
+    assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+    let src = r.source.snapshot();
+    assert_eq!(
+        &buf[..1024],
+        &src[..1024],
+        "undiscarded head keeps its data"
+    );
+    assert!(
+        buf[1024..4096].iter().all(|b| *b == 0),
+        "partial head reads zeroes, not source data"
+    );
+    assert!(
+        buf[3 * 4096..3 * 4096 + 1024].iter().all(|b| *b == 0),
+        "partial tail reads zeroes"
+    );
+    assert_eq!(&buf[3 * 4096 + 1024..], &src[3 * 4096 + 1024..4 * 4096]);
+    assert_eq!(r.engine.status().hydrated, 4);
+}
+
+#[test]
+fn out_of_range_and_unaligned_io_is_rejected() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    let mut buf = vec![0u8; 512];
+    assert_eq!(
+        block_on(r.engine.read(&r.path, 16 * 4096, &mut buf)).map_err(|e| e.errno),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 100, &buf, false)).map_err(|e| e.errno),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(r.dest.write_count(), 0);
+}
+
+#[test]
+fn background_hydration_completes_and_switches_to_pass_through() {
+    let size = 64 * 4096 + 512;
+    let r = rig(size, 4096, |_| {});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
+        r.engine
+            .hydrate_wake
+            .wait_until_blocking(|| r.engine.is_fully_hydrated(), Duration::from_millis(20));
+    }
+    assert!(r.engine.is_fully_hydrated());
+    assert_eq!(
+        &r.dest.snapshot()[..size as usize],
+        &r.source.snapshot()[..]
+    );
+    // Pass-through: reads no longer touch the source.
+    r.source.set_fault(Some(Arc::new(|_: &Op| {
+        Some(io::Error::other("source gone"))
+    })));
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+    assert_eq!(r.engine.shutdown(), Ok(()));
+}
