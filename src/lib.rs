@@ -7,3 +7,5 @@
 pub mod engine;
 pub mod io;
 pub mod metadata;
+pub mod ublk;
+pub mod cli;

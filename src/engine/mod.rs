@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use wake::{Kick, Kickers, Signal};
 
 /// Metadata mode, ordered by severity (dm-clone's rw / ro / fail).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub enum Mode {
     ReadWrite,
     ReadOnly,
@@ -172,7 +172,7 @@ pub(crate) struct Stats {
 }
 
 /// What `status` reports.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Status {
     pub size: u64,
     pub region_size: u64,

@@ -1,0 +1,499 @@
+//! `create` (and the daemon it starts), `list`, `status`, `set`, `stop`.
+
+use super::control::{self, DaemonRecord, Request, Response};
+use super::size::parse_size;
+use crate::engine::{Engine, EngineConfig, Status};
+use crate::io::file::{Access, FileDev};
+use crate::io::BlockDev;
+use crate::ublk::{self, DeviceOptions};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Clone, Debug)]
+pub struct CreateArgs {
+    /// Read-only source device or file.
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Destination device or file, at least as large as the source.
+    #[arg(long)]
+    pub dest: PathBuf,
+    /// Metadata device or file (formatted if blank; resumed if it holds this clone).
+    #[arg(long)]
+    pub metadata: PathBuf,
+    /// Region size (power of two, 4K..1G).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub region_size: u64,
+    /// Start with background hydration disabled.
+    #[arg(long)]
+    pub no_hydration: bool,
+    /// Never pass discards down to the destination.
+    #[arg(long)]
+    pub no_discard_passdown: bool,
+    /// Maximum regions hydrating at once (default: 2 batches).
+    #[arg(long)]
+    pub hydration_threshold: Option<u64>,
+    /// Contiguous regions per background copy (default: 4 MiB worth).
+    #[arg(long)]
+    pub batch_size: Option<u64>,
+    /// Background hydration rate limit in bytes/s (0 = unlimited).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub rate: u64,
+    /// Number of ublk queues (default: one per CPU).
+    #[arg(long)]
+    pub queues: Option<u16>,
+    /// Queue depth.
+    #[arg(long, default_value_t = 128)]
+    pub depth: u16,
+    /// Requested device number (default: the kernel picks).
+    #[arg(long, default_value_t = -1)]
+    pub number: i32,
+    /// Overwrite metadata that belongs to another clone.
+    #[arg(long)]
+    pub force: bool,
+    /// Run the daemon in the foreground instead of in the background.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+impl CreateArgs {
+    fn validate(&self) -> Result<()> {
+        let rs = self.region_size;
+        if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {
+            bail!("--region-size {rs}: must be a power of two between 4K and 1G");
+        }
+        if self.depth == 0 || self.depth > 4096 {
+            bail!("--depth {}: must be between 1 and 4096", self.depth);
+        }
+        if self.queues == Some(0) {
+            bail!("--queues 0: need at least one queue");
+        }
+        Ok(())
+    }
+}
+
+struct Opened {
+    source: Arc<FileDev>,
+    dest: Arc<FileDev>,
+    md: Arc<crate::metadata::Metadata>,
+}
+
+/// Opens the three devices and formats or opens the metadata. Nothing is written before all
+/// checks passed.
+fn open_devices(a: &CreateArgs) -> Result<Opened> {
+    a.validate()?;
+    for (what, p) in [("--source", &a.source), ("--dest", &a.dest), ("--metadata", &a.metadata)] {
+        if !p.exists() {
+            bail!("{what} {}: no such file or device", p.display());
+        }
+    }
+    let source = Arc::new(FileDev::open(&a.source, Access::ReadOnly, true)?);
+    let dest = Arc::new(FileDev::open(&a.dest, Access::ReadWrite, true)?);
+    let meta = Arc::new(FileDev::open(&a.metadata, Access::ReadWrite, true)?);
+    if source.size() == 0 || source.size() % 512 != 0 {
+        bail!("--source {}: size {} is not a positive multiple of 512 bytes", a.source.display(), source.size());
+    }
+    if dest.size() < source.size() {
+        bail!(
+            "--dest {}: destination ({} bytes) is smaller than the source ({} bytes); use a destination at least as large",
+            a.dest.display(),
+            dest.size(),
+            source.size()
+        );
+    }
+    let md = crate::metadata::open_or_format(meta, source.as_ref(), dest.as_ref(), a.region_size, a.force)?;
+    Ok(Opened { source, dest, md: Arc::new(md) })
+}
+
+fn engine_config(a: &CreateArgs, size: u64, region_size: u64) -> EngineConfig {
+    let mut cfg = EngineConfig::new(size, region_size);
+    cfg.discard_passdown = !a.no_discard_passdown;
+    cfg.knobs.hydration_enabled = !a.no_hydration;
+    if let Some(b) = a.batch_size {
+        cfg.knobs.batch_size = b.max(1);
+    }
+    cfg.knobs.threshold = a.hydration_threshold.unwrap_or(cfg.knobs.batch_size * 2);
+    cfg.knobs.rate_bytes_per_sec = a.rate;
+    cfg
+}
+
+/// `ublk-clone create`: validates, then starts the daemon and prints the device path.
+pub fn run_create(a: &CreateArgs) -> Result<()> {
+    if a.foreground {
+        return run_daemon(a, None);
+    }
+    // Validate and format here, so errors reach the user with a non-zero exit.
+    drop(open_devices(a)?);
+    std::fs::create_dir_all(control::RUN_DIR).with_context(|| format!("cannot create {}", control::RUN_DIR))?;
+    let log_path = PathBuf::from(control::RUN_DIR).join("daemon.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the ublk-clone executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1)).arg("--foreground").env("UBLK_CLONE_NOTIFY", "1");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log));
+    // SAFETY: setsid is async-signal-safe; the child gets its own session (a daemon).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let out = child.stdout.take().context("daemon stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        if let Some(dev) = line.strip_prefix("READY ") {
+            println!("{dev}");
+            return Ok(());
+        }
+        if let Some(err) = line.strip_prefix("ERROR ") {
+            bail!("{err}");
+        }
+    }
+    let status = child.wait()?;
+    bail!("the daemon exited ({status}) before the device was ready; see {}", log_path.display())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+/// Runs the device in this process until it is stopped. Reports readiness on stdout
+/// (`READY /dev/ublkbN`) when started by `create`.
+pub fn run_daemon(a: &CreateArgs, _unused: Option<()>) -> Result<()> {
+    let notify = std::env::var_os("UBLK_CLONE_NOTIFY").is_some();
+    let res = daemon_inner(a, notify);
+    if let Err(e) = &res {
+        if notify {
+            println!("ERROR {e:#}");
+        }
+    }
+    res
+}
+
+fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
+    // Our own mount namespace: the daemon's exit must never flush a file system that lives on
+    // its own device (libublk-rs#50).
+    // SAFETY: plain syscalls with valid arguments.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) == 0 {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+        }
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let o = open_devices(a)?;
+    let size = o.source.size();
+    let region_size = o.md.region_size();
+    let cfg = engine_config(a, size, region_size);
+    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest.clone(), cfg).map_err(anyhow::Error::msg)?;
+    let queues = a.queues.unwrap_or_else(|| {
+        std::thread::available_parallelism().map(|n| n.get() as u16).unwrap_or(1)
+    });
+    let opts = DeviceOptions { id: a.number, queues, depth: a.depth, io_buf_bytes: 512 << 10 };
+    std::fs::create_dir_all(control::RUN_DIR).with_context(|| format!("cannot create {}", control::RUN_DIR))?;
+    let ctl_engine = engine.clone();
+    let args = a.clone();
+    let served = ublk::serve(engine.clone(), o.source.file().as_raw_fd(), o.dest.file().as_raw_fd(), &opts, move |ctrl, info| {
+        let rec = DaemonRecord {
+            pid: std::process::id(),
+            id: info.id,
+            device: info.path.clone(),
+            source: args.source.clone(),
+            dest: args.dest.clone(),
+            metadata: args.metadata.clone(),
+            queues: info.queues,
+            depth: info.depth,
+            region_size,
+        };
+        let listener = match bind_control(&rec) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("{e:#}");
+                let _ = ctrl.kill_dev();
+                return;
+            }
+        };
+        log::info!("{} live: {} queues, depth {}, flags {:#x}", info.path, info.queues, info.depth, info.flags);
+        if notify {
+            println!("READY {}", info.path);
+            let _ = std::io::stdout().flush();
+            // Detach stdout from the parent's pipe.
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                // SAFETY: dup2 onto stdout with a valid descriptor.
+                unsafe { libc::dup2(null.as_raw_fd(), 1) };
+            }
+        } else {
+            println!("{}", info.path);
+        }
+        control_loop(&listener, &ctl_engine);
+        let _ = ctrl.kill_dev();
+        let _ = std::fs::remove_file(control::socket_path(rec.id));
+        let _ = std::fs::remove_file(control::record_path(rec.id));
+    });
+    let shut = engine.shutdown();
+    served?;
+    shut.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
+    let sock = control::socket_path(rec.id);
+    let _ = std::fs::remove_file(&sock);
+    let l = UnixListener::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
+    l.set_nonblocking(true)?;
+    std::fs::write(control::record_path(rec.id), serde_json::to_vec_pretty(rec)?)
+        .with_context(|| format!("cannot write {}", control::record_path(rec.id).display()))?;
+    Ok(l)
+}
+
+fn control_loop(l: &UnixListener, engine: &Engine) {
+    loop {
+        if STOP.load(Ordering::Acquire) {
+            return;
+        }
+        match l.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                let mut reader = BufReader::new(&s);
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let (resp, stop) = match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Status) => (ok_status(engine), false),
+                    Ok(Request::Set { hydration, threshold, batch_size, rate, hydrate_on_read }) => {
+                        let mut k = engine.knobs();
+                        if let Some(h) = hydration {
+                            k.hydration_enabled = h;
+                        }
+                        if let Some(t) = threshold {
+                            k.threshold = t;
+                        }
+                        if let Some(b) = batch_size {
+                            k.batch_size = b.max(1);
+                        }
+                        if let Some(r) = rate {
+                            k.rate_bytes_per_sec = r;
+                        }
+                        if let Some(h) = hydrate_on_read {
+                            k.hydrate_on_read = h;
+                        }
+                        engine.set_knobs(k);
+                        (ok_status(engine), false)
+                    }
+                    Ok(Request::Stop) => (Response { ok: true, error: None, status: None }, true),
+                    Err(e) => (Response { ok: false, error: Some(format!("bad request: {e}")), status: None }, false),
+                };
+                let mut w = &s;
+                let _ = w.write_all(format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes());
+                if stop {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                log::error!("control socket: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn ok_status(engine: &Engine) -> Response {
+    Response { ok: true, error: None, status: serde_json::to_value(engine.status()).ok() }
+}
+
+//------------------------------------------------------------------------------------------
+
+#[derive(Args, Debug)]
+pub struct DevArg {
+    /// The clone device: /dev/ublkbN or N.
+    pub dev: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The clone device (default: all).
+    pub dev: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every second until interrupted or fully hydrated.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    pub dev: String,
+    /// Enable or disable background hydration.
+    #[arg(long)]
+    pub hydration: Option<bool>,
+    #[arg(long)]
+    pub hydration_threshold: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<u64>,
+    /// Hydration rate limit in bytes/s (0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    pub rate: Option<u64>,
+    #[arg(long)]
+    pub hydrate_on_read: Option<bool>,
+}
+
+pub fn run_list() -> Result<()> {
+    let recs = control::list_records();
+    if recs.is_empty() {
+        println!("no ublk-clone devices");
+        return Ok(());
+    }
+    println!("{:<14} {:>8} {:<24} {:<24} {:<24}", "DEVICE", "PID", "SOURCE", "DEST", "METADATA");
+    for r in recs {
+        println!(
+            "{:<14} {:>8} {:<24} {:<24} {:<24}",
+            r.device,
+            r.pid,
+            r.source.display(),
+            r.dest.display(),
+            r.metadata.display()
+        );
+    }
+    Ok(())
+}
+
+fn human(bytes: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", units[i])
+}
+
+/// dm-clone's status fields plus a progress line.
+pub fn format_status(dev: &str, s: &Status) -> String {
+    let pct = if s.regions == 0 { 100.0 } else { s.hydrated as f64 * 100.0 / s.regions as f64 };
+    let remaining = (s.regions - s.hydrated.min(s.regions)) * s.region_size;
+    let eta = if s.hydrated == s.regions {
+        "done".to_string()
+    } else if s.hydration_rate_bytes_per_sec > 0 {
+        let secs = remaining / s.hydration_rate_bytes_per_sec;
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        "unknown".to_string()
+    };
+    let mut out = format!(
+        "{dev}: {} {}/{} {} {} hydration_threshold {} hydration_batch_size {} {}\n",
+        s.region_size >> 9,
+        s.hydrated,
+        s.regions,
+        s.hydrating,
+        if s.knobs.hydration_enabled { "hydration" } else { "no_hydration" },
+        s.knobs.threshold,
+        s.knobs.batch_size,
+        s.mode.name(),
+    );
+    out += &format!(
+        "  hydrated {:.1}% ({} of {}), {}/s, ETA {eta}, commits {}, failed regions {}",
+        pct,
+        human((s.hydrated * s.region_size).min(s.size) as f64),
+        human(s.size as f64),
+        human(s.hydration_rate_bytes_per_sec as f64),
+        s.commits,
+        s.failed_regions.len()
+    );
+    if !s.mode_reason.is_empty() {
+        out += &format!("\n  mode {}: {}", s.mode.name(), s.mode_reason);
+    }
+    out
+}
+
+fn fetch_status(id: u32) -> Result<Status> {
+    let r = control::request(id, &Request::Status)?;
+    let v = r.status.context("the daemon sent no status")?;
+    serde_json::from_value(v).context("malformed status from the daemon")
+}
+
+pub fn run_status(a: &StatusArgs) -> Result<()> {
+    let ids: Vec<u32> = match &a.dev {
+        Some(d) => vec![control::parse_dev(d)?],
+        None => control::list_records().iter().map(|r| r.id).collect(),
+    };
+    loop {
+        let mut all_done = true;
+        for id in &ids {
+            let s = fetch_status(*id)?;
+            all_done &= s.hydrated == s.regions;
+            if a.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("{}", format_status(&format!("/dev/ublkb{id}"), &s));
+            }
+        }
+        if !a.watch || all_done {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+pub fn run_set(a: &SetArgs) -> Result<()> {
+    let id = control::parse_dev(&a.dev)?;
+    let req = Request::Set {
+        hydration: a.hydration,
+        threshold: a.hydration_threshold,
+        batch_size: a.batch_size,
+        rate: a.rate,
+        hydrate_on_read: a.hydrate_on_read,
+    };
+    control::request(id, &req)?;
+    Ok(())
+}
+
+pub fn run_stop(a: &DevArg) -> Result<()> {
+    let id = control::parse_dev(&a.dev)?;
+    let rec: Option<DaemonRecord> = control::list_records().into_iter().find(|r| r.id == id);
+    control::request(id, &Request::Stop)?;
+    // Wait for the daemon to finish its final commit and exit.
+    if let Some(rec) = rec {
+        let proc_path = format!("/proc/{}", rec.pid);
+        for _ in 0..600 {
+            if !Path::new(&proc_path).exists() || is_zombie(&proc_path) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("/dev/ublkb{id}: the daemon (pid {}) did not exit within 60 s", rec.pid);
+    }
+    Ok(())
+}
+
+fn is_zombie(proc_path: &str) -> bool {
+    std::fs::read_to_string(format!("{proc_path}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(false)
+}

@@ -1,0 +1,105 @@
+//! The daemon's control socket: one JSON request line, one JSON response line.
+//!
+//! Runtime files live in [`RUN_DIR`]: `<id>.json` (the daemon record: pid, device, devices and
+//! options) and `<id>.sock`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+pub const RUN_DIR: &str = "/run/ublk-clone";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Set {
+        hydration: Option<bool>,
+        threshold: Option<u64>,
+        batch_size: Option<u64>,
+        rate: Option<u64>,
+        hydrate_on_read: Option<bool>,
+    },
+    Stop,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub status: Option<serde_json::Value>,
+}
+
+/// The daemon record written once the device is live.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonRecord {
+    pub pid: u32,
+    pub id: u32,
+    pub device: String,
+    pub source: PathBuf,
+    pub dest: PathBuf,
+    pub metadata: PathBuf,
+    pub queues: u16,
+    pub depth: u16,
+    pub region_size: u64,
+}
+
+pub fn record_path(id: u32) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(format!("{id}.json"))
+}
+
+pub fn socket_path(id: u32) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(format!("{id}.sock"))
+}
+
+/// Accepts `/dev/ublkbN`, `ublkbN` or `N`.
+pub fn parse_dev(dev: &str) -> Result<u32> {
+    let t = dev.trim_start_matches("/dev/").trim_start_matches("ublkb");
+    t.parse().with_context(|| format!("'{dev}' is not a ublk-clone device (expected /dev/ublkbN or N)"))
+}
+
+pub fn request(id: u32, req: &Request) -> Result<Response> {
+    let path = socket_path(id);
+    let mut s = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "/dev/ublkb{id}: no ublk-clone daemon answers on {} (is the device running? see `ublk-clone list`)",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(s).read_line(&mut resp)?;
+    if resp.is_empty() {
+        bail!("/dev/ublkb{id}: the daemon closed the control connection without answering");
+    }
+    let r: Response = serde_json::from_str(&resp).context("malformed reply from the daemon")?;
+    if !r.ok {
+        bail!("/dev/ublkb{id}: {}", r.error.clone().unwrap_or_else(|| "request failed".into()));
+    }
+    Ok(r)
+}
+
+pub fn list_records() -> Vec<DaemonRecord> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(RUN_DIR) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                if let Ok(s) = std::fs::read_to_string(&p) {
+                    if let Ok(r) = serde_json::from_str::<DaemonRecord>(&s) {
+                        // Only daemons that are still alive.
+                        if std::path::Path::new(&format!("/proc/{}", r.pid)).exists() {
+                            v.push(r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    v.sort_by_key(|r| r.id);
+    v
+}

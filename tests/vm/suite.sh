@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# The real-kernel suite. Runs INSIDE the test guest (tools/vm-run), as root.
+# Usage: tests/vm/suite.sh PATH/TO/ublk-clone [TEST-NAME-FILTER]
+# Prints one "ok"/"not ok" line per test and a final "N passed, M failed" line; exits non-zero
+# if any test failed. It fails (never skips) when ublk is unavailable.
+set -uo pipefail
+BIN=$(readlink -f "${1:?usage: suite.sh PATH/TO/ublk-clone [FILTER]}")
+FILTER=${2:-}
+WORK=$(mktemp -d /tmp/ublk-clone-vm.XXXXXX)
+LOG=$WORK/log
+passed=0
+failed=0
+failures=()
+
+say() { echo "  $*" >>"$LOG"; }
+fail() { echo "FAIL: $*" >>"$LOG"; return 1; }
+
+# Make test images: a source with a known pattern, a zeroed destination, blank metadata.
+mk_images() { # SIZE_MB [DEST_MB]
+  local s=$1 d=${2:-$1}
+  rm -f "$WORK"/src "$WORK"/dst "$WORK"/meta
+  # A repeatable pattern: each 4 KiB block holds its own block number (ASCII) and noise.
+  python3 - "$WORK/src" "$s" <<'PY'
+import sys, random
+path, mb = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(42)
+with open(path, "wb") as f:
+    for blk in range(mb * 256):
+        head = b"block %08d " % blk
+        f.write(head + rnd.randbytes(4096 - len(head)))
+PY
+  truncate -s "${d}M" "$WORK/dst"
+  truncate -s 8M "$WORK/meta"
+}
+
+create() { "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta" "$@" 2>>"$LOG"; }
+stop() { "$BIN" stop "$1" >>"$LOG" 2>&1; }
+status_json() { "$BIN" status "$1" --json 2>>"$LOG"; }
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+wait_hydrated() { # DEV TIMEOUT_S
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    local st; st=$(status_json "$1") || return 1
+    [ "$(echo "$st" | json_field hydrated)" = "$(echo "$st" | json_field regions)" ] && return 0
+    sleep 0.1
+  done
+  fail "hydration of $1 did not finish in $2 s: $(status_json "$1")"
+}
+
+run_test() {
+  local name=$1
+  [ -n "$FILTER" ] && [[ $name != *$FILTER* ]] && return 0
+  echo "=== $name" >>"$LOG"
+  local t0=$SECONDS
+  if ( set -e; "test_$name" ) >>"$LOG" 2>&1; then
+    passed=$((passed + 1)); echo "ok - $name ($((SECONDS - t0)) s)"
+  else
+    failed=$((failed + 1)); failures+=("$name"); echo "not ok - $name ($((SECONDS - t0)) s)"
+    tail -n 15 "$LOG" | sed 's/^/    | /'
+  fi
+  # Leave no device behind for the next test.
+  for d in $("$BIN" list 2>/dev/null | awk '/^\/dev\/ublkb/ {print $1}'); do "$BIN" stop "$d" >/dev/null 2>&1; done
+}
+
+#---------------------------------------------------------------------------------------------
+
+test_kernel_has_ublk() {
+  modprobe ublk_drv || fail "modprobe ublk_drv failed"
+  [ -c /dev/ublk-control ] || fail "/dev/ublk-control missing"
+}
+
+test_reads_writes_and_partial_regions() {
+  mk_images 64
+  dev=$(create --no-hydration --region-size 64K)
+  [ -b "$dev" ] || fail "create did not print a block device: '$dev'"
+  [ "$(cat /sys/block/${dev#/dev/}/queue/write_cache)" = "write back" ] || fail "no volatile write cache advertised"
+  [ "$(cat /sys/block/${dev#/dev/}/queue/fua)" = 1 ] || fail "FUA not advertised"
+  cmp "$dev" "$WORK/src" || fail "clone reads differ from the source"
+  # 4 KiB write inside the 64 KiB region 3, at offset 3*64K + 8K.
+  head -c 4096 /dev/urandom >"$WORK/w"
+  dd if="$WORK/w" of="$dev" bs=4096 seek=$((3 * 16 + 2)) oflag=direct conv=notrunc status=none
+  dd if="$dev" of="$WORK/r" bs=4096 skip=$((3 * 16 + 2)) count=1 iflag=direct status=none
+  cmp "$WORK/w" "$WORK/r" || fail "write did not read back"
+  # The rest of region 3 still holds the source data.
+  cmp <(dd if="$dev" bs=4096 skip=48 count=2 iflag=direct status=none) <(dd if="$WORK/src" bs=4096 skip=48 count=2 status=none) \
+    || fail "head of a partially written region lost its source data"
+  cmp <(dd if="$dev" bs=4096 skip=51 count=13 iflag=direct status=none) <(dd if="$WORK/src" bs=4096 skip=51 count=13 status=none) \
+    || fail "tail of a partially written region lost its source data"
+  # Unaligned multi-region write crossing region boundaries.
+  head -c $((200 * 1024)) /dev/urandom >"$WORK/w2"
+  dd if="$WORK/w2" of="$dev" bs=1024 seek=$((10 * 64 + 7)) oflag=direct conv=notrunc status=none
+  cmp <(dd if="$dev" bs=1024 skip=$((10 * 64 + 7)) count=200 iflag=direct status=none) "$WORK/w2" || fail "cross-region write"
+  cmp <(dd if="$dev" bs=1024 skip=640 count=7 iflag=direct status=none) <(dd if="$WORK/src" bs=1024 skip=640 count=7 status=none) \
+    || fail "cross-region write clobbered the head of its first region"
+  stop "$dev"
+}
+
+fs_test() { # MKFS FSCK...
+  local mkfs=$1; shift
+  mk_images 256
+  dev=$(create --region-size 64K --rate 16M)
+  $mkfs "$dev" >/dev/null
+  mkdir -p "$WORK/mnt"
+  mount "$dev" "$WORK/mnt"
+  cp -r /usr/share/doc/bash /usr/share/doc/coreutils "$WORK/mnt/" 2>/dev/null || cp -r /usr/share/doc/bash "$WORK/mnt/"
+  head -c 20M /dev/urandom >"$WORK/mnt/big"
+  sha=$(sha256sum <"$WORK/mnt/big")
+  sync
+  umount "$WORK/mnt"
+  "$@" "$dev" || fail "fsck reported problems"
+  mount "$dev" "$WORK/mnt"
+  [ "$(sha256sum <"$WORK/mnt/big")" = "$sha" ] || fail "file content changed across remount"
+  umount "$WORK/mnt"
+  "$BIN" set "$dev" --rate 0
+  wait_hydrated "$dev" 120
+  dd if="$dev" of="$WORK/shown" bs=1M iflag=direct status=none
+  stop "$dev"
+  cmp -n "$(stat -c %s "$WORK/src")" "$WORK/dst" "$WORK/shown" || fail "destination differs from what the clone showed"
+}
+
+test_ext4_while_hydrating() { fs_test "mkfs.ext4 -q -F" e2fsck -fn; }
+test_xfs_while_hydrating() { fs_test "mkfs.xfs -q -f" xfs_repair -n; }
+
+test_fio_verify_multi_queue() {
+  mk_images 128
+  dev=$(create --no-hydration --region-size 16K --queues 2)
+  [ "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" -ge 2 ] || fail "expected 2 hardware queues"
+  fio --name=verify --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+      --iodepth=16 --numjobs=2 --size=48M --offset_increment=56M --verify=crc32c \
+      --verify_fatal=1 --group_reporting --output="$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio verify failed"; }
+  stop "$dev"
+}
+
+test_flush_and_fua_reach_the_engine() {
+  mk_images 32
+  dev=$(create --no-hydration --region-size 64K)
+  c0=$(status_json "$dev" | json_field commits); f0=$(status_json "$dev" | json_field flushes)
+  # A write that hydrates a region, then a FLUSH (fsync of the block device).
+  dd if=/dev/urandom of="$dev" bs=4096 count=1 seek=5 oflag=direct conv=notrunc,fsync status=none
+  c1=$(status_json "$dev" | json_field commits); f1=$(status_json "$dev" | json_field flushes)
+  [ "$f1" -gt "$f0" ] || fail "FLUSH did not reach the engine ($f0 -> $f1)"
+  [ "$c1" -gt "$c0" ] || fail "FLUSH after a hydrating write did not commit ($c0 -> $c1)"
+  # FUA: O_DSYNC direct writes are sent with FUA.
+  dd if=/dev/urandom of="$dev" bs=4096 count=1 seek=40 oflag=direct,dsync conv=notrunc status=none
+  c2=$(status_json "$dev" | json_field commits)
+  [ "$c2" -gt "$c1" ] || fail "FUA write to an unhydrated region did not commit ($c1 -> $c2)"
+  stop "$dev"
+}
+
+test_stop_and_restart_resumes() {
+  mk_images 64
+  dev=$(create --region-size 64K --rate 8M)
+  head -c 1M /dev/urandom >"$WORK/w"
+  dd if="$WORK/w" of="$dev" bs=1M seek=7 oflag=direct conv=notrunc,fsync status=none
+  sleep 1.5 # let some background hydration happen (progress is what we check below)
+  h1=$(status_json "$dev" | json_field hydrated)
+  stop "$dev"
+  dev=$(create --region-size 64K --no-hydration)
+  h2=$(status_json "$dev" | json_field hydrated)
+  [ "$h2" -ge "$h1" ] || fail "hydrated regions went backwards across restart ($h1 -> $h2)"
+  cmp <(dd if="$dev" bs=1M skip=7 count=1 iflag=direct status=none) "$WORK/w" || fail "written data lost across restart"
+  cmp -n $((7 << 20)) "$dev" "$WORK/src" || fail "unwritten data differs from the source after restart"
+  "$BIN" set "$dev" --hydration true
+  wait_hydrated "$dev" 60
+  stop "$dev"
+}
+
+expect_error() { # DESCRIPTION PATTERN COMMAND...
+  local what=$1 pat=$2; shift 2
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  [ $rc -ne 0 ] || fail "$what: exit status 0"
+  echo "$out" | grep -qi -- "$pat" || fail "$what: message '$out' does not mention '$pat'"
+}
+
+test_cli_bad_input() {
+  mk_images 16
+  expect_error "missing source" "no such file" "$BIN" create --source "$WORK/nope" --dest "$WORK/dst" --metadata "$WORK/meta"
+  truncate -s 8M "$WORK/small"
+  expect_error "small destination" "smaller than the source" "$BIN" create --source "$WORK/src" --dest "$WORK/small" --metadata "$WORK/meta"
+  expect_error "bad region size" "power of two" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta" --region-size 5K
+  expect_error "bad size suffix" "suffix" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta" --region-size 4X
+  expect_error "unknown device" "no ublk-clone daemon" "$BIN" status /dev/ublkb77
+  dev=$(create --no-hydration)
+  n=${dev#/dev/ublkb}
+  expect_error "busy device number" "ublk" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta2" --number "$n"
+  stop "$dev"
+}
+
+#---------------------------------------------------------------------------------------------
+
+echo "ublk-clone VM suite on $(uname -r), $(nproc) CPUs; log: $LOG"
+modprobe ublk_drv 2>/dev/null
+truncate -s 8M "$WORK/meta2"
+for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
+         fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
+         cli_bad_input; do
+  run_test "$t"
+done
+echo "vm suite: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
