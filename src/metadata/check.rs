@@ -152,7 +152,11 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
             let mut gens = [None, None];
             for slot in 0..2u8 {
                 let block = bitmap::slot_blocknr(pair.index, slot);
-                let loc = format!("bitmap block {} slot {}", pair.index, bitmap::slot_name(slot));
+                let loc = format!(
+                    "bitmap block {} slot {}",
+                    pair.index,
+                    bitmap::slot_name(slot)
+                );
                 match &pair.slots[slot as usize] {
                     Err(e) => problems.push((block, loc, e.to_string())),
                     Ok(h) if h.generation > sb_gen => problems.push((
@@ -196,7 +200,10 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
                 problems.push((
                     bitmap::slot_blocknr(pair.index, l),
                     format!("bitmap block {} slot {}", pair.index, bitmap::slot_name(l)),
-                    format!("{stray} bit(s) set beyond the last region {}", nr_regions - 1),
+                    format!(
+                        "{stray} bit(s) set beyond the last region {}",
+                        nr_regions - 1
+                    ),
                 ));
             }
             Ok(())

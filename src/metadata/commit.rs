@@ -90,7 +90,10 @@ impl Metadata {
     /// Whether any bitmap block changed since the last freeze (or a failed commit left
     /// work to redo).
     pub fn is_dirty(&self) -> bool {
-        self.core.dirty.iter().any(|d| d.load(Ordering::SeqCst) != 0)
+        self.core
+            .dirty
+            .iter()
+            .any(|d| d.load(Ordering::SeqCst) != 0)
             || !self.core.state.lock().tainted.is_empty()
     }
 
@@ -141,10 +144,7 @@ impl Metadata {
                 .iter()
                 .map(|w| w.load(Ordering::SeqCst));
             let mut count = 0u32;
-            bitmap::put_payload(
-                &mut image,
-                words.inspect(|w| count += w.count_ones()),
-            );
+            bitmap::put_payload(&mut image, words.inspect(|w| count += w.count_ones()));
             BitmapHeader {
                 blocknr: bitmap::slot_blocknr(index, slot),
                 index,
@@ -243,7 +243,10 @@ impl Metadata {
             (shadows, flushed)
         });
         let shadows = shadows?;
-        let flushed = flushed.map_err(io_err(dest.name(), "flushing the destination before a metadata commit"))?;
+        let flushed = flushed.map_err(io_err(
+            dest.name(),
+            "flushing the destination before a metadata commit",
+        ))?;
         self.finish_commit(frozen, shadows, flushed)
     }
 
@@ -295,7 +298,10 @@ impl Metadata {
                 h.pack_into(&mut block);
                 core.dev
                     .write_at(&block, h.blocknr * BLOCK_SIZE as u64)
-                    .map_err(io_err(core.name(), format!("rewriting bitmap block {index}")))?;
+                    .map_err(io_err(
+                        core.name(),
+                        format!("rewriting bitmap block {index}"),
+                    ))?;
             }
             core.dev
                 .flush()
@@ -341,7 +347,10 @@ impl FrozenCommit {
                 )
                 .map_err(io_err(
                     dev.name(),
-                    format!("writing bitmap block {} for generation {}", b.index, self.generation),
+                    format!(
+                        "writing bitmap block {} for generation {}",
+                        b.index, self.generation
+                    ),
                 ))?;
             }
             dev.flush().map_err(io_err(
@@ -364,8 +373,11 @@ impl FrozenCommit {
         dev.write_at(&sb.pack(), sb.blocknr * BLOCK_SIZE as u64)
             .map_err(io_err(dev.name(), "broken commit"))?;
         for b in &self.blocks {
-            dev.write_at(&b.image, bitmap::slot_blocknr(b.index, b.slot) * BLOCK_SIZE as u64)
-                .map_err(io_err(dev.name(), "broken commit"))?;
+            dev.write_at(
+                &b.image,
+                bitmap::slot_blocknr(b.index, b.slot) * BLOCK_SIZE as u64,
+            )
+            .map_err(io_err(dev.name(), "broken commit"))?;
         }
         let info = md.write_commit_superblock(&self)?;
         self.finished = true;
@@ -393,7 +405,10 @@ impl Drop for FrozenCommit {
 /// Flushes the destination device for `frozen`. The only way to obtain a
 /// [`DestinationFlushed`]: borrowing the frozen commit proves that the flush starts after
 /// the freeze, so it covers every data write whose region bit is in the frozen images.
-pub fn flush_destination(dest: &dyn BlockDev, frozen: &FrozenCommit) -> io::Result<DestinationFlushed> {
+pub fn flush_destination(
+    dest: &dyn BlockDev,
+    frozen: &FrozenCommit,
+) -> io::Result<DestinationFlushed> {
     dest.flush()?;
     Ok(DestinationFlushed { commit: frozen.id })
 }

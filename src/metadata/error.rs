@@ -23,9 +23,7 @@ pub enum MetadataError {
         max: u64,
     },
 
-    #[error(
-        "the source is empty: a clone needs a source of at least one byte"
-    )]
+    #[error("the source is empty: a clone needs a source of at least one byte")]
     EmptySource,
 
     #[error(
@@ -91,7 +89,11 @@ pub enum MetadataError {
         "{dev}: region size mismatch: the metadata uses {on_disk}-byte regions but {asked} \
          was asked for; omit the region size or pass {on_disk}"
     )]
-    RegionSizeMismatch { dev: String, on_disk: u64, asked: u64 },
+    RegionSizeMismatch {
+        dev: String,
+        on_disk: u64,
+        asked: u64,
+    },
 
     #[error(
         "{dev}: the source device does not match the one this clone was created from (its \
@@ -150,7 +152,10 @@ pub enum MetadataError {
 pub type Result<T, E = MetadataError> = std::result::Result<T, E>;
 
 /// Wraps an I/O error with the device name and what was being done.
-pub(crate) fn io_err(dev: &str, context: impl Into<String>) -> impl FnOnce(io::Error) -> MetadataError {
+pub(crate) fn io_err(
+    dev: &str,
+    context: impl Into<String>,
+) -> impl FnOnce(io::Error) -> MetadataError {
     let dev = dev.to_string();
     let context = context.into();
     move |error| MetadataError::Io {

@@ -257,7 +257,10 @@ impl Core {
             .write_at(&sb.pack(), slot * BLOCK_SIZE as u64)
             .map_err(io_err(
                 self.name(),
-                format!("writing superblock generation {} to slot {slot}", sb.generation),
+                format!(
+                    "writing superblock generation {} to slot {slot}",
+                    sb.generation
+                ),
             ))?;
         self.dev.flush().map_err(io_err(
             self.name(),
@@ -327,9 +330,14 @@ pub(crate) fn valid_mask(nr_regions: u64, w: u64) -> u64 {
 }
 
 /// Turns two unusable superblock slots into the most helpful error.
-fn no_superblock_error(dev: &str, slots: &[std::result::Result<Superblock, SlotError>; 2]) -> MetadataError {
+fn no_superblock_error(
+    dev: &str,
+    slots: &[std::result::Result<Superblock, SlotError>; 2],
+) -> MetadataError {
     let errs: Vec<&SlotError> = slots.iter().filter_map(|s| s.as_ref().err()).collect();
-    if let Some(SlotError::BadVersion(v)) = errs.iter().find(|e| matches!(e, SlotError::BadVersion(_))) {
+    if let Some(SlotError::BadVersion(v)) =
+        errs.iter().find(|e| matches!(e, SlotError::BadVersion(_)))
+    {
         return MetadataError::UnsupportedVersion {
             dev: dev.to_string(),
             found: *v,
@@ -361,7 +369,11 @@ impl Metadata {
     /// a clone superblock. Writes every bitmap slot (both slots, generation 0, all zero),
     /// then superblock slot 0 (generation 0) and slot 1 (generation 1, live), both flagged
     /// clean. Returns the live superblock.
-    pub fn format(dev: Arc<dyn BlockDev>, params: &FormatParams, force: bool) -> Result<Superblock> {
+    pub fn format(
+        dev: Arc<dyn BlockDev>,
+        params: &FormatParams,
+        force: bool,
+    ) -> Result<Superblock> {
         let name = dev.name().to_string();
         let nr_regions = nr_regions_for(params.source_size, params.region_size)?;
         if params.dest_size < params.source_size {
@@ -542,7 +554,10 @@ impl Metadata {
             ];
             let Some(l) = bitmap::choose_live(gens, sb_gen) else {
                 let why = |s: &std::result::Result<bitmap::BitmapHeader, BitmapSlotError>| match s {
-                    Ok(h) => format!("generation {} is newer than the superblock's {sb_gen}", h.generation),
+                    Ok(h) => format!(
+                        "generation {} is newer than the superblock's {sb_gen}",
+                        h.generation
+                    ),
                     Err(e) => e.to_string(),
                 };
                 let what = format!(
@@ -553,11 +568,23 @@ impl Metadata {
                     bitmap::slot_blocknr(pair.index, 1),
                     why(&pair.slots[1])
                 );
-                return Err(if pair.slots.iter().any(|s| matches!(s, Err(BitmapSlotError::Checksum { .. }))) {
-                    MetadataError::ChecksumMismatch { dev: name.clone(), what }
-                } else {
-                    MetadataError::Corrupt { dev: name.clone(), what: format!("no valid copy of {what}") }
-                });
+                return Err(
+                    if pair
+                        .slots
+                        .iter()
+                        .any(|s| matches!(s, Err(BitmapSlotError::Checksum { .. })))
+                    {
+                        MetadataError::ChecksumMismatch {
+                            dev: name.clone(),
+                            what,
+                        }
+                    } else {
+                        MetadataError::Corrupt {
+                            dev: name.clone(),
+                            what: format!("no valid copy of {what}"),
+                        }
+                    },
+                );
             };
             let block = pair.bytes[l as usize];
             let first_word = pair.index * WORDS_PER_BITMAP_BLOCK as u64;
@@ -633,7 +660,10 @@ impl Metadata {
             if !repairs.is_empty() {
                 for (index, slot, bytes) in &repairs {
                     core.dev
-                        .write_at(bytes, bitmap::slot_blocknr(*index, *slot) * BLOCK_SIZE as u64)
+                        .write_at(
+                            bytes,
+                            bitmap::slot_blocknr(*index, *slot) * BLOCK_SIZE as u64,
+                        )
                         .map_err(io_err(&name, format!("repairing bitmap block {index}")))?;
                 }
                 core.dev
@@ -660,7 +690,12 @@ impl Metadata {
             repaired_slots: if writable { repaired_names } else { Vec::new() },
             warnings,
         };
-        Ok((Metadata { core: Arc::new(core) }, report))
+        Ok((
+            Metadata {
+                core: Arc::new(core),
+            },
+            report,
+        ))
     }
 
     fn check_expect(
@@ -784,7 +819,8 @@ impl Metadata {
     pub fn next_unhydrated(&self, from: u64) -> Option<u64> {
         let mut r = from;
         while r < self.core.nr_regions {
-            let w = self.core.words[(r / 64) as usize].load(Ordering::SeqCst) | ((1u64 << (r % 64)) - 1);
+            let w = self.core.words[(r / 64) as usize].load(Ordering::SeqCst)
+                | ((1u64 << (r % 64)) - 1);
             if w != !0 {
                 let candidate = (r / 64) * 64 + (!w).trailing_zeros() as u64;
                 return (candidate < self.core.nr_regions).then_some(candidate);
@@ -815,7 +851,11 @@ impl Metadata {
         while r < end {
             let bit = r % 64;
             let n = (64 - bit).min(end - r);
-            let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << bit };
+            let mask = if n == 64 {
+                !0
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
             let w = (r / 64) as usize;
             // Order matters: the bit first, then the dirty mark. A commit that sees the dirty
             // mark (swap in begin_commit) therefore also sees the bit when it copies the words.

@@ -8,8 +8,7 @@
 //! `unpack(&s.pack()) == s`.
 
 use super::checksum::{
-    get_array, get_u32, get_u64, put_u32, put_u64, stamp, verify, BLOCK_SIZE,
-    SUPERBLOCK_CSUM_XOR,
+    get_array, get_u32, get_u64, put_u32, put_u64, stamp, verify, BLOCK_SIZE, SUPERBLOCK_CSUM_XOR,
 };
 use serde::Serialize;
 use uuid::Uuid;
