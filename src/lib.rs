@@ -4,5 +4,6 @@
 //! protocol) -> `io` (block device trait and implementations) -> `engine` (regions,
 //! hydration, flush and commit coordination) -> `ublk` (the libublk frontend) -> `cli`.
 
+pub mod cli;
 pub mod io;
 pub mod metadata;

@@ -1,0 +1,5 @@
+//! Command-line glue: clap argument structs and `run_*` functions, each a thin shim that
+//! parses arguments, makes one library call and reports with `anyhow` context.
+
+pub mod metadata;
+pub mod size;
