@@ -19,6 +19,8 @@ mod scan;
 pub mod superblock;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vectors;
 
 pub use check::{check, CheckReport, Problem};
 pub use commit::{flush_destination, CommitInfo, DestinationFlushed, FrozenCommit, ShadowsDurable};
