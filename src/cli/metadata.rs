@@ -9,7 +9,7 @@ use crate::io::BlockDev;
 use crate::metadata::{self, FormatParams, Metadata};
 use anyhow::{Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -50,7 +50,7 @@ pub struct DumpArgs {
     pub metadata: PathBuf,
 }
 
-fn open_ro(path: &PathBuf) -> Result<FileDev> {
+fn open_ro(path: &Path) -> Result<FileDev> {
     FileDev::open(path, Access::ReadOnly, false)
         .with_context(|| format!("cannot open {}", path.display()))
 }

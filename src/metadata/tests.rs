@@ -172,7 +172,7 @@ fn proofs_from_another_commit_are_refused() -> TestResult {
         .err()
         .ok_or("mismatch accepted")?;
     assert!(e.to_string().contains("another commit"), "{e}");
-    drop(s1);
+    let _ = s1;
     // The failed commit re-marked its block dirty; a retry commits it.
     assert!(md.is_dirty());
     drop(f2);
