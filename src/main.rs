@@ -1,18 +1,22 @@
-//! `ublk-clone`: create and manage clone devices. Each subcommand parses its arguments and
-//! calls one library function.
+//! The `ublk-clone` binary: a thin dispatcher over the library's CLI shims.
 
 use clap::{Parser, Subcommand};
-use ublk_clone::cli::clone;
+use std::process::ExitCode;
+use ublk_clone::cli::{self, clone};
 
-#[derive(Parser)]
-#[command(name = "ublk-clone", version, about = "dm-clone as a userspace ublk block device")]
+#[derive(Parser, Debug)]
+#[command(
+    name = "ublk-clone",
+    version,
+    about = "dm-clone as a userspace block device on ublk"
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    command: Command,
 }
 
-#[derive(Subcommand)]
-enum Cmd {
+#[derive(Subcommand, Debug)]
+enum Command {
     /// Create a clone device (formats blank metadata, resumes this clone's), print its path.
     Create(clone::CreateArgs),
     /// List running clone devices.
@@ -23,23 +27,41 @@ enum Cmd {
     Set(clone::SetArgs),
     /// Final commit, clean shutdown, remove the device.
     Stop(clone::DevArg),
+    /// Format a metadata device for cloning SOURCE onto DEST.
+    Format(cli::metadata::FormatArgs),
+    /// Check metadata; exit 0 healthy, 1 problems found, 2 cannot read.
+    Check(cli::metadata::CheckArgs),
+    /// Print the superblocks and hydrated region ranges as JSON.
+    Dump(cli::metadata::DumpArgs),
 }
 
-fn main() -> std::process::ExitCode {
+fn done(r: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
+    r.map(|()| ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let res = match &cli.cmd {
-        Cmd::Create(a) => clone::run_create(a),
-        Cmd::List => clone::run_list(),
-        Cmd::Status(a) => clone::run_status(a),
-        Cmd::Set(a) => clone::run_set(a),
-        Cmd::Stop(a) => clone::run_stop(a),
+    let result = match &cli.command {
+        Command::Create(a) => done(clone::run_create(a)),
+        Command::List => done(clone::run_list()),
+        Command::Status(a) => done(clone::run_status(a)),
+        Command::Set(a) => done(clone::run_set(a)),
+        Command::Stop(a) => done(clone::run_stop(a)),
+        Command::Format(a) => cli::metadata::run_format(a),
+        Command::Check(a) => cli::metadata::run_check(a),
+        Command::Dump(a) => cli::metadata::run_dump(a),
     };
-    match res {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match result {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("ublk-clone: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // `check` reserves 1 for "problems found"; 2 means it could not read.
+            ExitCode::from(if matches!(cli.command, Command::Check(_)) {
+                2
+            } else {
+                1
+            })
         }
     }
 }

@@ -1,10 +1,12 @@
 //! `create` (and the daemon it starts), `list`, `status`, `set`, `stop`.
 
 use super::control::{self, DaemonRecord, Request, Response};
+use super::metadata::DEFAULT_REGION_SIZE;
 use super::size::parse_size;
 use crate::engine::{Engine, EngineConfig, Status};
 use crate::io::file::{Access, FileDev};
 use crate::io::BlockDev;
+use crate::metadata::{Expect, FormatParams, Metadata, MetadataMode};
 use crate::ublk::{self, DeviceOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -29,9 +31,14 @@ pub struct CreateArgs {
     /// Metadata device or file (formatted if blank; resumed if it holds this clone).
     #[arg(long)]
     pub metadata: PathBuf,
-    /// Region size (power of two, 4K..1G).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
-    pub region_size: u64,
+    /// Region size (power of two, 4K..1G; default 64K for new metadata, the recorded size when
+    /// resuming).
+    #[arg(long, value_parser = parse_size)]
+    pub region_size: Option<u64>,
+    /// Resume even though the source's fingerprint changed (you know the source is the same
+    /// data, e.g. copied to another device).
+    #[arg(long)]
+    pub ignore_source_mismatch: bool,
     /// Start with background hydration disabled.
     #[arg(long)]
     pub no_hydration: bool,
@@ -66,9 +73,10 @@ pub struct CreateArgs {
 
 impl CreateArgs {
     fn validate(&self) -> Result<()> {
-        let rs = self.region_size;
-        if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {
-            bail!("--region-size {rs}: must be a power of two between 4K and 1G");
+        if let Some(rs) = self.region_size {
+            if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {
+                bail!("--region-size {rs}: must be a power of two between 4K and 1G");
+            }
         }
         if self.depth == 0 || self.depth > 4096 {
             bail!("--depth {}: must be between 1 and 4096", self.depth);
@@ -90,7 +98,11 @@ struct Opened {
 /// checks passed.
 fn open_devices(a: &CreateArgs) -> Result<Opened> {
     a.validate()?;
-    for (what, p) in [("--source", &a.source), ("--dest", &a.dest), ("--metadata", &a.metadata)] {
+    for (what, p) in [
+        ("--source", &a.source),
+        ("--dest", &a.dest),
+        ("--metadata", &a.metadata),
+    ] {
         if !p.exists() {
             bail!("{what} {}: no such file or device", p.display());
         }
@@ -99,7 +111,11 @@ fn open_devices(a: &CreateArgs) -> Result<Opened> {
     let dest = Arc::new(FileDev::open(&a.dest, Access::ReadWrite, true)?);
     let meta = Arc::new(FileDev::open(&a.metadata, Access::ReadWrite, true)?);
     if source.size() == 0 || source.size() % 512 != 0 {
-        bail!("--source {}: size {} is not a positive multiple of 512 bytes", a.source.display(), source.size());
+        bail!(
+            "--source {}: size {} is not a positive multiple of 512 bytes",
+            a.source.display(),
+            source.size()
+        );
     }
     if dest.size() < source.size() {
         bail!(
@@ -109,8 +125,60 @@ fn open_devices(a: &CreateArgs) -> Result<Opened> {
             source.size()
         );
     }
-    let md = crate::metadata::open_or_format(meta, source.as_ref(), dest.as_ref(), a.region_size, a.force)?;
-    Ok(Opened { source, dest, md: Arc::new(md) })
+    let md = open_or_format(a, meta, source.as_ref(), dest.as_ref())?;
+    Ok(Opened {
+        source,
+        dest,
+        md: Arc::new(md),
+    })
+}
+
+/// Blank metadata is formatted; metadata of this clone is resumed; anything else is refused
+/// unless `--force`.
+fn open_or_format(
+    a: &CreateArgs,
+    meta: Arc<FileDev>,
+    source: &FileDev,
+    dest: &FileDev,
+) -> Result<Metadata> {
+    let mut head = vec![0u8; (2 * 4096).min(meta.size()) as usize];
+    meta.read_at(&mut head, 0)?;
+    let blank = head.iter().all(|b| *b == 0);
+    let meta_dyn: Arc<dyn BlockDev> = meta.clone();
+    let fmt = |force: bool| -> Result<()> {
+        let rs = a.region_size.unwrap_or(DEFAULT_REGION_SIZE);
+        let params = FormatParams::from_devices(source, dest, rs)
+            .with_context(|| format!("cannot fingerprint the source {}", a.source.display()))?;
+        Metadata::format(meta_dyn.clone(), &params, force)?;
+        Ok(())
+    };
+    if blank || a.force {
+        fmt(a.force)?;
+    }
+    let mut expect = Expect::from_devices(source, dest)
+        .with_context(|| format!("cannot fingerprint the source {}", a.source.display()))?;
+    expect.region_size = a.region_size;
+    expect.ignore_source_mismatch = a.ignore_source_mismatch;
+    let (md, report) = Metadata::open(meta_dyn, &expect).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n--metadata {} holds metadata that does not match this source and destination; \
+             pass --force to reformat it (this forgets which regions were hydrated)",
+            a.metadata.display()
+        )
+    })?;
+    for w in &report.warnings {
+        log::warn!("{}: {w}", a.metadata.display());
+    }
+    if report.mode != MetadataMode::ReadWrite {
+        bail!(
+            "--metadata {}: the clone is in {} mode after an earlier failure ({}); \
+             check the devices, then reformat with --force or repair it",
+            a.metadata.display(),
+            report.mode,
+            report.mode_reason
+        );
+    }
+    Ok(md)
 }
 
 fn engine_config(a: &CreateArgs, size: u64, region_size: u64) -> EngineConfig {
@@ -132,7 +200,8 @@ pub fn run_create(a: &CreateArgs) -> Result<()> {
     }
     // Validate and format here, so errors reach the user with a non-zero exit.
     drop(open_devices(a)?);
-    std::fs::create_dir_all(control::RUN_DIR).with_context(|| format!("cannot create {}", control::RUN_DIR))?;
+    std::fs::create_dir_all(control::RUN_DIR)
+        .with_context(|| format!("cannot create {}", control::RUN_DIR))?;
     let log_path = PathBuf::from(control::RUN_DIR).join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -141,8 +210,12 @@ pub fn run_create(a: &CreateArgs) -> Result<()> {
         .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
     let exe = std::env::current_exe().context("cannot find the ublk-clone executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args(std::env::args_os().skip(1)).arg("--foreground").env("UBLK_CLONE_NOTIFY", "1");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log));
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .env("UBLK_CLONE_NOTIFY", "1");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
     // SAFETY: setsid is async-signal-safe; the child gets its own session (a daemon).
     unsafe {
         cmd.pre_exec(|| {
@@ -163,7 +236,10 @@ pub fn run_create(a: &CreateArgs) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    bail!("the daemon exited ({status}) before the device was ready; see {}", log_path.display())
+    bail!(
+        "the daemon exited ({status}) before the device was ready; see {}",
+        log_path.display()
+    )
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -206,51 +282,72 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
     let size = o.source.size();
     let region_size = o.md.region_size();
     let cfg = engine_config(a, size, region_size);
-    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest.clone(), cfg).map_err(anyhow::Error::msg)?;
+    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest.clone(), cfg)
+        .map_err(anyhow::Error::msg)?;
     let queues = a.queues.unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get() as u16).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u16)
+            .unwrap_or(1)
     });
-    let opts = DeviceOptions { id: a.number, queues, depth: a.depth, io_buf_bytes: 512 << 10 };
-    std::fs::create_dir_all(control::RUN_DIR).with_context(|| format!("cannot create {}", control::RUN_DIR))?;
+    let opts = DeviceOptions {
+        id: a.number,
+        queues,
+        depth: a.depth,
+        io_buf_bytes: 512 << 10,
+    };
+    std::fs::create_dir_all(control::RUN_DIR)
+        .with_context(|| format!("cannot create {}", control::RUN_DIR))?;
     let ctl_engine = engine.clone();
     let args = a.clone();
-    let served = ublk::serve(engine.clone(), o.source.file().as_raw_fd(), o.dest.file().as_raw_fd(), &opts, move |ctrl, info| {
-        let rec = DaemonRecord {
-            pid: std::process::id(),
-            id: info.id,
-            device: info.path.clone(),
-            source: args.source.clone(),
-            dest: args.dest.clone(),
-            metadata: args.metadata.clone(),
-            queues: info.queues,
-            depth: info.depth,
-            region_size,
-        };
-        let listener = match bind_control(&rec) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("{e:#}");
-                let _ = ctrl.kill_dev();
-                return;
+    let served = ublk::serve(
+        engine.clone(),
+        o.source.file().as_raw_fd(),
+        o.dest.file().as_raw_fd(),
+        &opts,
+        move |ctrl, info| {
+            let rec = DaemonRecord {
+                pid: std::process::id(),
+                id: info.id,
+                device: info.path.clone(),
+                source: args.source.clone(),
+                dest: args.dest.clone(),
+                metadata: args.metadata.clone(),
+                queues: info.queues,
+                depth: info.depth,
+                region_size,
+            };
+            let listener = match bind_control(&rec) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    let _ = ctrl.kill_dev();
+                    return;
+                }
+            };
+            log::info!(
+                "{} live: {} queues, depth {}, flags {:#x}",
+                info.path,
+                info.queues,
+                info.depth,
+                info.flags
+            );
+            if notify {
+                println!("READY {}", info.path);
+                let _ = std::io::stdout().flush();
+                // Detach stdout from the parent's pipe.
+                if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                    // SAFETY: dup2 onto stdout with a valid descriptor.
+                    unsafe { libc::dup2(null.as_raw_fd(), 1) };
+                }
+            } else {
+                println!("{}", info.path);
             }
-        };
-        log::info!("{} live: {} queues, depth {}, flags {:#x}", info.path, info.queues, info.depth, info.flags);
-        if notify {
-            println!("READY {}", info.path);
-            let _ = std::io::stdout().flush();
-            // Detach stdout from the parent's pipe.
-            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-                // SAFETY: dup2 onto stdout with a valid descriptor.
-                unsafe { libc::dup2(null.as_raw_fd(), 1) };
-            }
-        } else {
-            println!("{}", info.path);
-        }
-        control_loop(&listener, &ctl_engine);
-        let _ = ctrl.kill_dev();
-        let _ = std::fs::remove_file(control::socket_path(rec.id));
-        let _ = std::fs::remove_file(control::record_path(rec.id));
-    });
+            control_loop(&listener, &ctl_engine);
+            let _ = ctrl.kill_dev();
+            let _ = std::fs::remove_file(control::socket_path(rec.id));
+            let _ = std::fs::remove_file(control::record_path(rec.id));
+        },
+    );
     let shut = engine.shutdown();
     served?;
     shut.map_err(anyhow::Error::msg)?;
@@ -262,8 +359,11 @@ fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
     let _ = std::fs::remove_file(&sock);
     let l = UnixListener::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
     l.set_nonblocking(true)?;
-    std::fs::write(control::record_path(rec.id), serde_json::to_vec_pretty(rec)?)
-        .with_context(|| format!("cannot write {}", control::record_path(rec.id).display()))?;
+    std::fs::write(
+        control::record_path(rec.id),
+        serde_json::to_vec_pretty(rec)?,
+    )
+    .with_context(|| format!("cannot write {}", control::record_path(rec.id).display()))?;
     Ok(l)
 }
 
@@ -283,7 +383,13 @@ fn control_loop(l: &UnixListener, engine: &Engine) {
                 }
                 let (resp, stop) = match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Status) => (ok_status(engine), false),
-                    Ok(Request::Set { hydration, threshold, batch_size, rate, hydrate_on_read }) => {
+                    Ok(Request::Set {
+                        hydration,
+                        threshold,
+                        batch_size,
+                        rate,
+                        hydrate_on_read,
+                    }) => {
                         let mut k = engine.knobs();
                         if let Some(h) = hydration {
                             k.hydration_enabled = h;
@@ -303,11 +409,27 @@ fn control_loop(l: &UnixListener, engine: &Engine) {
                         engine.set_knobs(k);
                         (ok_status(engine), false)
                     }
-                    Ok(Request::Stop) => (Response { ok: true, error: None, status: None }, true),
-                    Err(e) => (Response { ok: false, error: Some(format!("bad request: {e}")), status: None }, false),
+                    Ok(Request::Stop) => (
+                        Response {
+                            ok: true,
+                            error: None,
+                            status: None,
+                        },
+                        true,
+                    ),
+                    Err(e) => (
+                        Response {
+                            ok: false,
+                            error: Some(format!("bad request: {e}")),
+                            status: None,
+                        },
+                        false,
+                    ),
                 };
                 let mut w = &s;
-                let _ = w.write_all(format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes());
+                let _ = w.write_all(
+                    format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes(),
+                );
                 if stop {
                     return;
                 }
@@ -324,7 +446,11 @@ fn control_loop(l: &UnixListener, engine: &Engine) {
 }
 
 fn ok_status(engine: &Engine) -> Response {
-    Response { ok: true, error: None, status: serde_json::to_value(engine.status()).ok() }
+    Response {
+        ok: true,
+        error: None,
+        status: serde_json::to_value(engine.status()).ok(),
+    }
 }
 
 //------------------------------------------------------------------------------------------
@@ -369,7 +495,10 @@ pub fn run_list() -> Result<()> {
         println!("no ublk-clone devices");
         return Ok(());
     }
-    println!("{:<14} {:>8} {:<24} {:<24} {:<24}", "DEVICE", "PID", "SOURCE", "DEST", "METADATA");
+    println!(
+        "{:<14} {:>8} {:<24} {:<24} {:<24}",
+        "DEVICE", "PID", "SOURCE", "DEST", "METADATA"
+    );
     for r in recs {
         println!(
             "{:<14} {:>8} {:<24} {:<24} {:<24}",
@@ -396,7 +525,11 @@ fn human(bytes: f64) -> String {
 
 /// dm-clone's status fields plus a progress line.
 pub fn format_status(dev: &str, s: &Status) -> String {
-    let pct = if s.regions == 0 { 100.0 } else { s.hydrated as f64 * 100.0 / s.regions as f64 };
+    let pct = if s.regions == 0 {
+        100.0
+    } else {
+        s.hydrated as f64 * 100.0 / s.regions as f64
+    };
     let remaining = (s.regions - s.hydrated.min(s.regions)) * s.region_size;
     let eta = if s.hydrated == s.regions {
         "done".to_string()
@@ -412,7 +545,11 @@ pub fn format_status(dev: &str, s: &Status) -> String {
         s.hydrated,
         s.regions,
         s.hydrating,
-        if s.knobs.hydration_enabled { "hydration" } else { "no_hydration" },
+        if s.knobs.hydration_enabled {
+            "hydration"
+        } else {
+            "no_hydration"
+        },
         s.knobs.threshold,
         s.knobs.batch_size,
         s.mode.name(),
@@ -487,7 +624,10 @@ pub fn run_stop(a: &DevArg) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("/dev/ublkb{id}: the daemon (pid {}) did not exit within 60 s", rec.pid);
+        bail!(
+            "/dev/ublkb{id}: the daemon (pid {}) did not exit within 60 s",
+            rec.pid
+        );
     }
     Ok(())
 }

@@ -57,7 +57,8 @@ pub fn socket_path(id: u32) -> PathBuf {
 /// Accepts `/dev/ublkbN`, `ublkbN` or `N`.
 pub fn parse_dev(dev: &str) -> Result<u32> {
     let t = dev.trim_start_matches("/dev/").trim_start_matches("ublkb");
-    t.parse().with_context(|| format!("'{dev}' is not a ublk-clone device (expected /dev/ublkbN or N)"))
+    t.parse()
+        .with_context(|| format!("'{dev}' is not a ublk-clone device (expected /dev/ublkbN or N)"))
 }
 
 pub fn request(id: u32, req: &Request) -> Result<Response> {
@@ -78,7 +79,10 @@ pub fn request(id: u32, req: &Request) -> Result<Response> {
     }
     let r: Response = serde_json::from_str(&resp).context("malformed reply from the daemon")?;
     if !r.ok {
-        bail!("/dev/ublkb{id}: {}", r.error.clone().unwrap_or_else(|| "request failed".into()));
+        bail!(
+            "/dev/ublkb{id}: {}",
+            r.error.clone().unwrap_or_else(|| "request failed".into())
+        );
     }
     Ok(r)
 }

@@ -1,5 +1,7 @@
-//! Command-line front end: thin shims from clap arguments to library calls.
+//! Command-line glue: clap argument structs and `run_*` functions, each a thin shim that
+//! parses arguments, makes one library call and reports with `anyhow` context.
 
 pub mod clone;
 pub mod control;
+pub mod metadata;
 pub mod size;

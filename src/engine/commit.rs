@@ -147,9 +147,9 @@ impl Engine {
         log::error!("switching to {} mode: {reason}", mode.name());
         *cur = (mode, reason.to_string());
         let md_mode = match mode {
-            Mode::ReadWrite => metadata::Mode::ReadWrite,
-            Mode::ReadOnly => metadata::Mode::ReadOnly,
-            Mode::Fail => metadata::Mode::Fail,
+            Mode::ReadWrite => metadata::MetadataMode::ReadWrite,
+            Mode::ReadOnly => metadata::MetadataMode::ReadOnly,
+            Mode::Fail => metadata::MetadataMode::Fail,
         };
         if let Err(e) = self.md.persist_mode(md_mode, reason) {
             let reason = format!("{reason}; persisting the mode failed too: {e}");

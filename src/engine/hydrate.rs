@@ -109,18 +109,22 @@ impl Engine {
         if guards.is_empty() {
             let mut cursor = self.cursor.lock();
             let start = *cursor;
-            let mut r = start;
-            let mut scanned = 0;
-            while scanned < nr {
-                if !self.md.is_hydrated(r) && !self.is_failed(r) {
-                    if let Some(g) = self.locks.try_lock(r) {
-                        guards.push(g);
-                        *cursor = (r + 1) % nr;
-                        break;
+            // Scan [start, nr) then wrap to [0, start).
+            for (from, to) in [(start, nr), (0, start)] {
+                let mut r = from;
+                while let Some(n) = self.md.next_unhydrated(r).filter(|n| *n < to) {
+                    if !self.is_failed(n) {
+                        if let Some(g) = self.locks.try_lock(n) {
+                            guards.push(g);
+                            *cursor = (n + 1) % nr;
+                            break;
+                        }
                     }
+                    r = n + 1;
                 }
-                r = (r + 1) % nr;
-                scanned += 1;
+                if !guards.is_empty() {
+                    break;
+                }
             }
             if guards.is_empty() {
                 return false;
@@ -201,7 +205,10 @@ impl Engine {
             return;
         }
         // The copy completed: only now may the bits be set.
-        self.md.set_range_hydrated(head, count);
+        if let Err(e) = self.md.set_range_hydrated(head, count) {
+            log::error!("recording regions {head}..{} hydrated: {e}", head + count);
+            return;
+        }
         self.stats.bytes_hydrated.fetch_add(len, Ordering::Relaxed);
         self.stats
             .regions_hydrated_bg

@@ -358,7 +358,7 @@ impl Engine {
 
     fn check_fully_hydrated(&self) {
         if !self.fully_hydrated.load(Ordering::Acquire)
-            && self.md.hydrated_count() == self.geo.nr_regions
+            && self.md.nr_hydrated() == self.geo.nr_regions
         {
             self.fully_hydrated.store(true, Ordering::Release);
         }
@@ -399,7 +399,7 @@ impl Engine {
             size: self.geo.size,
             region_size: self.geo.region_size,
             regions: self.geo.nr_regions,
-            hydrated: self.md.hydrated_count(),
+            hydrated: self.md.nr_hydrated(),
             hydrating: self.hydrations_in_flight.load(Ordering::Relaxed),
             failed_regions: self.failed.lock().iter().copied().collect(),
             mode,
@@ -575,7 +575,9 @@ impl Engine {
         result.map_err(|e| IoError::eio(e.to_string()))?;
         // The data of every locked region is now complete on the destination.
         for g in &guards {
-            self.md.set_hydrated(g.region());
+            self.md.set_hydrated(g.region()).map_err(|e| {
+                IoError::eio(format!("recording region {} hydrated: {e}", g.region()))
+            })?;
         }
         self.stats
             .regions_hydrated_write
@@ -645,7 +647,9 @@ impl Engine {
             if !self.is_hydrated(r) {
                 let g = self.locks.lock(r).await;
                 if !self.is_hydrated(r) {
-                    self.md.set_hydrated(r);
+                    self.md.set_hydrated(r).map_err(|e| {
+                        IoError::eio(format!("recording discarded region {r}: {e}"))
+                    })?;
                 }
                 drop(g);
             }

@@ -26,11 +26,7 @@ pub(crate) fn rig(size: u64, region_size: u64, tweak: impl FnOnce(&mut EngineCon
     let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
     let dest = Arc::new(MemDev::new("dest", size + 4096));
     let meta = Arc::new(MemDev::new("meta", 1 << 20));
-    let md = Arc::new(Metadata::new_in_core(
-        meta.clone(),
-        region_size,
-        size.div_ceil(region_size),
-    ));
+    let md = Arc::new(open_md(&meta, &source, &dest, region_size));
     let mut cfg = EngineConfig::new(size, region_size);
     cfg.retry_backoff = Duration::ZERO;
     tweak(&mut cfg);
@@ -49,6 +45,24 @@ pub(crate) fn rig(size: u64, region_size: u64, tweak: impl FnOnce(&mut EngineCon
         engine,
         path,
     }
+}
+
+/// Formats (if blank) and opens metadata on `meta` for `source` -> `dest`.
+pub(crate) fn open_md(
+    meta: &Arc<MemDev>,
+    source: &Arc<MemDev>,
+    dest: &Arc<MemDev>,
+    region_size: u64,
+) -> Metadata {
+    use crate::metadata::{Expect, FormatParams};
+    let m: Arc<dyn BlockDev> = meta.clone();
+    if meta.snapshot()[..8192].iter().all(|b| *b == 0) {
+        let params = FormatParams::from_devices(source.as_ref(), dest.as_ref(), region_size)
+            .expect("fingerprint");
+        Metadata::format(m.clone(), &params, false).expect("format");
+    }
+    let expect = Expect::from_devices(source.as_ref(), dest.as_ref()).expect("fingerprint");
+    Metadata::open(m, &expect).expect("open metadata").0
 }
 
 fn no_hydration(c: &mut EngineConfig) {

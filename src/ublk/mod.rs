@@ -76,7 +76,10 @@ impl DataPath for UringPath {
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("short read at offset {} of the {side:?} device", offset + done as u64),
+                    format!(
+                        "short read at offset {} of the {side:?} device",
+                        offset + done as u64
+                    ),
                 ));
             }
             done += n;
@@ -93,7 +96,10 @@ impl DataPath for UringPath {
                 .build();
             let n = uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "destination write returned 0"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "destination write returned 0",
+                ));
             }
             done += n;
         }
@@ -103,7 +109,10 @@ impl DataPath for UringPath {
     async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()> {
         // PUNCH_HOLE on files; on block devices fallocate(PUNCH_HOLE) is a discard too.
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let sqe = opcode::Fallocate::new(types::Fixed(DEST_SLOT), len).offset(offset).mode(mode).build();
+        let sqe = opcode::Fallocate::new(types::Fixed(DEST_SLOT), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
         match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
             Ok(_) => Ok(()),
             // Discard is a hint: a destination without support just keeps its data.
@@ -130,31 +139,45 @@ async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]
     let bytes = iod.nr_sectors << 9;
     let fua = iod.op_flags & libublk::sys::UBLK_IO_F_FUA != 0;
     if bytes as usize > buf.len() {
-        log::error!("request of {bytes} bytes exceeds the {}-byte I/O buffer", buf.len());
+        log::error!(
+            "request of {bytes} bytes exceeds the {}-byte I/O buffer",
+            buf.len()
+        );
         return -libc::EINVAL;
     }
     let path = UringPath;
     match op {
-        libublk::sys::UBLK_IO_OP_READ => {
-            op_result(engine.read(&path, off, &mut buf[..bytes as usize]).await, bytes, "read", off)
-        }
-        libublk::sys::UBLK_IO_OP_WRITE => {
-            op_result(engine.write(&path, off, &buf[..bytes as usize], fua).await, bytes, "write", off)
-        }
+        libublk::sys::UBLK_IO_OP_READ => op_result(
+            engine.read(&path, off, &mut buf[..bytes as usize]).await,
+            bytes,
+            "read",
+            off,
+        ),
+        libublk::sys::UBLK_IO_OP_WRITE => op_result(
+            engine.write(&path, off, &buf[..bytes as usize], fua).await,
+            bytes,
+            "write",
+            off,
+        ),
         libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush().await, 0, "flush", off),
-        libublk::sys::UBLK_IO_OP_DISCARD => {
-            op_result(engine.discard(&path, off, bytes as u64).await, 0, "discard", off)
-        }
+        libublk::sys::UBLK_IO_OP_DISCARD => op_result(
+            engine.discard(&path, off, bytes as u64).await,
+            0,
+            "discard",
+            off,
+        ),
         _ => -libc::EOPNOTSUPP,
     }
 }
 
 async fn tag_task(engine: Arc<Engine>, q: Rc<UblkQueue<'_>>, tag: u16) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
     loop {
         let res = handle_one(&engine, &q, tag, buf.as_mut_slice()).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
     }
 }
 
@@ -200,7 +223,13 @@ fn queue_thread(engine: Arc<Engine>, qid: u16, dev: &UblkDev) {
     engine.add_kicker(Arc::new(move || {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to an eventfd we keep open.
-        unsafe { libc::write(kick_fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        unsafe {
+            libc::write(
+                kick_fd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
     }));
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
@@ -241,7 +270,11 @@ pub fn serve(
         .io_buf_bytes(opts.io_buf_bytes)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
-        .map_err(|e| anyhow::anyhow!("cannot add the ublk device (is ublk_drv loaded? try `modprobe ublk_drv`): {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot add the ublk device (is ublk_drv loaded? try `modprobe ublk_drv`): {e}"
+            )
+        })?;
     let geo = engine.geometry();
     let region_sectors = (geo.region_size >> 9) as u32;
     let depth = opts.depth;

@@ -13,7 +13,8 @@ failed=0
 failures=()
 
 say() { echo "  $*" >>"$LOG"; }
-fail() { echo "FAIL: $*" >>"$LOG"; return 1; }
+# Ends the current test (each test runs in its own subshell).
+fail() { echo "FAIL: $*" >>"$LOG"; exit 1; }
 
 # Make test images: a source with a known pattern, a zeroed destination, blank metadata.
 mk_images() { # SIZE_MB [DEST_MB]
@@ -23,11 +24,11 @@ mk_images() { # SIZE_MB [DEST_MB]
   python3 - "$WORK/src" "$s" <<'PY'
 import sys, random
 path, mb = sys.argv[1], int(sys.argv[2])
-rnd = random.Random(42)
-with open(path, "wb") as f:
-    for blk in range(mb * 256):
-        head = b"block %08d " % blk
-        f.write(head + rnd.randbytes(4096 - len(head)))
+data = bytearray(random.Random(42).randbytes(mb << 20))
+for blk in range(mb * 256):
+    head = b"block %08d " % blk
+    data[blk * 4096 : blk * 4096 + len(head)] = head
+open(path, "wb").write(data)
 PY
   truncate -s "${d}M" "$WORK/dst"
   truncate -s 8M "$WORK/meta"
@@ -52,7 +53,10 @@ run_test() {
   [ -n "$FILTER" ] && [[ $name != *$FILTER* ]] && return 0
   echo "=== $name" >>"$LOG"
   local t0=$SECONDS
-  if ( set -e; "test_$name" ) >>"$LOG" 2>&1; then
+  # Not inside an `if`: errexit must stay active in the subshell.
+  ( set -e; "test_$name" ) >>"$LOG" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ]; then
     passed=$((passed + 1)); echo "ok - $name ($((SECONDS - t0)) s)"
   else
     failed=$((failed + 1)); failures+=("$name"); echo "not ok - $name ($((SECONDS - t0)) s)"
@@ -95,9 +99,9 @@ test_reads_writes_and_partial_regions() {
   stop "$dev"
 }
 
-fs_test() { # MKFS FSCK...
-  local mkfs=$1; shift
-  mk_images 256
+fs_test() { # SIZE_MB MKFS FSCK...
+  local size=$1 mkfs=$2; shift 2
+  mk_images "$size"
   dev=$(create --region-size 64K --rate 16M)
   $mkfs "$dev" >/dev/null
   mkdir -p "$WORK/mnt"
@@ -118,8 +122,9 @@ fs_test() { # MKFS FSCK...
   cmp -n "$(stat -c %s "$WORK/src")" "$WORK/dst" "$WORK/shown" || fail "destination differs from what the clone showed"
 }
 
-test_ext4_while_hydrating() { fs_test "mkfs.ext4 -q -F" e2fsck -fn; }
-test_xfs_while_hydrating() { fs_test "mkfs.xfs -q -f" xfs_repair -n; }
+test_ext4_while_hydrating() { fs_test 128 "mkfs.ext4 -q -F" e2fsck -fn; }
+# XFS needs at least 300 MiB.
+test_xfs_while_hydrating() { fs_test 320 "mkfs.xfs -q -f" xfs_repair -n; }
 
 test_fio_verify_multi_queue() {
   mk_images 128
@@ -168,7 +173,7 @@ test_stop_and_restart_resumes() {
 expect_error() { # DESCRIPTION PATTERN COMMAND...
   local what=$1 pat=$2; shift 2
   local out rc
-  out=$("$@" 2>&1); rc=$?
+  out=$("$@" 2>&1) && rc=0 || rc=$?
   [ $rc -ne 0 ] || fail "$what: exit status 0"
   echo "$out" | grep -qi -- "$pat" || fail "$what: message '$out' does not mention '$pat'"
 }

@@ -1,0 +1,730 @@
+//! Tests of the metadata format and commit protocol: round trips, the crash oracle (and a
+//! broken protocol it must catch), corruption detection, superblock fallback, bad input.
+
+use super::bitmap::{self, REGIONS_PER_BITMAP_BLOCK};
+use super::checksum::BLOCK_SIZE;
+use super::*;
+use crate::io::mem::{MemDev, Op};
+use crate::io::record::{Entry, IoLog, RecordingDev};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::Ordering;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+const RS: u64 = 4096;
+
+fn params(nr_regions: u64) -> FormatParams {
+    FormatParams {
+        region_size: RS,
+        source_size: nr_regions * RS,
+        dest_size: nr_regions * RS,
+        source_fingerprint: [7; 32],
+        dest_name: "dest".into(),
+        uuid: Some(Uuid::from_u128(0x1234)),
+    }
+}
+
+/// A formatted in-memory metadata device for `nr_regions` regions.
+fn formatted(nr_regions: u64) -> Result<Arc<MemDev>> {
+    let dev = Arc::new(MemDev::new(
+        "meta",
+        required_blocks(nr_regions) * BLOCK_SIZE as u64,
+    ));
+    Metadata::format(dev.clone(), &params(nr_regions), false)?;
+    Ok(dev)
+}
+
+fn words_of(md: &Metadata) -> Vec<u64> {
+    md.core
+        .words
+        .iter()
+        .map(|w| w.load(Ordering::SeqCst))
+        .collect()
+}
+
+#[test]
+fn format_open_commit_reopen_roundtrip() -> TestResult {
+    let nr = 2 * REGIONS_PER_BITMAP_BLOCK + 5;
+    let dev = formatted(nr)?;
+    assert!(check(&*dev).is_healthy(), "{}", check(&*dev));
+    let dest = MemDev::new("dest", 4096);
+    let (md, rep) = Metadata::open(dev.clone(), &Expect::default())?;
+    assert!(
+        rep.was_clean && !rep.fell_back && rep.warnings.is_empty(),
+        "{rep:?}"
+    );
+    assert_eq!((rep.loaded_generation, rep.generation), (1, 2));
+    assert!(!md.is_dirty());
+    md.set_hydrated(0)?;
+    md.set_range_hydrated(REGIONS_PER_BITMAP_BLOCK - 3, 10)?;
+    md.set_hydrated(nr - 1)?;
+    assert!(md.set_hydrated(nr).is_err());
+    assert!(md.set_range_hydrated(nr - 1, 2).is_err());
+    assert!(md.is_dirty());
+    let info = md.commit(&dest)?;
+    assert_eq!(
+        info,
+        CommitInfo {
+            generation: 3,
+            blocks_written: 3,
+            hydrated: 12
+        }
+    );
+    assert_eq!(dest.flush_count(), 1);
+    assert!(!md.is_dirty());
+    let words = words_of(&md);
+    md.close_clean()?;
+    drop(md);
+    assert!(check(&*dev).is_healthy(), "{}", check(&*dev));
+    let (md2, rep2) = Metadata::read_only_open(dev.clone())?;
+    assert!(rep2.was_clean);
+    assert_eq!(words_of(&md2), words);
+    assert_eq!(md2.nr_hydrated(), 12);
+    assert!(md2.is_hydrated(0) && md2.is_hydrated(nr - 1) && !md2.is_hydrated(1));
+    assert_eq!(md2.next_unhydrated(0), Some(1));
+    assert!(matches!(
+        md2.begin_commit(),
+        Err(MetadataError::ReadOnly { .. })
+    ));
+    let d = dump(dev.clone())?;
+    assert_eq!(
+        d.hydrated_ranges,
+        vec![
+            [0, 1],
+            [REGIONS_PER_BITMAP_BLOCK - 3, REGIONS_PER_BITMAP_BLOCK + 7],
+            [nr - 1, nr]
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn empty_commit_works() -> TestResult {
+    let dev = formatted(100)?;
+    let (md, _) = Metadata::open(dev, &Expect::default())?;
+    let f = md.begin_commit()?;
+    assert_eq!(f.nr_blocks(), 0);
+    let s = f.write_shadows()?;
+    let d = flush_destination(&MemDev::new("d", 4096), &f)?;
+    assert_eq!(md.finish_commit(f, s, d)?.generation, 3);
+    Ok(())
+}
+
+#[test]
+fn shadows_and_destination_flush_overlap_with_concurrent_setters() -> TestResult {
+    let nr = 4 * REGIONS_PER_BITMAP_BLOCK;
+    let dev = formatted(nr)?;
+    let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+    let dest = MemDev::new("dest", 4096);
+    std::thread::scope(|s| -> TestResult {
+        let setters: Vec<_> = (0..4u64)
+            .map(|t| {
+                let md = &md;
+                s.spawn(move || {
+                    for r in (t..nr).step_by(997) {
+                        md.set_hydrated(r)?;
+                    }
+                    Ok::<(), MetadataError>(())
+                })
+            })
+            .collect();
+        for _ in 0..5 {
+            let frozen = md.begin_commit()?;
+            let (sh, fl) = std::thread::scope(|s2| {
+                let h = s2.spawn(|| frozen.write_shadows());
+                let fl = flush_destination(&dest, &frozen);
+                (h.join(), fl)
+            });
+            let sh = sh.map_err(|_| "shadow thread panicked")??;
+            md.finish_commit(frozen, sh, fl?)?;
+        }
+        for h in setters {
+            h.join().map_err(|_| "setter panicked")??;
+        }
+        Ok(())
+    })?;
+    md.commit(&dest)?;
+    let words = words_of(&md);
+    drop(md);
+    let (md2, _) = Metadata::read_only_open(dev.clone())?;
+    assert_eq!(words_of(&md2), words);
+    assert_eq!(md2.nr_hydrated(), md2.nr_committed_hydrated());
+    assert!(check(&*dev).is_healthy(), "{}", check(&*dev));
+    Ok(())
+}
+
+#[test]
+fn proofs_from_another_commit_are_refused() -> TestResult {
+    let dev = formatted(100)?;
+    let dev2 = formatted(100)?;
+    let (md, _) = Metadata::open(dev, &Expect::default())?;
+    let (md2, _) = Metadata::open(dev2, &Expect::default())?;
+    let dest = MemDev::new("d", 4096);
+    md.set_hydrated(1)?;
+    let f1 = md.begin_commit()?;
+    let f2 = md2.begin_commit()?;
+    let s2 = f2.write_shadows()?;
+    let d1 = flush_destination(&dest, &f1)?;
+    let s1 = f1.write_shadows()?;
+    let e = md
+        .finish_commit(f1, s2, d1)
+        .err()
+        .ok_or("mismatch accepted")?;
+    assert!(e.to_string().contains("another commit"), "{e}");
+    let _ = s1;
+    // The failed commit re-marked its block dirty; a retry commits it.
+    assert!(md.is_dirty());
+    drop(f2);
+    md.commit(&dest)?;
+    assert_eq!(md.nr_committed_hydrated(), 1);
+    Ok(())
+}
+
+#[test]
+fn failed_commit_restores_dirty_and_never_activates_its_slots() -> TestResult {
+    let nr = 2 * REGIONS_PER_BITMAP_BLOCK;
+    let dev = formatted(nr)?;
+    let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+    md.set_hydrated(5)?;
+    md.set_hydrated(REGIONS_PER_BITMAP_BLOCK + 5)?;
+    let frozen = md.begin_commit()?;
+    let _shadows = frozen.write_shadows()?;
+    // The destination flush fails: the engine never gets a DestinationFlushed.
+    drop(frozen);
+    assert!(md.is_dirty());
+    md.persist_mode(MetadataMode::ReadOnly, "destination flush failed: EIO")?;
+    drop(md);
+    let report = check(&*dev);
+    assert!(report.is_healthy(), "{report}");
+    let (md2, rep) = Metadata::read_only_open(dev)?;
+    assert_eq!(
+        md2.nr_hydrated(),
+        0,
+        "bits of the failed commit must not become durable"
+    );
+    assert_eq!(rep.mode, MetadataMode::ReadOnly);
+    assert_eq!(rep.mode_reason, "destination flush failed: EIO");
+    Ok(())
+}
+
+#[test]
+fn metadata_write_failure_then_retry() -> TestResult {
+    let dev = formatted(1000)?;
+    let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+    let dest = MemDev::new("d", 4096);
+    md.set_hydrated(7)?;
+    dev.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Flush).then(|| std::io::Error::other("flush failed"))
+    })));
+    let e = md.commit(&dest).err().ok_or("commit succeeded")?;
+    assert!(e.to_string().contains("meta"), "{e}");
+    assert!(md.is_dirty());
+    dev.set_fault(None);
+    md.commit(&dest)?;
+    drop(md);
+    let (md2, _) = Metadata::read_only_open(dev)?;
+    assert!(md2.is_hydrated(7));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Crash oracle.
+
+/// A superblock write of the run: the bitmap it commits, the log index of its write and of
+/// the flush that made it durable.
+struct Durable {
+    words: Vec<u64>,
+    write_at: usize,
+    flush_at: usize,
+}
+
+fn last_sb_write(log: &IoLog, from: usize, to: usize) -> Option<usize> {
+    let e = log.entries();
+    (from..to)
+        .rev()
+        .find(|&i| matches!(&e[i], Entry::Write { offset, .. } if *offset < 2 * BLOCK_SIZE as u64))
+}
+
+/// Runs one random commit sequence and checks every crash image. Returns the violations.
+fn crash_sequence(
+    seed: u64,
+    broken: bool,
+) -> std::result::Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let blocks = rng.gen_range(1..=3u64);
+    let nr = blocks * REGIONS_PER_BITMAP_BLOCK - rng.gen_range(0..100);
+    let base = formatted(nr)?;
+    let log = IoLog::new();
+    let rec: Arc<dyn BlockDev> = Arc::new(RecordingDev::new(base.clone(), &log)?);
+    let dest = MemDev::new("dest", 4096);
+    let nwords = nr.div_ceil(64) as usize;
+    let mut durable: Vec<Durable> = Vec::new();
+    let initial = vec![0u64; nwords];
+
+    let (md, _) = Metadata::open(rec.clone(), &Expect::default())?;
+    let p1 = log.len();
+    durable.push(Durable {
+        words: initial.clone(),
+        write_at: last_sb_write(&log, 0, p1).ok_or("open wrote no superblock")?,
+        flush_at: p1 - 1,
+    });
+    let commits = rng.gen_range(1..=4);
+    for _ in 0..commits {
+        for _ in 0..rng.gen_range(0..6) {
+            let r = rng.gen_range(0..nr);
+            let n = rng.gen_range(1..=200u64).min(nr - r);
+            md.set_range_hydrated(r, n)?;
+        }
+        let expected: Vec<u64> = words_of(&md)[..nwords].to_vec();
+        let frozen = md.begin_commit()?;
+        let p0 = log.len();
+        if broken {
+            frozen.commit_superblock_first(&md)?;
+        } else {
+            let s = frozen.write_shadows()?;
+            let d = flush_destination(&dest, &frozen)?;
+            md.finish_commit(frozen, s, d)?;
+        }
+        let p1 = log.len();
+        let write_at = if broken {
+            p0
+        } else {
+            last_sb_write(&log, p0, p1).ok_or("no superblock write")?
+        };
+        durable.push(Durable {
+            words: expected,
+            write_at,
+            flush_at: p1 - 1,
+        });
+    }
+    // Hydrations after the last commit must never appear.
+    md.set_hydrated(rng.gen_range(0..nr))?;
+    if rng.gen_bool(0.5) {
+        let last = durable.last().map(|d| d.words.clone()).unwrap_or_default();
+        md.close_clean()?;
+        let p1 = log.len();
+        durable.push(Durable {
+            words: last,
+            write_at: last_sb_write(&log, 0, p1).ok_or("no close write")?,
+            flush_at: p1 - 1,
+        });
+    }
+    drop(md);
+
+    let mut violations = Vec::new();
+    let n = log.len();
+    for cut in 0..=n {
+        for variant in 0..2 {
+            let keep: Vec<bool> = (0..n).map(|_| variant == 0 || rng.gen_bool(0.5)).collect();
+            let tear: Vec<Option<u64>> = (0..n)
+                .map(|_| (variant == 1 && rng.gen_bool(0.3)).then(|| rng.gen_range(0..8)))
+                .collect();
+            let img = log.crash_image(0, cut, &|i| keep[i], &|i, s| {
+                tear[i].map_or(s, |t| t.min(s))
+            });
+            let last = durable.iter().rposition(|d| d.flush_at < cut);
+            let mut allowed: Vec<&Vec<u64>> = vec![last.map_or(&initial, |k| &durable[k].words)];
+            if let Some(next) = durable.get(last.map_or(0, |k| k + 1)) {
+                if next.write_at < cut {
+                    allowed.push(&next.words);
+                }
+            }
+            let dev = Arc::new(MemDev::from_image("crash", img));
+            let what = format!("seed {seed} cut {cut}/{n} variant {variant}");
+            match Metadata::open(dev.clone(), &Expect::default()) {
+                Err(e) => violations.push(format!("{what}: open failed: {e}")),
+                Ok((md, _)) => {
+                    let got = words_of(&md)[..nwords].to_vec();
+                    if !allowed.iter().any(|a| **a == got) {
+                        violations.push(format!(
+                            "{what}: bitmap ({} bits) is not a durable commit (allowed: {:?} bits)",
+                            got.iter().map(|w| w.count_ones()).sum::<u32>(),
+                            allowed
+                                .iter()
+                                .map(|a| a.iter().map(|w| w.count_ones()).sum::<u32>())
+                                .collect::<Vec<_>>()
+                        ));
+                    }
+                    let base = allowed[0];
+                    if got.iter().zip(base.iter()).any(|(g, b)| b & !g != 0) {
+                        violations.push(format!("{what}: bits went backwards"));
+                    }
+                    drop(md);
+                    let rep = check(&*dev);
+                    if !rep.is_healthy() {
+                        violations.push(format!("{what}: check after read-write open: {rep}"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(violations)
+}
+
+#[test]
+fn crash_at_every_point_yields_a_durable_commit() -> TestResult {
+    let mut all = Vec::new();
+    for seed in 0..200 {
+        all.extend(crash_sequence(seed, false)?);
+    }
+    assert!(
+        all.is_empty(),
+        "{} violations, first: {:#?}",
+        all.len(),
+        &all[..all.len().min(5)]
+    );
+    Ok(())
+}
+
+#[test]
+fn crash_oracle_catches_superblock_written_before_shadows() -> TestResult {
+    let mut found = 0;
+    for seed in 0..60 {
+        found += crash_sequence(seed, true)?.len();
+    }
+    assert!(found > 0, "the oracle did not catch the broken protocol");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Corruption.
+
+#[test]
+fn check_finds_a_flipped_bit_in_every_block() -> TestResult {
+    let nr = 2 * REGIONS_PER_BITMAP_BLOCK + 1;
+    let dev = formatted(nr)?;
+    let dest = MemDev::new("d", 4096);
+    {
+        let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+        md.set_range_hydrated(10, 100)?;
+        md.set_hydrated(nr - 1)?;
+        md.commit(&dest)?;
+        md.close_clean()?;
+    }
+    let good = dev.snapshot();
+    assert!(check(&*dev).is_healthy());
+    let blocks = required_blocks(nr);
+    let mut rng = StdRng::seed_from_u64(1);
+    for block in 0..blocks {
+        let mut img = good.clone();
+        let byte = block as usize * BLOCK_SIZE + rng.gen_range(0..BLOCK_SIZE);
+        img[byte] ^= 1 << rng.gen_range(0..8);
+        let r = check(&MemDev::from_image("flipped", img));
+        assert!(
+            r.problems.iter().any(|p| p.block == Some(block)),
+            "flip in block {block} (byte {byte}) not reported: {r}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn open_falls_back_to_the_other_superblock_and_says_so() -> TestResult {
+    let dev = formatted(100)?;
+    let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+    md.set_hydrated(3)?;
+    md.commit(&MemDev::new("d", 4096))?;
+    let gen = md.generation();
+    drop(md);
+    let mut img = dev.snapshot();
+    let live = (gen % 2) as usize;
+    img[live * BLOCK_SIZE + 200] ^= 0x10;
+    let dev2 = Arc::new(MemDev::from_image("meta", img));
+    let (md, rep) = Metadata::open(dev2.clone(), &Expect::default())?;
+    assert!(rep.fell_back);
+    assert_eq!(rep.loaded_generation, gen - 1);
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains(&format!("block {live}")) && w.contains("checksum")),
+        "{rep:?}"
+    );
+    // Generation gen-1 is the open's superblock: region 3 was committed after it.
+    assert!(!md.is_hydrated(3));
+    drop(md);
+    assert!(check(&*dev2).is_healthy(), "{}", check(&*dev2));
+    Ok(())
+}
+
+#[test]
+fn read_write_open_repairs_a_torn_shadow() -> TestResult {
+    let dev = formatted(100)?;
+    let mut img = dev.snapshot();
+    img[bitmap::slot_blocknr(0, 1) as usize * BLOCK_SIZE + 100] ^= 1;
+    let dev = Arc::new(MemDev::from_image("meta", img));
+    assert!(!check(&*dev).is_healthy());
+    let (_, rep) = Metadata::open(dev.clone(), &Expect::default())?;
+    assert_eq!(rep.repaired_slots.len(), 1, "{rep:?}");
+    assert!(check(&*dev).is_healthy(), "{}", check(&*dev));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input: each refused with a clear message and nothing written.
+
+fn unchanged_after<T>(dev: &MemDev, f: impl FnOnce() -> Result<T>) -> MetadataError {
+    let before = dev.snapshot();
+    let writes = dev.write_count();
+    let e = match f() {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    };
+    assert_eq!(dev.write_count(), writes, "{e}: something was written");
+    assert!(dev.snapshot() == before, "{e}: device changed");
+    e
+}
+
+#[test]
+fn format_refuses_bad_input_without_writing() -> TestResult {
+    let dev = Arc::new(MemDev::new("/dev/meta0", 64 * 1024));
+    let p = params(1000);
+    for bad in [0, 1000, 2048, 3 * 4096, 2 << 30] {
+        let e = unchanged_after(&dev, || {
+            Metadata::format(
+                dev.clone(),
+                &FormatParams {
+                    region_size: bad,
+                    ..p.clone()
+                },
+                false,
+            )
+        });
+        assert!(matches!(e, MetadataError::BadRegionSize { .. }));
+        assert!(
+            e.to_string().contains("power of two") && e.to_string().contains(&bad.to_string()),
+            "{e}"
+        );
+    }
+    let huge = FormatParams {
+        source_size: (MAX_REGIONS + 1) * RS,
+        dest_size: (MAX_REGIONS + 1) * RS,
+        ..p.clone()
+    };
+    let e = unchanged_after(&dev, || Metadata::format(dev.clone(), &huge, false));
+    assert!(
+        e.to_string().contains("too many regions") && e.to_string().contains("larger region size"),
+        "{e}"
+    );
+    let e = unchanged_after(&dev, || {
+        Metadata::format(
+            dev.clone(),
+            &FormatParams {
+                dest_size: p.source_size - 1,
+                ..p.clone()
+            },
+            false,
+        )
+    });
+    assert!(
+        e.to_string().contains("dest") && e.to_string().contains("at least as large"),
+        "{e}"
+    );
+    let big = params(20 * REGIONS_PER_BITMAP_BLOCK);
+    let e = unchanged_after(&dev, || Metadata::format(dev.clone(), &big, false));
+    let need = required_blocks(20 * REGIONS_PER_BITMAP_BLOCK) * 4096;
+    assert!(
+        e.to_string().contains("/dev/meta0") && e.to_string().contains(&need.to_string()),
+        "{e}"
+    );
+    // Already formatted.
+    Metadata::format(dev.clone(), &p, false)?;
+    let e = unchanged_after(&dev, || Metadata::format(dev.clone(), &p, false));
+    assert!(
+        e.to_string().contains("--force") && e.to_string().contains("/dev/meta0"),
+        "{e}"
+    );
+    Metadata::format(
+        dev.clone(),
+        &FormatParams {
+            uuid: Some(Uuid::from_u128(9)),
+            ..p
+        },
+        true,
+    )?;
+    let (md, _) = Metadata::read_only_open(dev.clone())?;
+    assert_eq!(md.uuid(), Uuid::from_u128(9));
+    Ok(())
+}
+
+#[test]
+fn open_refuses_bad_metadata_without_writing() -> TestResult {
+    let dev = formatted(1000)?;
+    let good = dev.snapshot();
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut img = good.clone();
+        f(&mut img);
+        Arc::new(MemDev::from_image("/dev/meta1", img))
+    };
+    let open = |d: &Arc<MemDev>, x: &Expect| Metadata::open(d.clone(), x).map(|_| ());
+
+    let zero = Arc::new(MemDev::new("/dev/meta1", 64 * 1024));
+    let e = unchanged_after(&zero, || open(&zero, &Expect::default()));
+    assert!(
+        matches!(e, MetadataError::BadMagic { .. }) && e.to_string().contains("ublk-clone format"),
+        "{e}"
+    );
+
+    let d = with(&|img| {
+        for s in 0..2 {
+            let b = &mut img[s * BLOCK_SIZE..(s + 1) * BLOCK_SIZE];
+            b[24] = 9; // version
+            checksum::stamp(b, checksum::SUPERBLOCK_CSUM_XOR);
+        }
+    });
+    let e = unchanged_after(&d, || open(&d, &Expect::default()));
+    assert!(e.to_string().contains("version 9"), "{e}");
+
+    let d = with(&|img| {
+        img[100] ^= 1;
+        img[BLOCK_SIZE + 100] ^= 1;
+    });
+    let e = unchanged_after(&d, || open(&d, &Expect::default()));
+    assert!(
+        e.to_string().contains("checksum mismatch") && e.to_string().contains("superblock"),
+        "{e}"
+    );
+
+    let d = with(&|img| {
+        for s in 0..2 {
+            img[bitmap::slot_blocknr(0, s) as usize * BLOCK_SIZE + 300] ^= 1;
+        }
+    });
+    let e = unchanged_after(&d, || open(&d, &Expect::default()));
+    assert!(
+        e.to_string().contains("checksum mismatch") && e.to_string().contains("bitmap block 0"),
+        "{e}"
+    );
+
+    let d = with(&|_| {});
+    let src = 1000 * RS;
+    let e = unchanged_after(&d, || {
+        open(
+            &d,
+            &Expect {
+                source_size: Some(src + 1),
+                ..Default::default()
+            },
+        )
+    });
+    assert!(
+        e.to_string().contains("source size mismatch") && e.to_string().contains(&src.to_string()),
+        "{e}"
+    );
+    let e = unchanged_after(&d, || {
+        open(
+            &d,
+            &Expect {
+                dest_size: Some(1),
+                ..Default::default()
+            },
+        )
+    });
+    assert!(e.to_string().contains("destination size mismatch"), "{e}");
+    let e = unchanged_after(&d, || {
+        open(
+            &d,
+            &Expect {
+                region_size: Some(8192),
+                ..Default::default()
+            },
+        )
+    });
+    assert!(e.to_string().contains("region size mismatch"), "{e}");
+    let other = Expect {
+        source_fingerprint: Some([8; 32]),
+        ..Default::default()
+    };
+    let e = unchanged_after(&d, || open(&d, &other));
+    assert!(e.to_string().contains("--ignore-source-mismatch"), "{e}");
+    let (_, rep) = Metadata::open(
+        d.clone(),
+        &Expect {
+            ignore_source_mismatch: true,
+            ..other
+        },
+    )?;
+    assert!(rep.warnings.iter().any(|w| w.contains("fingerprint")));
+    let (md, _) = Metadata::read_only_open(d)?;
+    assert_eq!(md.superblock().source_fingerprint, [8; 32]);
+    Ok(())
+}
+
+#[test]
+fn read_only_open_never_writes() -> TestResult {
+    let dev = formatted(100)?;
+    let w = dev.write_count();
+    let (md, _) = Metadata::read_only_open(dev.clone())?;
+    assert!(md.close_clean().is_err());
+    let _ = check(&*dev);
+    let _ = dump(dev.clone())?;
+    assert_eq!(dev.write_count(), w);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Sizing.
+
+#[test]
+fn sizing_formula_and_table() -> TestResult {
+    const K: u64 = 1024;
+    const G: u64 = 1 << 30;
+    const T: u64 = 1 << 40;
+    assert_eq!(required_size(4 * K, 1)?, 4 * 4096);
+    assert_eq!(
+        required_size(4 * K, REGIONS_PER_BITMAP_BLOCK * 4 * K)?,
+        4 * 4096
+    );
+    assert_eq!(
+        required_size(4 * K, REGIONS_PER_BITMAP_BLOCK * 4 * K + 1)?,
+        6 * 4096
+    );
+    // The table in SPEC.md §5.
+    const M1: u64 = 1 << 20;
+    let table = [
+        (G, 4 * K, 81_920),
+        (G, 64 * K, 16_384),
+        (G, M1, 16_384),
+        (T, 4 * K, 67_919_872),
+        (T, 64 * K, 4_259_840),
+        (T, M1, 278_528),
+        (16 * T, 4 * K, 1_086_488_576),
+        (16 * T, 64 * K, 67_919_872),
+        (16 * T, M1, 4_259_840),
+    ];
+    for (size, rs, bytes) in table {
+        assert_eq!(required_size(rs, size)?, bytes, "{size} at {rs}");
+    }
+    // 2^32 regions and more are supported.
+    assert_eq!(nr_regions_for((1u64 << 32) * 4096, 4096)?, 1 << 32);
+    assert!(nr_regions_for(MAX_REGIONS * 4096, 4096).is_ok());
+    assert!(nr_regions_for(MAX_REGIONS * 4096 + 1, 4096).is_err());
+    Ok(())
+}
+
+#[test]
+fn in_core_cost_is_about_one_bit_per_region() -> TestResult {
+    let nr = 64 * REGIONS_PER_BITMAP_BLOCK;
+    let dev = formatted(nr)?;
+    let (md, _) = Metadata::read_only_open(dev)?;
+    let bits_per_region = md.in_core_bytes() as f64 * 8.0 / nr as f64;
+    assert!(bits_per_region <= 1.01, "{bits_per_region}");
+    Ok(())
+}
+
+#[test]
+fn fingerprint_is_stable_and_sensitive() -> TestResult {
+    let a = MemDev::new("a", 10 << 20);
+    let f1 = source_fingerprint(&a)?;
+    assert_eq!(f1, source_fingerprint(&a)?);
+    a.write_at(&[1], 10 << 20 >> 1)?; // not necessarily sampled
+    a.write_at(&[1], (10 << 20) - 4096)?; // the last sample
+    assert_ne!(f1, source_fingerprint(&a)?);
+    assert_ne!(
+        f1,
+        source_fingerprint(&MemDev::new("b", (10 << 20) + 4096))?
+    );
+    let tiny = MemDev::new("t", 100);
+    source_fingerprint(&tiny)?;
+    Ok(())
+}
