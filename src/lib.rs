@@ -5,3 +5,4 @@
 //! hydration, flush and commit coordination) -> `ublk` (the libublk frontend) -> `cli`.
 
 pub mod io;
+pub mod logwrites;
