@@ -7,7 +7,15 @@ use ublk_clone::io::mem::MemDev;
 use ublk_clone::io::BlockDev;
 use ublk_clone::logwrites::{FuaWrite, LogWriter, LogWritesDev};
 
-type Res = Result<(), Box<dyn std::error::Error>>;
+type Error = Box<dyn std::error::Error>;
+type Res = Result<(), Error>;
+
+/// A recorded log, the device image at mark "mkfs" and at the end.
+struct Recorded {
+    log: PathBuf,
+    at_mkfs: Vec<u8>,
+    end: Vec<u8>,
+}
 
 const DEV_SIZE: u64 = 64 * 1024;
 
@@ -26,8 +34,7 @@ fn stdout(o: &Output) -> String {
 /// Records a small workload into `dir/log`. Entries:
 /// 0 W0  1 F  2 M"mkfs"  3 U8 (FUA)  4 W16  5 W24  6 D24  7 F  8 M"end-of-work" (a mark
 /// goes before the unflushed writes)  9 W2  10 W4 (logged at close)  11 M"dm-log-writes-end".
-/// Returns the log path and the device image at mark "mkfs" and at the end.
-fn record(dir: &Path) -> Result<(PathBuf, Vec<u8>, Vec<u8>), Box<dyn std::error::Error>> {
+fn record(dir: &Path) -> Result<Recorded, Error> {
     let log = dir.join("log");
     let w = LogWriter::create_file(&log, 1 << 20, 512)?;
     let dev = Arc::new(MemDev::new("dev", DEV_SIZE));
@@ -45,7 +52,11 @@ fn record(dir: &Path) -> Result<(PathBuf, Vec<u8>, Vec<u8>), Box<dyn std::error:
     d.mark("end-of-work")?;
     d.write_at(&[5; 512], 4 * 512)?;
     assert_eq!(space.close()?, 12);
-    Ok((log, at_mkfs, dev.snapshot()))
+    Ok(Recorded {
+        log,
+        at_mkfs,
+        end: dev.snapshot(),
+    })
 }
 
 fn zeroed_target(dir: &Path) -> std::io::Result<PathBuf> {
@@ -61,7 +72,7 @@ fn s(p: &Path) -> &str {
 #[test]
 fn summary_and_num_entries() -> Res {
     let dir = tempfile::tempdir()?;
-    let (log, _, _) = record(dir.path())?;
+    let log = record(dir.path())?.log;
     let o = run(&["--log", s(&log)])?;
     assert!(o.status.success());
     assert_eq!(stdout(&o), "Log version=1, sectorsize=512, entries=12\n");
@@ -73,7 +84,7 @@ fn summary_and_num_entries() -> Res {
 #[test]
 fn find_marks_flushes_and_fuas() -> Res {
     let dir = tempfile::tempdir()?;
-    let (log, _, _) = record(dir.path())?;
+    let log = record(dir.path())?.log;
     let find = |extra: &[&str]| -> std::io::Result<Output> {
         let mut a = vec!["--log", s(&log), "--find"];
         a.extend_from_slice(extra);
@@ -105,7 +116,7 @@ fn find_marks_flushes_and_fuas() -> Res {
 #[test]
 fn replay_to_mark_and_whole() -> Res {
     let dir = tempfile::tempdir()?;
-    let (log, at_mkfs, end) = record(dir.path())?;
+    let Recorded { log, at_mkfs, end } = record(dir.path())?;
     let t = zeroed_target(dir.path())?;
     let o = run(&["--log", s(&log), "--replay", s(&t), "--end-mark", "mkfs"])?;
     assert!(o.status.success(), "{o:?}");
@@ -124,7 +135,7 @@ fn replay_to_mark_and_whole() -> Res {
 #[test]
 fn fsck_runs_at_each_check_and_failure_exits_1() -> Res {
     let dir = tempfile::tempdir()?;
-    let (log, _, _) = record(dir.path())?;
+    let log = record(dir.path())?.log;
     let t = zeroed_target(dir.path())?;
     let calls = dir.path().join("calls");
     let cmd = format!("echo x >> {}", s(&calls));
@@ -161,7 +172,7 @@ fn fsck_runs_at_each_check_and_failure_exits_1() -> Res {
 #[test]
 fn bad_input_is_reported() -> Res {
     let dir = tempfile::tempdir()?;
-    let (log, _, _) = record(dir.path())?;
+    let log = record(dir.path())?.log;
     let missing = run(&["--log", "/nonexistent/log"])?;
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/log"));

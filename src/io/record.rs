@@ -116,10 +116,8 @@ impl IoLog {
                     dev: d,
                     offset,
                     len,
-                } if *d == dev => {
-                    if durable || keep(i) {
-                        img[*offset as usize..(*offset + *len) as usize].fill(0);
-                    }
+                } if *d == dev && (durable || keep(i)) => {
+                    img[*offset as usize..(*offset + *len) as usize].fill(0);
                 }
                 _ => {}
             }

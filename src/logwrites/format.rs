@@ -20,7 +20,7 @@
 //! produces.
 
 /// `WRITE_LOG_MAGIC`: the bytes "rhswfsj\0" read as a little-endian u64.
-pub const LOG_MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
 /// `WRITE_LOG_VERSION`.
 pub const LOG_VERSION: u64 = 1;
 /// Size of the packed super block fields (the rest of its block is zero).

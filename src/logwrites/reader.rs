@@ -127,7 +127,7 @@ impl<D: BlockDev> LogReader<D> {
             need,
             size,
         };
-        if offset.checked_add(ss).is_none_or_gt(size) {
+        if past(offset.checked_add(ss), size) {
             return Err(truncated(ss));
         }
         let mut block = vec![0u8; ss as usize];
@@ -141,12 +141,9 @@ impl<D: BlockDev> LogReader<D> {
                 offset,
                 source,
             })?;
-        let need = header
-            .data_bytes(self.sup.sectorsize)
-            .checked_add(ss)
-            .unwrap_or(u64::MAX);
+        let need = header.data_bytes(self.sup.sectorsize).saturating_add(ss);
         let end = offset.checked_add(need);
-        if end.is_none_or_gt(size) {
+        if past(end, size) {
             return Err(truncated(need));
         }
         Ok(LogEntry {
@@ -159,16 +156,10 @@ impl<D: BlockDev> LogReader<D> {
 }
 
 /// `None` (overflow) or a value past `limit`.
-trait PastLimit {
-    fn is_none_or_gt(self, limit: u64) -> bool;
-}
-
-impl PastLimit for Option<u64> {
-    fn is_none_or_gt(self, limit: u64) -> bool {
-        match self {
-            Some(v) => v > limit,
-            None => true,
-        }
+fn past(end: Option<u64>, limit: u64) -> bool {
+    match end {
+        Some(end) => end > limit,
+        None => true,
     }
 }
 

@@ -185,14 +185,12 @@ pub fn find<D: BlockDev>(
             what: "find needs a condition: an end mark, next flush or next FUA".to_string(),
         });
     }
-    let mut processed = 0;
-    for e in seek(reader, &opts.start)? {
+    for (i, e) in seek(reader, &opts.start)?.enumerate() {
         let e = e?;
-        processed += 1;
         if opts.should_stop(&e) {
             return Ok(Some(e));
         }
-        if opts.limit.is_some_and(|l| processed >= l) {
+        if opts.limit.is_some_and(|l| i as u64 + 1 >= l) {
             break;
         }
     }
@@ -318,6 +316,9 @@ pub fn run_check_command(cmd: &str) -> Result<bool, LogError> {
     Ok(status.success())
 }
 
+/// A piece of a [`SpanDev`] I/O: (member, offset in the member, position in the I/O, length).
+type Piece<'a> = (&'a dyn BlockDev, u64, u64, u64);
+
 /// Several devices at byte offsets of one address space, seen as one device: the replay
 /// target for a log recorded with [`super::LogWritesDev::pair`]. I/O that touches bytes no
 /// member covers fails.
@@ -346,7 +347,7 @@ impl SpanDev {
 
     /// Splits `[offset, offset+len)` into (member, member offset, position in the range,
     /// length) pieces, failing if a byte is not covered.
-    fn split(&self, offset: u64, len: u64) -> io::Result<Vec<(&dyn BlockDev, u64, u64, u64)>> {
+    fn split(&self, offset: u64, len: u64) -> io::Result<Vec<Piece<'_>>> {
         let mut pieces = Vec::new();
         let mut at = offset;
         let end = offset.saturating_add(len);
