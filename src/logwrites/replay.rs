@@ -405,3 +405,124 @@ impl BlockDev for SpanDev {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::EntryHeader;
+    use super::super::writer::LogWriter;
+    use super::*;
+    use crate::io::mem::MemDev;
+
+    /// 0 W0(1) 1 D0(2) 2 M"a" 3 W1(2) 4 F 5 U2(3); nr_entries 6.
+    fn log() -> Result<LogReader<Arc<MemDev>>, LogError> {
+        let dev = Arc::new(MemDev::new("log", 1 << 16));
+        let mut w = LogWriter::create(Box::new(dev.clone()), 512)?;
+        w.append(&EntryHeader::write(0, 1, 0), &[1; 512])?;
+        w.append(
+            &EntryHeader::write(0, 2, super::super::format::FLAG_DISCARD),
+            &[],
+        )?;
+        w.mark("a")?;
+        w.append(&EntryHeader::write(1, 1, 0), &[2; 512])?;
+        w.append(&EntryHeader::flush(), &[])?;
+        w.append(
+            &EntryHeader::write(2, 1, super::super::format::FLAG_FUA),
+            &[3; 512],
+        )?;
+        LogReader::open(dev)
+    }
+
+    fn run(opts: &ReplayOptions) -> Result<(Vec<u8>, ReplaySummary), LogError> {
+        let t = MemDev::from_image("t", vec![9; 2048]);
+        let sum = replay(&log()?, &t, opts, &mut |_| Ok(true))?;
+        Ok((t.snapshot(), sum))
+    }
+
+    #[test]
+    fn start_stop_and_discard_options() -> Result<(), LogError> {
+        let (img, sum) = run(&ReplayOptions::default())?;
+        assert_eq!((img[0], img[512], img[1024], img[1536]), (0, 2, 3, 9));
+        assert_eq!(sum.processed, 6);
+
+        let no_discard = ReplayOptions {
+            no_discard: true,
+            ..Default::default()
+        };
+        assert_eq!(run(&no_discard)?.0[0], 1, "discard ignored");
+
+        let from_mark = ReplayOptions {
+            start: Start::Mark("a".into()),
+            next_flush: true,
+            ..Default::default()
+        };
+        let (img, sum) = run(&from_mark)?;
+        assert_eq!((img[0], img[512], img[1024]), (9, 2, 9));
+        assert!(sum.stopped && sum.last.is_some_and(|e| e.index == 4));
+
+        let from_entry = ReplayOptions {
+            start: Start::Entry(5),
+            ..Default::default()
+        };
+        assert_eq!(run(&from_entry)?.1.processed, 1);
+
+        let to_mark = ReplayOptions {
+            end_mark: Some("a".into()),
+            ..Default::default()
+        };
+        assert_eq!(run(&to_mark)?.1.last.map(|e| e.index), Some(2));
+        let missing = ReplayOptions {
+            end_mark: Some("b".into()),
+            ..Default::default()
+        };
+        assert!(matches!(run(&missing), Err(LogError::NotFound { .. })));
+        let fua = ReplayOptions {
+            next_fua: true,
+            ..Default::default()
+        };
+        assert_eq!(find(&log()?, &fua)?.map(|e| e.index), Some(5));
+        Ok(())
+    }
+
+    #[test]
+    fn checks_run_after_matching_entries_and_stop_on_failure() -> Result<(), LogError> {
+        let every2 = ReplayOptions {
+            check: Some(Check::Every(2)),
+            ..Default::default()
+        };
+        let t = MemDev::new("t", 2048);
+        let mut seen = Vec::new();
+        let sum = replay(&log()?, &t, &every2, &mut |e| {
+            seen.push(e.index);
+            Ok(e.index < 3)
+        })?;
+        assert_eq!(seen, [1, 3]);
+        assert_eq!(sum.check_failed, Some(3));
+        assert_eq!(
+            t.flush_count(),
+            3,
+            "flushed before each check and at the end"
+        );
+        assert_eq!("fua".parse::<Check>(), Ok(Check::Fua));
+        assert!("0".parse::<Check>().is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn targets_too_small_or_with_gaps_are_refused() -> Result<(), LogError> {
+        let small = MemDev::new("small", 1024);
+        let r = replay(&log()?, &small, &ReplayOptions::default(), &mut |_| {
+            Ok(true)
+        });
+        assert!(matches!(r, Err(LogError::TargetTooSmall { entry: 5, .. })));
+
+        let a: Arc<dyn BlockDev> = Arc::new(MemDev::new("a", 1024));
+        let b: Arc<dyn BlockDev> = Arc::new(MemDev::new("b", 1024));
+        let span = SpanDev::new(vec![(0, a), (2048, b)]);
+        assert_eq!(span.size(), 3072);
+        span.write_at(&[7; 512], 2048)
+            .map_err(|e| LogError::io("span", e))?;
+        let err = span.write_at(&[7; 1024], 512).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("byte 1024") && e.contains("outside")));
+        Ok(())
+    }
+}
