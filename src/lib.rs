@@ -8,5 +8,6 @@
 pub mod cli;
 pub mod engine;
 pub mod io;
+pub mod logwrites;
 pub mod metadata;
 pub mod ublk;
