@@ -110,6 +110,16 @@ fn open_devices(a: &CreateArgs) -> Result<Opened> {
     let source = Arc::new(FileDev::open(&a.source, Access::ReadOnly, true)?);
     let dest = Arc::new(FileDev::open(&a.dest, Access::ReadWrite, true)?);
     let meta = Arc::new(FileDev::open(&a.metadata, Access::ReadWrite, true)?);
+    source.lock(false)?;
+    dest.lock(true)?;
+    meta.lock(true)?;
+    if a.number >= 0 && Path::new(&format!("/dev/ublkc{}", a.number)).exists() {
+        bail!(
+            "--number {}: /dev/ublkb{} already exists (busy); pick another number or omit --number",
+            a.number,
+            a.number
+        );
+    }
     if source.size() == 0 || source.size() % 512 != 0 {
         bail!(
             "--source {}: size {} is not a positive multiple of 512 bytes",
@@ -533,8 +543,7 @@ pub fn format_status(dev: &str, s: &Status) -> String {
     let remaining = (s.regions - s.hydrated.min(s.regions)) * s.region_size;
     let eta = if s.hydrated == s.regions {
         "done".to_string()
-    } else if s.hydration_rate_bytes_per_sec > 0 {
-        let secs = remaining / s.hydration_rate_bytes_per_sec;
+    } else if let Some(secs) = remaining.checked_div(s.hydration_rate_bytes_per_sec) {
         format!("{}m{:02}s", secs / 60, secs % 60)
     } else {
         "unknown".to_string()

@@ -70,6 +70,32 @@ impl FileDev {
         })
     }
 
+    /// Takes an advisory lock (exclusive for devices we write, shared for the source) so that
+    /// two clones never use the same destination or metadata, and a destination is never
+    /// another clone's source. Fails at once if another process holds a conflicting lock.
+    pub fn lock(&self, exclusive: bool) -> io::Result<()> {
+        let how = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(self.file.as_raw_fd(), how | libc::LOCK_NB) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!("{}: busy: in use by another ublk-clone device", self.name),
+                ));
+            }
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{}: cannot lock: {e}", self.name),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -24,7 +24,10 @@ mk_images() { # SIZE_MB [DEST_MB]
   python3 - "$WORK/src" "$s" <<'PY'
 import sys, random
 path, mb = sys.argv[1], int(sys.argv[2])
-data = bytearray(random.Random(42).randbytes(mb << 20))
+rnd = random.Random(42)
+data = bytearray()
+for _ in range(mb):
+    data += rnd.randbytes(1 << 20)
 for blk in range(mb * 256):
     head = b"block %08d " % blk
     data[blk * 4096 : blk * 4096 + len(head)] = head
@@ -61,6 +64,7 @@ run_test() {
   else
     failed=$((failed + 1)); failures+=("$name"); echo "not ok - $name ($((SECONDS - t0)) s)"
     tail -n 15 "$LOG" | sed 's/^/    | /'
+    [ -f /run/ublk-clone/daemon.log ] && tail -n 8 /run/ublk-clone/daemon.log | sed 's/^/    daemon| /'
   fi
   # Leave no device behind for the next test.
   for d in $("$BIN" list 2>/dev/null | awk '/^\/dev\/ublkb/ {print $1}'); do "$BIN" stop "$d" >/dev/null 2>&1; done
@@ -173,7 +177,7 @@ test_stop_and_restart_resumes() {
 expect_error() { # DESCRIPTION PATTERN COMMAND...
   local what=$1 pat=$2; shift 2
   local out rc
-  out=$("$@" 2>&1) && rc=0 || rc=$?
+  out=$(timeout 60 "$@" 2>&1) && rc=0 || rc=$?
   [ $rc -ne 0 ] || fail "$what: exit status 0"
   echo "$out" | grep -qi -- "$pat" || fail "$what: message '$out' does not mention '$pat'"
 }
@@ -188,8 +192,26 @@ test_cli_bad_input() {
   expect_error "unknown device" "no ublk-clone daemon" "$BIN" status /dev/ublkb77
   dev=$(create --no-hydration)
   n=${dev#/dev/ublkb}
-  expect_error "busy device number" "ublk" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta2" --number "$n"
+  truncate -s 16M "$WORK/dst2"
+  expect_error "destination in use" "busy" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta2"
+  expect_error "metadata in use" "busy" "$BIN" create --source "$WORK/src" --dest "$WORK/dst2" --metadata "$WORK/meta"
+  expect_error "busy device number" "already exists" "$BIN" create --source "$WORK/src" --dest "$WORK/dst2" --metadata "$WORK/meta2" --number "$n"
   stop "$dev"
+  # Another clone's metadata is refused without --force; corrupt metadata is refused.
+  head -c 16M /dev/urandom >"$WORK/src2"
+  expect_error "another clone's metadata" "force" "$BIN" create --source "$WORK/src2" --dest "$WORK/dst" --metadata "$WORK/meta"
+  cp "$WORK/meta" "$WORK/meta.bak"
+  printf 'garbage!' | dd of="$WORK/meta" bs=1 seek=100 conv=notrunc status=none
+  printf 'garbage!' | dd of="$WORK/meta" bs=1 seek=4196 conv=notrunc status=none
+  expect_error "corrupt metadata" "checksum" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta"
+  "$BIN" check "$WORK/meta" >/dev/null 2>&1 && fail "check passed corrupt metadata"
+  cmp -s <(printf 'garbage!') <(dd if="$WORK/meta" bs=1 skip=100 count=8 status=none) || fail "corrupt metadata was rewritten"
+}
+
+test_kernel_dm_log_writes_replay() {
+  # A log recorded by the kernel's dm-log-writes target, replayed by our tool (issue 5).
+  bash "$(dirname "$0")/logwrites.sh" "$(dirname "$BIN")/ublk-clone-replay" \
+    || fail "logwrites.sh reported failures"
 }
 
 #---------------------------------------------------------------------------------------------
@@ -199,8 +221,8 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         cli_bad_input; do
+         cli_bad_input kernel_dm_log_writes_replay; do
   run_test "$t"
 done
-echo "vm suite: $passed passed, $failed failed"
+echo "vm-suite: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
