@@ -196,6 +196,12 @@ impl Engine {
         if self.mode() != Mode::ReadWrite {
             return;
         }
+        #[cfg(test)]
+        if self.config.bugs.bit_before_copy {
+            // BUG (test only): the bits become durable before the copy is written.
+            let _ = self.md.set_range_hydrated(head, count);
+            let _ = self.flush_blocking();
+        }
         if let Err(e) = self.dest.write_at(&buf, off) {
             log::error!(
                 "hydration write of regions {head}..{} failed: {e}",
