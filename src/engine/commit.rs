@@ -33,6 +33,14 @@ impl Engine {
     pub(super) fn request_commit(&self) -> u64 {
         let mut st = self.commit_state.lock();
         let epoch = st.started + 1;
+        // BUG (test only): join the commit in flight, which may have flushed the destination
+        // before this FLUSH arrived, or none at all.
+        #[cfg(test)]
+        let epoch = if self.config.bugs.flush_joins_old_commit {
+            st.started
+        } else {
+            epoch
+        };
         st.requested = st.requested.max(epoch);
         self.commit_cv.notify_one();
         epoch
@@ -118,6 +126,10 @@ impl Engine {
             .md
             .begin_commit()
             .map_err(|e| format!("metadata phase 1: {e}"))?;
+        #[cfg(test)]
+        if self.config.bugs.commit_before_dest_flush {
+            return self.commit_before_destination_flush(frozen);
+        }
         // The shadow writes and the destination flush are independent: overlap them.
         let (shadows, dest) = std::thread::scope(|s| {
             let shadows = s.spawn(|| frozen.write_shadows());
@@ -131,6 +143,28 @@ impl Engine {
         self.md
             .finish_commit(frozen, shadows, dest)
             .map_err(|e| format!("metadata superblock write: {e}"))?;
+        self.stats
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// BUG (test only): commits the metadata first and flushes the destination afterwards.
+    /// The metadata API refuses that order by type, so the `DestinationFlushed` token is
+    /// obtained by flushing a dummy device; the crash oracle must catch the result.
+    #[cfg(test)]
+    fn commit_before_destination_flush(
+        &self,
+        frozen: metadata::FrozenCommit,
+    ) -> Result<(), String> {
+        let not_the_destination = crate::io::mem::MemDev::new("not-the-destination", 4096);
+        let shadows = frozen.write_shadows().map_err(|e| e.to_string())?;
+        let token = metadata::flush_destination(&not_the_destination, &frozen)
+            .map_err(|e| e.to_string())?;
+        self.md
+            .finish_commit(frozen, shadows, token)
+            .map_err(|e| e.to_string())?;
+        self.dest.flush().map_err(|e| e.to_string())?;
         self.stats
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -196,6 +196,17 @@ impl Engine {
         if self.mode() != Mode::ReadWrite {
             return;
         }
+        #[cfg(test)]
+        if self.config.bugs.bit_before_copy {
+            // BUG (test only): the bits become durable before the copy is written. The wait is
+            // bounded: at shutdown the commit thread may already be gone.
+            let _ = self.md.set_range_hydrated(head, count);
+            let epoch = self.request_commit();
+            self.commit_done.wait_until_blocking(
+                || self.commit_state.lock().completed >= epoch,
+                Duration::from_millis(200),
+            );
+        }
         if let Err(e) = self.dest.write_at(&buf, off) {
             log::error!(
                 "hydration write of regions {head}..{} failed: {e}",

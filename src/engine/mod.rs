@@ -118,6 +118,24 @@ pub struct EngineConfig {
     pub retry_backoff: Duration,
     pub hydration_workers: usize,
     pub knobs: Knobs,
+    /// Deliberate protocol violations, for the crash oracle's own tests only.
+    #[cfg(test)]
+    pub(crate) bugs: Bugs,
+}
+
+/// Deliberate protocol violations that the crash oracle (`crash_tests`) must catch. All off
+/// by default; they exist only in test builds, so the production path cannot take them.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Bugs {
+    /// Commit the metadata (shadows and superblock) *before* flushing the destination.
+    pub commit_before_dest_flush: bool,
+    /// Set a region's bit and make it durable *before* its copy or write reached the
+    /// destination.
+    pub bit_before_copy: bool,
+    /// A FLUSH joins the commit already in flight (or none at all) instead of waiting for
+    /// one that starts after it arrived, so it can complete without a covering flush.
+    pub flush_joins_old_commit: bool,
 }
 
 impl EngineConfig {
@@ -130,6 +148,8 @@ impl EngineConfig {
             retry_backoff: Duration::from_millis(10),
             hydration_workers: 2,
             knobs: Knobs::defaults_for(region_size),
+            #[cfg(test)]
+            bugs: Bugs::default(),
         }
     }
 }
@@ -551,6 +571,14 @@ impl Engine {
         // Write-triggered hydrations count against the hydration threshold, like dm-clone.
         self.hydrations_in_flight
             .fetch_add(guards.len() as u64, Ordering::AcqRel);
+        #[cfg(test)]
+        if self.config.bugs.bit_before_copy {
+            // BUG (test only): the bits become durable before the data is written.
+            for g in &guards {
+                let _ = self.md.set_hydrated(g.region());
+            }
+            let _ = self.flush().await;
+        }
         let result = async {
             if start == offset && stop == end {
                 // Whole regions overwritten: no copy needed.
@@ -664,5 +692,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;

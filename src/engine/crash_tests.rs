@@ -1,0 +1,686 @@
+//! Crash-consistency oracle for the engine.
+//!
+//! A randomized concurrent workload (reads, writes, FUA writes, discards, FLUSHes, background
+//! hydration, periodic commits) runs on a destination and a metadata device that are both
+//! wrapped in [`RecordingDev`]s sharing one [`IoLog`], so the log keeps the relative order of
+//! their writes and flushes. The workload keeps a history of every acknowledged operation.
+//! Then crash states are rebuilt from the log (at every flush point, at every FLUSH
+//! completion, and at random cuts, each with random subsets of the unflushed writes lost and
+//! torn at sector granularity) and checked:
+//! - the metadata opens;
+//! - the hydrated set never goes backwards: every crash state holds at least the regions of
+//!   the state that lost every unflushed write at the latest flush point before it;
+//! - every sector of a region marked hydrated holds an acceptable value in the destination;
+//! - a fresh engine (hydration off) on the crash state reads an acceptable value everywhere.
+//!
+//! Acceptable values of a sector at a cut: the sector's history is the source value followed
+//! by every write and discard of it in completion order (the test serialises overlapping
+//! operations with a range lock). The newest *durable* version (acknowledged before a FLUSH
+//! was issued that completed before the cut, or a FUA write completed before the cut) and any
+//! newer version issued before the cut are acceptable; a discard among them makes the sector
+//! unconstrained.
+//!
+//! The recorders are created after formatting, so the initial metadata image is the
+//! formatted one; opening the metadata (which writes a superblock) is recorded.
+//!
+//! `UBLK_CLONE_CRASH_LONG=1` runs many more seeds.
+
+use super::tests::pattern;
+use super::*;
+use crate::io::mem::MemDev;
+use crate::io::record::{IoLog, RecordingDev};
+use crate::metadata::{Expect, FormatParams};
+use futures_lite::future::block_on;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SECTOR: u64 = 512;
+const DEST: usize = 0;
+const META: usize = 1;
+
+type RecDev = RecordingDev<Arc<MemDev>>;
+
+struct CrashRig {
+    source: Arc<MemDev>,
+    log: Arc<IoLog>,
+    engine: Arc<Engine>,
+    path: SyncPath,
+    expect: Expect,
+    size: u64,
+    region_size: u64,
+}
+
+/// Like `tests::rig`, with the destination and the metadata recorded into one log.
+fn crash_rig(size: u64, region_size: u64, tweak: impl FnOnce(&mut EngineConfig)) -> CrashRig {
+    let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
+    let dest_mem = Arc::new(MemDev::new("dest", size + 4096));
+    let meta_mem = Arc::new(MemDev::new("meta", 1 << 20));
+    let params = FormatParams::from_devices(source.as_ref(), dest_mem.as_ref(), region_size)
+        .expect("fingerprint");
+    let m: Arc<dyn BlockDev> = meta_mem.clone();
+    Metadata::format(m, &params, false).expect("format");
+    let log = IoLog::new();
+    let dest: Arc<RecDev> = Arc::new(RecordingDev::new(dest_mem, &log).expect("record dest"));
+    let meta: Arc<RecDev> = Arc::new(RecordingDev::new(meta_mem, &log).expect("record meta"));
+    assert_eq!((dest.id(), meta.id()), (DEST, META));
+    let expect = Expect::from_devices(source.as_ref(), dest.as_ref()).expect("fingerprint");
+    let (md, _) = Metadata::open(meta.clone(), &expect).expect("open metadata");
+    let mut cfg = EngineConfig::new(size, region_size);
+    cfg.retry_backoff = Duration::ZERO;
+    cfg.knobs.batch_size = 2;
+    cfg.knobs.threshold = 4;
+    cfg.commit_period = Duration::from_millis(20);
+    tweak(&mut cfg);
+    let engine =
+        Engine::start(Arc::new(md), source.clone(), dest.clone(), cfg).expect("engine start");
+    let path = SyncPath {
+        source: source.clone(),
+        dest,
+    };
+    CrashRig {
+        source,
+        log,
+        engine,
+        path,
+        expect,
+        size,
+        region_size,
+    }
+}
+
+/// One version of a sector: a write (index into `History::writes`) or a discard.
+#[derive(Clone, Copy, Debug)]
+struct Version {
+    write: Option<usize>,
+    /// Log length when the operation was issued: its device I/O lies at or after it.
+    issued: usize,
+    /// Log length after the operation returned.
+    acked_at: usize,
+    /// Logical time of the acknowledgement (compared with FLUSH issue times).
+    ack_t: u64,
+    fua: bool,
+}
+
+struct WriteRec {
+    off: u64,
+    data: Vec<u8>,
+}
+
+struct FlushRec {
+    /// Logical time the FLUSH (or FUA write) was issued.
+    issue_t: u64,
+    /// Log length after it completed.
+    completed_at: usize,
+}
+
+#[derive(Default)]
+struct History {
+    writes: Vec<WriteRec>,
+    /// Per sector, its versions after the source value, in completion order.
+    sectors: Vec<Vec<Version>>,
+    flushes: Vec<FlushRec>,
+    /// Mismatches seen by reads during the run (the plain model check).
+    live_violations: Vec<String>,
+}
+
+/// Test-level range lock (sector granularity) so overlapping operations are serialised.
+struct RangeLocks {
+    busy: Mutex<Vec<bool>>,
+    cv: Condvar,
+}
+
+impl RangeLocks {
+    fn lock(&self, a: u64, b: u64) {
+        let mut busy = self.busy.lock();
+        while busy[a as usize..b as usize].iter().any(|x| *x) {
+            self.cv.wait(&mut busy);
+        }
+        busy[a as usize..b as usize].fill(true);
+    }
+    fn unlock(&self, a: u64, b: u64) {
+        self.busy.lock()[a as usize..b as usize].fill(false);
+        self.cv.notify_all();
+    }
+}
+
+struct Workload {
+    threads: usize,
+    ops: usize,
+    /// Background hydration rate limit (0 = unlimited); a limit keeps hydration running
+    /// through the whole workload instead of finishing in its first milliseconds.
+    rate: u64,
+}
+
+impl Workload {
+    /// The workload of `seed`: odd seeds hydrate slowly.
+    fn for_seed(seed: u64, threads: usize, ops: usize) -> Workload {
+        Workload {
+            threads,
+            ops,
+            rate: if seed % 2 == 1 { 256 << 10 } else { 0 },
+        }
+    }
+}
+
+/// Runs the workload and returns its history; the engine is shut down at the end (its final
+/// commit and clean close are part of the log).
+fn run_workload(r: &CrashRig, seed: u64, w: &Workload) -> History {
+    let sectors = r.size / SECTOR;
+    let history = Mutex::new(History {
+        sectors: vec![Vec::new(); sectors as usize],
+        ..History::default()
+    });
+    let clock = AtomicU64::new(1);
+    let locks = RangeLocks {
+        busy: Mutex::new(vec![false; sectors as usize]),
+        cv: Condvar::new(),
+    };
+    let region_sectors = r.region_size / SECTOR;
+    let src = r.source.snapshot();
+    std::thread::scope(|s| {
+        for t in 0..w.threads {
+            let (history, clock, locks, src) = (&history, &clock, &locks, &src);
+            s.spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed * 1000 + t as u64);
+                for _ in 0..w.ops {
+                    let len_sectors = match rng.gen_range(0..10) {
+                        0..=5 => rng.gen_range(1..=region_sectors * 2),
+                        6..=8 => rng.gen_range(1..=8),
+                        _ => rng.gen_range(1..=region_sectors * 5),
+                    }
+                    .min(sectors);
+                    let a = rng.gen_range(0..=sectors - len_sectors);
+                    let b = a + len_sectors;
+                    let (off, len) = (a * SECTOR, len_sectors * SECTOR);
+                    locks.lock(a, b);
+                    let issued = r.log.len();
+                    match rng.gen_range(0..100) {
+                        0..=29 => {
+                            let mut buf = vec![0u8; len as usize];
+                            let res = block_on(r.engine.read(&r.path, off, &mut buf));
+                            assert_eq!(res, Ok(()));
+                            let mut h = history.lock();
+                            for sec in a..b {
+                                let want = match h.sectors[sec as usize].last() {
+                                    None => &src[(sec * SECTOR) as usize..][..SECTOR as usize],
+                                    Some(Version { write: None, .. }) => continue,
+                                    Some(Version { write: Some(i), .. }) => {
+                                        let w = &h.writes[*i];
+                                        &w.data[(sec * SECTOR - w.off) as usize..]
+                                            [..SECTOR as usize]
+                                    }
+                                };
+                                let at = ((sec - a) * SECTOR) as usize;
+                                if buf[at..at + SECTOR as usize] != *want {
+                                    let msg = format!("seed {seed}: live read of sector {sec}");
+                                    h.live_violations.push(msg);
+                                }
+                            }
+                        }
+                        30..=74 => {
+                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                            let fua = rng.gen_range(0..10) == 0;
+                            let issue_t = clock.fetch_add(1, Ordering::SeqCst);
+                            let res = block_on(r.engine.write(&r.path, off, &data, fua));
+                            assert_eq!(res, Ok(()));
+                            let ack_t = clock.fetch_add(1, Ordering::SeqCst);
+                            let acked_at = r.log.len();
+                            let mut h = history.lock();
+                            let idx = h.writes.len();
+                            h.writes.push(WriteRec { off, data });
+                            for sec in a..b {
+                                h.sectors[sec as usize].push(Version {
+                                    write: Some(idx),
+                                    issued,
+                                    acked_at,
+                                    ack_t,
+                                    fua,
+                                });
+                            }
+                            if fua {
+                                // A FUA write also acts as a FLUSH issued when it was.
+                                h.flushes.push(FlushRec {
+                                    issue_t,
+                                    completed_at: acked_at,
+                                });
+                            }
+                        }
+                        75..=81 => {
+                            assert_eq!(block_on(r.engine.discard(&r.path, off, len)), Ok(()));
+                            let ack_t = clock.fetch_add(1, Ordering::SeqCst);
+                            let acked_at = r.log.len();
+                            let mut h = history.lock();
+                            for sec in a..b {
+                                h.sectors[sec as usize].push(Version {
+                                    write: None,
+                                    issued,
+                                    acked_at,
+                                    ack_t,
+                                    fua: false,
+                                });
+                            }
+                        }
+                        _ => {
+                            let issue_t = clock.fetch_add(1, Ordering::SeqCst);
+                            assert_eq!(block_on(r.engine.flush()), Ok(()));
+                            let completed_at = r.log.len();
+                            history.lock().flushes.push(FlushRec {
+                                issue_t,
+                                completed_at,
+                            });
+                        }
+                    }
+                    locks.unlock(a, b);
+                }
+            });
+        }
+    });
+    assert_eq!(r.engine.shutdown(), Ok(()));
+    history.into_inner()
+}
+
+/// What a sector may hold at a cut.
+enum Allowed {
+    /// A discard may be visible: anything goes.
+    Any,
+    /// One of these versions (`None` = the source value).
+    Versions(Vec<Option<usize>>),
+}
+
+/// The crash oracle over one recorded run.
+struct Oracle<'a> {
+    r: &'a CrashRig,
+    h: &'a History,
+    src: Vec<u8>,
+    seed: u64,
+    states: u64,
+    read_throughs: u64,
+    violations: Vec<String>,
+}
+
+impl Oracle<'_> {
+    /// Acceptable versions of every sector for a crash at `cut`.
+    fn allowed(&self, cut: usize) -> Vec<Allowed> {
+        let durable_t = self
+            .h
+            .flushes
+            .iter()
+            .filter(|f| f.completed_at <= cut)
+            .map(|f| f.issue_t)
+            .max();
+        self.h
+            .sectors
+            .iter()
+            .map(|versions| {
+                let durable = |v: &Version| {
+                    durable_t.is_some_and(|t| v.ack_t < t) || (v.fua && v.acked_at <= cut)
+                };
+                // The newest durable version (or the source value) and every later version
+                // issued before the cut.
+                let mut out = Vec::new();
+                let rest = match versions.iter().rposition(durable) {
+                    None => {
+                        out.push(None);
+                        versions.as_slice()
+                    }
+                    Some(i) => {
+                        match versions[i].write {
+                            None => return Allowed::Any,
+                            Some(w) => out.push(Some(w)),
+                        }
+                        &versions[i + 1..]
+                    }
+                };
+                for v in rest.iter().take_while(|v| v.issued < cut) {
+                    match v.write {
+                        None => return Allowed::Any,
+                        Some(i) => out.push(Some(i)),
+                    }
+                }
+                Allowed::Versions(out)
+            })
+            .collect()
+    }
+
+    fn value(&self, sec: u64, v: Option<usize>) -> &[u8] {
+        match v {
+            None => &self.src[(sec * SECTOR) as usize..][..SECTOR as usize],
+            Some(i) => {
+                let w = &self.h.writes[i];
+                &w.data[(sec * SECTOR - w.off) as usize..][..SECTOR as usize]
+            }
+        }
+    }
+
+    fn sector_ok(&self, allowed: &Allowed, sec: u64, got: &[u8]) -> bool {
+        match allowed {
+            Allowed::Any => true,
+            Allowed::Versions(vs) => vs.iter().any(|v| self.value(sec, *v) == got),
+        }
+    }
+
+    fn describe(&self, allowed: &Allowed, sec: u64, got: &[u8]) -> String {
+        let Allowed::Versions(vs) = allowed else {
+            return "anything".into();
+        };
+        let newest_older = self.h.sectors[sec as usize]
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, v)| v.write.is_some_and(|i| self.value(sec, Some(i)) == got))
+            .map(|(i, _)| format!("version {}", i + 1));
+        let what = if got == self.value(sec, None) {
+            "the source value".to_string()
+        } else if got.iter().all(|b| *b == 0) {
+            "zeroes".to_string()
+        } else {
+            newest_older.unwrap_or_else(|| "unknown data".into())
+        };
+        format!(
+            "holds {what}; acceptable: {:?} (None = source)",
+            vs.iter().collect::<Vec<_>>()
+        )
+    }
+
+    /// Builds and checks one crash state; returns its hydrated bitmap when the metadata
+    /// opened.
+    fn check_state(
+        &mut self,
+        cut: usize,
+        allowed: &[Allowed],
+        keep: &dyn Fn(usize) -> bool,
+        tear: &dyn Fn(usize, u64) -> u64,
+        baseline: Option<&[bool]>,
+        what: &str,
+    ) -> Option<Vec<bool>> {
+        self.states += 1;
+        let n = self.r.log.len();
+        let what = format!("seed {} cut {cut}/{n} {what}", self.seed);
+        let dest_img = self.r.log.crash_image(DEST, cut, keep, tear);
+        let meta_img = self.r.log.crash_image(META, cut, keep, tear);
+        let dest = Arc::new(MemDev::from_image("crash-dest", dest_img));
+        let meta: Arc<dyn BlockDev> = Arc::new(MemDev::from_image("crash-meta", meta_img));
+        let md = match Metadata::open(meta, &self.r.expect) {
+            Ok((md, _)) => md,
+            Err(e) => {
+                self.violations
+                    .push(format!("{what}: metadata open failed: {e}"));
+                return None;
+            }
+        };
+        let bitmap: Vec<bool> = (0..md.nr_regions()).map(|r| md.is_hydrated(r)).collect();
+        if let Some(base) = baseline {
+            if let Some(r) = (0..bitmap.len()).find(|&r| base[r] && !bitmap[r]) {
+                self.violations.push(format!(
+                    "{what}: region {r} was hydrated at an earlier flush point but is not now"
+                ));
+            }
+        }
+        // Hydrated regions must hold acceptable data in the destination image.
+        let img = dest.snapshot();
+        let sectors = self.r.size / SECTOR;
+        let region_sectors = self.r.region_size / SECTOR;
+        for (region, _) in bitmap.iter().enumerate().filter(|(_, h)| **h) {
+            let first = region as u64 * region_sectors;
+            for sec in first..(first + region_sectors).min(sectors) {
+                let got = &img[(sec * SECTOR) as usize..][..SECTOR as usize];
+                if !self.sector_ok(&allowed[sec as usize], sec, got) {
+                    let d = self.describe(&allowed[sec as usize], sec, got);
+                    self.violations.push(format!(
+                        "{what}: hydrated region {region}, destination sector {sec} {d}"
+                    ));
+                    break;
+                }
+            }
+        }
+        // End to end: read everything through a fresh engine on the crash state.
+        self.read_throughs += 1;
+        let mut cfg = EngineConfig::new(self.r.size, self.r.region_size);
+        cfg.knobs.hydration_enabled = false;
+        cfg.hydration_workers = 1;
+        cfg.commit_period = Duration::from_secs(3600);
+        let engine = match Engine::start(Arc::new(md), self.r.source.clone(), dest.clone(), cfg) {
+            Ok(e) => e,
+            Err(e) => {
+                self.violations
+                    .push(format!("{what}: engine start failed: {e}"));
+                return Some(bitmap);
+            }
+        };
+        let path = SyncPath {
+            source: self.r.source.clone(),
+            dest,
+        };
+        let mut buf = vec![0u8; self.r.size as usize];
+        match block_on(engine.read(&path, 0, &mut buf)) {
+            Err(e) => self.violations.push(format!("{what}: read failed: {e}")),
+            Ok(()) => {
+                for sec in 0..sectors {
+                    let got = &buf[(sec * SECTOR) as usize..][..SECTOR as usize];
+                    if !self.sector_ok(&allowed[sec as usize], sec, got) {
+                        let d = self.describe(&allowed[sec as usize], sec, got);
+                        self.violations.push(format!(
+                            "{what}: read through a reopened engine, sector {sec} {d}"
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = engine.shutdown() {
+            self.violations
+                .push(format!("{what}: reopened engine shutdown: {e}"));
+        }
+        Some(bitmap)
+    }
+}
+
+/// Random keep/tear choices for one crash state.
+fn random_choice(rng: &mut StdRng, n: usize) -> (Vec<bool>, Vec<Option<u64>>) {
+    let p = [0.1, 0.5, 0.9][rng.gen_range(0..3)];
+    let keep = (0..n).map(|_| rng.gen_bool(p)).collect();
+    let tear = (0..n)
+        .map(|_| rng.gen_bool(0.3).then(|| rng.gen_range(0..8)))
+        .collect();
+    (keep, tear)
+}
+
+struct Outcome {
+    states: u64,
+    read_throughs: u64,
+    /// Crash-state violations found by the oracle.
+    violations: Vec<String>,
+    /// Reads during the run that did not match the model (not crash related).
+    live_violations: Vec<String>,
+}
+
+/// Records one run of the workload, then checks its crash states.
+fn crash_run(seed: u64, bugs: Bugs, w: &Workload, random_cuts: usize) -> Outcome {
+    let r = crash_rig(48 * 4096 + 1024, 4096, |c| {
+        c.bugs = bugs;
+        c.knobs.rate_bytes_per_sec = w.rate;
+    });
+    let h = run_workload(&r, seed, w);
+    let mut o = Oracle {
+        r: &r,
+        h: &h,
+        src: r.source.snapshot(),
+        seed,
+        states: 0,
+        read_throughs: 0,
+        violations: Vec::new(),
+    };
+    let n = r.log.len();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_c0de);
+    let none = |_: usize| false;
+    let all = |_: usize| true;
+    let whole = |_: usize, s: u64| s;
+    // 1. Every flush point: the state that lost every unflushed write (the baseline for the
+    //    monotonic check), the one that kept them all, and two random ones.
+    let flush_points = r.log.flush_points();
+    let mut baselines: Vec<(usize, Vec<bool>)> = Vec::new();
+    for &cut in &flush_points {
+        let allowed = o.allowed(cut);
+        let prev = baselines.last().map(|(_, b)| b.clone());
+        if let Some(b) = o.check_state(cut, &allowed, &none, &whole, prev.as_deref(), "keep none") {
+            baselines.push((cut, b));
+        }
+        let base = baselines.last().map(|(_, b)| b.clone());
+        o.check_state(cut, &allowed, &all, &whole, base.as_deref(), "keep all");
+        for v in 0..2 {
+            let (keep, tear) = random_choice(&mut rng, n);
+            o.check_state(
+                cut,
+                &allowed,
+                &|i| keep[i],
+                &|i, s| tear[i].map_or(s, |t| t.min(s)),
+                base.as_deref(),
+                &format!("random {v}"),
+            );
+        }
+    }
+    let baseline_at = |cut: usize| {
+        baselines
+            .iter()
+            .rev()
+            .find(|(c, _)| *c <= cut)
+            .map(|(_, b)| b.clone())
+    };
+    // 2. Every FLUSH / FUA completion: what it promised must be there.
+    let mut completions: Vec<usize> = h.flushes.iter().map(|f| f.completed_at).collect();
+    completions.sort_unstable();
+    completions.dedup();
+    for cut in completions {
+        let allowed = o.allowed(cut);
+        let base = baseline_at(cut);
+        o.check_state(
+            cut,
+            &allowed,
+            &none,
+            &whole,
+            base.as_deref(),
+            "FLUSH done, keep none",
+        );
+        let (keep, tear) = random_choice(&mut rng, n);
+        o.check_state(
+            cut,
+            &allowed,
+            &|i| keep[i],
+            &|i, s| tear[i].map_or(s, |t| t.min(s)),
+            base.as_deref(),
+            "FLUSH done, random",
+        );
+    }
+    // 3. Random cuts with random subsets of the unflushed writes lost or torn.
+    for _ in 0..random_cuts {
+        let cut = rng.gen_range(0..=n);
+        let allowed = o.allowed(cut);
+        let base = baseline_at(cut);
+        let (keep, tear) = random_choice(&mut rng, n);
+        o.check_state(
+            cut,
+            &allowed,
+            &|i| keep[i],
+            &|i, s| tear[i].map_or(s, |t| t.min(s)),
+            base.as_deref(),
+            "random cut",
+        );
+    }
+    eprintln!(
+        "seed {seed}: {} log entries, {} flush points, {} FLUSH/FUA, {} writes, {} states",
+        n,
+        flush_points.len(),
+        h.flushes.len(),
+        h.writes.len(),
+        o.states
+    );
+    Outcome {
+        states: o.states,
+        read_throughs: o.read_throughs,
+        violations: o.violations,
+        live_violations: h.live_violations.clone(),
+    }
+}
+
+fn long_mode() -> bool {
+    std::env::var("UBLK_CLONE_CRASH_LONG").is_ok_and(|v| v == "1")
+}
+
+#[test]
+fn crash_states_of_random_workloads_are_consistent() {
+    let start = Instant::now();
+    let seeds = if long_mode() { 0..60 } else { 0..6 };
+    let (mut states, mut reads, mut violations) = (0, 0, Vec::new());
+    for seed in seeds {
+        let w = Workload::for_seed(seed, 3, 100);
+        let o = crash_run(seed, Bugs::default(), &w, 200);
+        states += o.states;
+        reads += o.read_throughs;
+        violations.extend(o.violations);
+        violations.extend(o.live_violations);
+    }
+    eprintln!(
+        "crash oracle: {states} crash states checked ({reads} read through a reopened engine), \
+         {} violations, {:.1} s{}",
+        violations.len(),
+        start.elapsed().as_secs_f64(),
+        if long_mode() { " (long mode)" } else { "" }
+    );
+    assert!(
+        violations.is_empty(),
+        "{} violations, first: {:#?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+}
+
+/// Runs a broken engine over fixed seeds; the oracle must report violations.
+fn assert_caught(name: &str, bugs: Bugs) {
+    let mut found = Vec::new();
+    for seed in 0..2 {
+        let w = Workload::for_seed(seed, 3, 40);
+        found.extend(crash_run(seed, bugs, &w, 20).violations);
+    }
+    eprintln!(
+        "{name}: {} violations, first: {:?}",
+        found.len(),
+        found.first()
+    );
+    assert!(
+        !found.is_empty(),
+        "the crash oracle did not catch {name} (live read mismatches do not count)"
+    );
+}
+
+#[test]
+fn crash_oracle_catches_commit_before_destination_flush() {
+    assert_caught(
+        "commit before the destination flush",
+        Bugs {
+            commit_before_dest_flush: true,
+            ..Bugs::default()
+        },
+    );
+}
+
+#[test]
+fn crash_oracle_catches_bit_set_before_copy() {
+    assert_caught(
+        "bit set before the copy completed",
+        Bugs {
+            bit_before_copy: true,
+            ..Bugs::default()
+        },
+    );
+}
+
+#[test]
+fn crash_oracle_catches_flush_without_covering_destination_flush() {
+    assert_caught(
+        "FLUSH completed without a covering destination flush",
+        Bugs {
+            flush_joins_old_commit: true,
+            ..Bugs::default()
+        },
+    );
+}
