@@ -14,29 +14,49 @@ use ublk_clone::io::BlockDev;
 use ublk_clone::metadata::{Expect, FormatParams, Metadata};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let mib: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(1024);
     let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let src = dir.path().join("source");
     // Incompressible source data, written once.
     let status = Command::new("dd")
-        .args(["if=/dev/urandom", &format!("of={}", src.display()), "bs=4M", &format!("count={}", mib / 4), "status=none"])
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", src.display()),
+            "bs=4M",
+            &format!("count={}", mib / 4),
+            "status=none",
+        ])
         .status()?;
     anyhow::ensure!(status.success(), "dd could not create the source");
     let _ = Command::new("sync").status();
     let (mut dd_t, mut clone_t) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let t = time_dd(&src, &dir.path().join("dd-dest"))?;
-        println!("round {round}: dd {:.2} s ({:.0} MiB/s)", t.as_secs_f64(), mib as f64 / t.as_secs_f64());
+        println!(
+            "round {round}: dd {:.2} s ({:.0} MiB/s)",
+            t.as_secs_f64(),
+            mib as f64 / t.as_secs_f64()
+        );
         dd_t.push(t);
         let t = time_hydration(&src, dir.path(), mib)?;
-        println!("round {round}: ublk-clone hydration {:.2} s ({:.0} MiB/s)", t.as_secs_f64(), mib as f64 / t.as_secs_f64());
+        println!(
+            "round {round}: ublk-clone hydration {:.2} s ({:.0} MiB/s)",
+            t.as_secs_f64(),
+            mib as f64 / t.as_secs_f64()
+        );
         clone_t.push(t);
     }
     dd_t.sort();
     clone_t.sort();
-    let (d, c) = (dd_t[rounds / 2].as_secs_f64(), clone_t[rounds / 2].as_secs_f64());
+    let (d, c) = (
+        dd_t[rounds / 2].as_secs_f64(),
+        clone_t[rounds / 2].as_secs_f64(),
+    );
     println!(
         "median: dd {:.0} MiB/s, hydration {:.0} MiB/s, ratio hydration/dd = {:.2}x (target >= 0.9x)",
         mib as f64 / d,
@@ -50,7 +70,14 @@ fn time_dd(src: &Path, dst: &Path) -> anyhow::Result<Duration> {
     let _ = std::fs::remove_file(dst);
     let t0 = Instant::now();
     let status = Command::new("dd")
-        .args([&format!("if={}", src.display()), &format!("of={}", dst.display()), "bs=4M", "iflag=direct", "oflag=direct", "status=none"])
+        .args([
+            &format!("if={}", src.display()),
+            &format!("of={}", dst.display()),
+            "bs=4M",
+            "iflag=direct",
+            "oflag=direct",
+            "status=none",
+        ])
         .status()?;
     anyhow::ensure!(status.success(), "dd failed");
     let t = t0.elapsed();
@@ -68,8 +95,15 @@ fn time_hydration(src: &Path, dir: &Path, mib: u64) -> anyhow::Result<Duration> 
     let dest = Arc::new(FileDev::open(&dst, Access::ReadWrite, true)?);
     let md_dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(&meta, Access::ReadWrite, true)?);
     let region = 64 << 10;
-    Metadata::format(md_dev.clone(), &FormatParams::from_devices(source.as_ref(), dest.as_ref(), region)?, true)?;
-    let (md, _) = Metadata::open(md_dev, &Expect::from_devices(source.as_ref(), dest.as_ref())?)?;
+    Metadata::format(
+        md_dev.clone(),
+        &FormatParams::from_devices(source.as_ref(), dest.as_ref(), region)?,
+        true,
+    )?;
+    let (md, _) = Metadata::open(
+        md_dev,
+        &Expect::from_devices(source.as_ref(), dest.as_ref())?,
+    )?;
     let cfg = EngineConfig::new(source.size(), region);
     let t0 = Instant::now();
     let engine = Engine::start(Arc::new(md), source, dest, cfg).map_err(anyhow::Error::msg)?;

@@ -33,6 +33,8 @@ enum Command {
     Check(cli::metadata::CheckArgs),
     /// Print the superblocks and hydrated region ranges as JSON.
     Dump(cli::metadata::DumpArgs),
+    /// Leave the read-only/fail mode recorded after an I/O failure (explicit operator action).
+    ResetMode(cli::metadata::ResetModeArgs),
 }
 
 fn done(r: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Format(a) => cli::metadata::run_format(a),
         Command::Check(a) => cli::metadata::run_check(a),
         Command::Dump(a) => cli::metadata::run_dump(a),
+        Command::ResetMode(a) => cli::metadata::run_reset_mode(a),
     };
     match result {
         Ok(code) => code,

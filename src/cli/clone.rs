@@ -182,10 +182,12 @@ fn open_or_format(
     if report.mode != MetadataMode::ReadWrite {
         bail!(
             "--metadata {}: the clone is in {} mode after an earlier failure ({}); \
-             check the devices, then reformat with --force or repair it",
+             check the devices, then run `ublk-clone reset-mode {}` to accept possible loss of \
+             writes after the last commit (or reformat with --force)",
             a.metadata.display(),
             report.mode,
-            report.mode_reason
+            report.mode_reason,
+            a.metadata.display()
         );
     }
     Ok(md)

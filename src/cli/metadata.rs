@@ -108,3 +108,39 @@ pub fn run_dump(args: &DumpArgs) -> Result<ExitCode> {
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args, Debug)]
+pub struct ResetModeArgs {
+    /// Metadata device or file of a clone left read-only or failed by an earlier error.
+    pub metadata: PathBuf,
+}
+
+/// The explicit operator action that leaves a degraded (read-only / fail) mode. Data written
+/// after the last successful commit may have been lost when the failure happened; the user
+/// takes responsibility for that by running this.
+pub fn run_reset_mode(args: &ResetModeArgs) -> Result<ExitCode> {
+    let dev: Arc<dyn BlockDev> = Arc::new(
+        FileDev::open(&args.metadata, Access::ReadWrite, false)
+            .with_context(|| format!("cannot open {}", args.metadata.display()))?,
+    );
+    let (md, report) = Metadata::open(dev, &metadata::Expect::default())?;
+    if report.mode == metadata::MetadataMode::ReadWrite {
+        println!(
+            "{}: already in read-write mode; nothing to do",
+            args.metadata.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    md.persist_mode(
+        metadata::MetadataMode::ReadWrite,
+        &format!("reset by the operator after: {}", report.mode_reason),
+    )?;
+    println!(
+        "{}: mode {} ({}) reset to read-write; writes acknowledged after the last commit before \
+         that failure may be lost",
+        args.metadata.display(),
+        report.mode,
+        report.mode_reason
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -357,6 +357,16 @@ fn destination_flush_failure_is_sticky_read_only() {
     assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
     assert_eq!(buf, [3; 512]);
     assert!(r.engine.status().mode_reason.contains("cache died"));
+    // The mode and its reason survive a restart: reopen the metadata as the daemon would.
+    let reopened: Arc<dyn BlockDev> = Arc::new(MemDev::from_image("meta-after", r.meta.durable()));
+    let (_, report) =
+        Metadata::open(reopened, &crate::metadata::Expect::default()).expect("reopen");
+    assert_eq!(report.mode, crate::metadata::MetadataMode::ReadOnly);
+    assert!(
+        report.mode_reason.contains("cache died"),
+        "reason: {}",
+        report.mode_reason
+    );
 }
 
 #[test]
