@@ -1,0 +1,228 @@
+//! CLI contract tests on the host (no ublk needed): help, bad options, missing files, wrong
+//! sizes, another clone's metadata, corrupt metadata. Each bad input must fail with a message
+//! naming the problem, a non-zero exit, and nothing written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ublk-clone")
+}
+
+fn run(args: &[&str]) -> Output {
+    match Command::new(bin()).args(args).output() {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run {}: {e}", bin()),
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout)
+}
+
+fn file(dir: &Path, name: &str, size: u64, fill: u8) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, vec![fill; size as usize]).expect("write test file");
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for sub in [
+        "create",
+        "list",
+        "status",
+        "set",
+        "stop",
+        "format",
+        "check",
+        "dump",
+        "reset-mode",
+    ] {
+        assert!(text.contains(sub), "--help does not mention {sub}");
+    }
+}
+
+#[test]
+fn bad_option_is_rejected() {
+    let o = run(&["create", "--frobnicate"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--frobnicate"));
+}
+
+#[test]
+fn create_rejects_bad_input_before_writing_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = file(dir.path(), "src", 1 << 20, 0x5a);
+    let dst = file(dir.path(), "dst", 1 << 20, 0);
+    let small = file(dir.path(), "small", 1 << 19, 0);
+    let meta = file(dir.path(), "meta", 1 << 20, 0);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--source",
+                "/nonexistent/src",
+                "--dest",
+                s(&dst),
+                "--metadata",
+                s(&meta),
+            ],
+            "no such file",
+        ),
+        (
+            vec![
+                "--source",
+                s(&src),
+                "--dest",
+                s(&small),
+                "--metadata",
+                s(&meta),
+            ],
+            "smaller than the source",
+        ),
+        (
+            vec![
+                "--source",
+                s(&src),
+                "--dest",
+                s(&dst),
+                "--metadata",
+                s(&meta),
+                "--region-size",
+                "3K",
+            ],
+            "power of two",
+        ),
+        (
+            vec![
+                "--source",
+                s(&src),
+                "--dest",
+                s(&dst),
+                "--metadata",
+                s(&meta),
+                "--region-size",
+                "4Q",
+            ],
+            "suffix",
+        ),
+        (
+            vec![
+                "--source",
+                s(&src),
+                "--dest",
+                s(&dst),
+                "--metadata",
+                s(&meta),
+                "--depth",
+                "0",
+            ],
+            "depth",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["create"];
+        full.extend(args.iter().copied());
+        let o = run(&full);
+        assert!(!o.status.success(), "{full:?} succeeded");
+        assert!(
+            stderr(&o).contains(want),
+            "{full:?}: '{}' does not mention '{want}'",
+            stderr(&o)
+        );
+        assert!(
+            std::fs::read(&meta).expect("meta").iter().all(|b| *b == 0),
+            "{full:?} wrote metadata"
+        );
+        assert!(
+            std::fs::read(&dst).expect("dst").iter().all(|b| *b == 0),
+            "{full:?} wrote the destination"
+        );
+    }
+}
+
+#[test]
+fn format_check_dump_and_refusals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = file(dir.path(), "src", 1 << 20, 0x5a);
+    let src2 = file(dir.path(), "src2", 1 << 20, 0xa5);
+    let dst = file(dir.path(), "dst", 1 << 20, 0);
+    let meta = file(dir.path(), "meta", 1 << 20, 0);
+    let fmt = |source: &Path, force: bool| {
+        let mut a = vec![
+            "format",
+            "--metadata",
+            s(&meta),
+            "--source",
+            s(source),
+            "--dest",
+            s(&dst),
+            "--region-size",
+            "4K",
+        ];
+        if force {
+            a.push("--force");
+        }
+        run(&a)
+    };
+    assert!(fmt(&src, false).status.success());
+    let check = run(&["check", s(&meta)]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    let dump = run(&["dump", s(&meta)]);
+    assert!(dump.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("dump is JSON");
+    assert!(v.to_string().contains("4096"), "dump shows the region size");
+
+    // Formatting over an existing clone is refused without --force, and writes nothing.
+    let before = std::fs::read(&meta).expect("meta");
+    let again = fmt(&src2, false);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+    assert_eq!(std::fs::read(&meta).expect("meta"), before);
+
+    // Another source against this metadata is refused by `create` (before any ublk work).
+    let other = run(&[
+        "create",
+        "--source",
+        s(&src2),
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+    ]);
+    assert!(!other.status.success());
+    assert!(stderr(&other).contains("--force"), "{}", stderr(&other));
+    assert_eq!(
+        std::fs::read(&meta).expect("meta"),
+        before,
+        "refused create wrote metadata"
+    );
+
+    // A flipped bit is found by check (exit 1) and `dump` still works or fails clearly.
+    let mut bytes = before.clone();
+    bytes[4096 * 2 + 100] ^= 0x10;
+    std::fs::write(&meta, &bytes).expect("corrupt");
+    let check = run(&["check", s(&meta)]);
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    // Missing metadata: exit 2.
+    assert_eq!(run(&["check", "/nonexistent/meta"]).status.code(), Some(2));
+    // reset-mode on a healthy read-write clone is a no-op.
+    std::fs::write(&meta, &before).expect("restore");
+    let reset = run(&["reset-mode", s(&meta)]);
+    assert!(reset.status.success(), "{}", stderr(&reset));
+    assert!(stderr(&reset).contains("nothing to do"));
+}
+
+#[test]
+fn status_of_an_unknown_device_names_it() {
+    let o = run(&["status", "/dev/ublkb4242"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ublkb4242"));
+}
