@@ -120,7 +120,7 @@ fs_test() { # SIZE_MB MKFS FSCK...
   [ "$(sha256sum <"$WORK/mnt/big")" = "$sha" ] || fail "file content changed across remount"
   umount "$WORK/mnt"
   "$BIN" set "$dev" --rate 0
-  wait_hydrated "$dev" 120
+  wait_hydrated "$dev" 400
   dd if="$dev" of="$WORK/shown" bs=1M iflag=direct status=none
   stop "$dev"
   cmp -n "$(stat -c %s "$WORK/src")" "$WORK/dst" "$WORK/shown" || fail "destination differs from what the clone showed"
@@ -161,8 +161,13 @@ test_stop_and_restart_resumes() {
   dev=$(create --region-size 64K --rate 8M)
   head -c 1M /dev/urandom >"$WORK/w"
   dd if="$WORK/w" of="$dev" bs=1M seek=7 oflag=direct conv=notrunc,fsync status=none
-  sleep 1.5 # let some background hydration happen (progress is what we check below)
-  h1=$(status_json "$dev" | json_field hydrated)
+  # Wait until background hydration made progress beyond the written megabyte.
+  for ((i = 0; i < 600; i++)); do
+    h1=$(status_json "$dev" | json_field hydrated)
+    [ "$h1" -gt 24 ] && break
+    sleep 0.1
+  done
+  [ "$h1" -gt 24 ] || fail "no background hydration progress"
   stop "$dev"
   dev=$(create --region-size 64K --no-hydration)
   h2=$(status_json "$dev" | json_field hydrated)
@@ -170,7 +175,7 @@ test_stop_and_restart_resumes() {
   cmp <(dd if="$dev" bs=1M skip=7 count=1 iflag=direct status=none) "$WORK/w" || fail "written data lost across restart"
   cmp -n $((7 << 20)) "$dev" "$WORK/src" || fail "unwritten data differs from the source after restart"
   "$BIN" set "$dev" --hydration true
-  wait_hydrated "$dev" 60
+  wait_hydrated "$dev" 300
   stop "$dev"
 }
 
