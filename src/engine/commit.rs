@@ -146,6 +146,10 @@ impl Engine {
         self.stats
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Everything hydrated and now committed: the bitmap is no longer needed in memory.
+        if self.is_fully_hydrated() && self.md.release_bitmap_if_complete() {
+            log::info!("hydration complete and committed: in-core bitmap released");
+        }
         Ok(())
     }
 

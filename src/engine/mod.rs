@@ -206,6 +206,8 @@ pub struct Status {
     pub flushes: u64,
     pub bytes_hydrated: u64,
     pub hydration_rate_bytes_per_sec: u64,
+    /// Memory held by the in-core bitmap (released once hydration is complete and committed).
+    pub bitmap_bytes: u64,
     pub knobs: Knobs,
 }
 
@@ -428,6 +430,7 @@ impl Engine {
             flushes: self.stats.flushes.load(Ordering::Relaxed),
             bytes_hydrated: bytes,
             hydration_rate_bytes_per_sec: rate,
+            bitmap_bytes: self.md.in_core_bytes(),
             knobs: self.knobs(),
         }
     }

@@ -516,6 +516,15 @@ fn background_hydration_completes_and_switches_to_pass_through() {
         &r.dest.snapshot()[..size as usize],
         &r.source.snapshot()[..]
     );
+    // Once that state is committed, the in-core bitmap is released (dm-clone keeps it).
+    let before = r.engine.status().bitmap_bytes;
+    assert_eq!(block_on(r.engine.flush()), Ok(()));
+    let after = r.engine.status().bitmap_bytes;
+    assert!(
+        after < before && after <= 64,
+        "bitmap not released: {before} -> {after} bytes"
+    );
+    assert_eq!(r.engine.status().hydrated, r.engine.status().regions);
     // Pass-through: reads no longer touch the source.
     r.source.set_fault(Some(Arc::new(|_: &Op| {
         Some(io::Error::other("source gone"))

@@ -134,13 +134,14 @@ impl Metadata {
         let uuid = state.sb.uuid;
         let mut hydrated = state.sb.hydrated;
         let mut blocks = Vec::with_capacity(indices.len());
+        let core_words = core.words.read();
         for index in indices {
             let live = state.live[index as usize];
             debug_assert!(live.generation < generation);
             let slot = 1 - live.slot;
             let mut image = vec![0u8; BLOCK_SIZE];
             let first = index as usize * WORDS_PER_BITMAP_BLOCK;
-            let words = core.words[first..first + WORDS_PER_BITMAP_BLOCK]
+            let words = core_words[first..first + WORDS_PER_BITMAP_BLOCK]
                 .iter()
                 .map(|w| w.load(Ordering::SeqCst));
             let mut count = 0u32;

@@ -74,7 +74,10 @@ pub fn hydrated_ranges(md: &Metadata) -> Vec<[u64; 2]> {
     let mut out: Vec<[u64; 2]> = Vec::new();
     let mut start: Option<u64> = None;
     let nr = md.nr_regions();
-    for (w, word) in md.core.words.iter().enumerate() {
+    if md.core.released.load(Ordering::Acquire) {
+        return vec![[0, nr]];
+    }
+    for (w, word) in md.core.words.read().iter().enumerate() {
         let base = w as u64 * 64;
         if base >= nr {
             break;

@@ -228,8 +228,11 @@ pub(crate) struct Core {
     pub writable: bool,
     pub nr_regions: u64,
     pub nr_bitmap_blocks: u64,
-    /// In-core bitmap: `nr_bitmap_blocks * WORDS_PER_BITMAP_BLOCK` words.
-    pub words: Vec<AtomicU64>,
+    /// In-core bitmap: `nr_bitmap_blocks * WORDS_PER_BITMAP_BLOCK` words. Emptied (and
+    /// `released` set) once every region is hydrated and committed: from then on every
+    /// region reads as hydrated without a lookup (dm-clone known issue #2).
+    pub words: parking_lot::RwLock<Vec<AtomicU64>>,
+    pub released: AtomicBool,
     /// One bit per bitmap block changed since the last freeze.
     pub dirty: Vec<AtomicU64>,
     /// Bits set in `words`.
@@ -646,7 +649,8 @@ impl Metadata {
             writable,
             nr_regions,
             nr_bitmap_blocks: nbb,
-            words: words.into_iter().map(AtomicU64::new).collect(),
+            words: parking_lot::RwLock::new(words.into_iter().map(AtomicU64::new).collect()),
+            released: AtomicBool::new(false),
             dirty: (0..nbb.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             hydrated: AtomicU64::new(hydrated),
             committing: AtomicBool::new(false),
@@ -813,16 +817,21 @@ impl Metadata {
     /// Whether `region` is hydrated in core. Regions beyond the end read as not hydrated.
     pub fn is_hydrated(&self, region: u64) -> bool {
         region < self.core.nr_regions
-            && self.core.words[(region / 64) as usize].load(Ordering::SeqCst) & (1 << (region % 64))
-                != 0
+            && (self.core.released.load(Ordering::Acquire)
+                || self.core.words.read()[(region / 64) as usize].load(Ordering::SeqCst)
+                    & (1 << (region % 64))
+                    != 0)
     }
 
     /// The first region at or after `from` that is not hydrated.
     pub fn next_unhydrated(&self, from: u64) -> Option<u64> {
+        if self.core.released.load(Ordering::Acquire) {
+            return None;
+        }
+        let words = self.core.words.read();
         let mut r = from;
         while r < self.core.nr_regions {
-            let w = self.core.words[(r / 64) as usize].load(Ordering::SeqCst)
-                | ((1u64 << (r % 64)) - 1);
+            let w = words[(r / 64) as usize].load(Ordering::SeqCst) | ((1u64 << (r % 64)) - 1);
             if w != !0 {
                 let candidate = (r / 64) * 64 + (!w).trailing_zeros() as u64;
                 return (candidate < self.core.nr_regions).then_some(candidate);
@@ -849,6 +858,11 @@ impl Metadata {
                 region: first.saturating_add(count.saturating_sub(1)),
                 nr_regions: core.nr_regions,
             })?;
+        if core.released.load(Ordering::Acquire) {
+            // Everything is hydrated and committed already.
+            return Ok(());
+        }
+        let words = core.words.read();
         let mut r = first;
         while r < end {
             let bit = r % 64;
@@ -861,7 +875,7 @@ impl Metadata {
             let w = (r / 64) as usize;
             // Order matters: the bit first, then the dirty mark. A commit that sees the dirty
             // mark (swap in begin_commit) therefore also sees the bit when it copies the words.
-            let old = core.words[w].fetch_or(mask, Ordering::SeqCst);
+            let old = words[w].fetch_or(mask, Ordering::SeqCst);
             let new = mask & !old;
             if new != 0 {
                 core.hydrated
@@ -873,9 +887,29 @@ impl Metadata {
         Ok(())
     }
 
+    /// Drops the in-core bitmap once every region is hydrated and that state is committed
+    /// (nothing dirty). Returns whether the bitmap is released now.
+    pub fn release_bitmap_if_complete(&self) -> bool {
+        if self.core.released.load(Ordering::Acquire) {
+            return true;
+        }
+        // Under the write lock no setter is between its bit and its dirty mark, and checking
+        // `committing` excludes a commit between its freeze and its image copy.
+        let mut words = self.core.words.write();
+        if self.core.committing.load(Ordering::SeqCst)
+            || self.nr_committed_hydrated() != self.core.nr_regions
+            || self.is_dirty()
+        {
+            return false;
+        }
+        self.core.released.store(true, Ordering::Release);
+        *words = Vec::new();
+        true
+    }
+
     /// Bytes of memory used by the in-core bitmap and dirty set.
     pub fn in_core_bytes(&self) -> u64 {
-        (self.core.words.len() + self.core.dirty.len()) as u64 * 8
+        (self.core.words.read().len() + self.core.dirty.len()) as u64 * 8
             + self.core.state.lock().live.len() as u64 * std::mem::size_of::<LiveSlot>() as u64
     }
 }

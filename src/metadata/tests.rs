@@ -38,6 +38,7 @@ fn formatted(nr_regions: u64) -> Result<Arc<MemDev>> {
 fn words_of(md: &Metadata) -> Vec<u64> {
     md.core
         .words
+        .read()
         .iter()
         .map(|w| w.load(Ordering::SeqCst))
         .collect()

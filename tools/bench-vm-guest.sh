@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Guest half of tools/bench-vm.sh.
+set -euo pipefail
+bin=$1 rublk=$2 rounds=$3 runtime=$4
+modprobe ublk_drv
+w=$(mktemp -d /dev/shm/bench.XXXXXX)
+size=256M
+head -c $size /dev/urandom >"$w/src"
+cp "$w/src" "$w/hyd-src"; truncate -s $size "$w/hyd-dst"; truncate -s 4M "$w/hyd-meta"
+cp "$w/src" "$w/un-src"; truncate -s $size "$w/un-dst"; truncate -s 4M "$w/un-meta"
+cp "$w/src" "$w/peer"; cp "$w/src" "$w/kloop"
+
+hyd=$("$bin" create --source "$w/hyd-src" --dest "$w/hyd-dst" --metadata "$w/hyd-meta" --region-size 64K)
+"$bin" status "$hyd" --watch >/dev/null
+un=$("$bin" create --source "$w/un-src" --dest "$w/un-dst" --metadata "$w/un-meta" --region-size 64K --no-hydration)
+"$rublk" add loop -f "$w/peer" --buffered-io -q "$(nproc)" -d 128 >"$w/rublk.out" 2>&1
+peer=$(ls -d /dev/ublkb* | sort -V | tail -n1)
+kl=$(losetup -f --show "$w/kloop")
+for d in "$hyd" "$un" "$peer" "$kl"; do echo none >/sys/block/$(basename "$d")/queue/scheduler 2>/dev/null || true; done
+echo "devices: ublk-clone hydrated $hyd, ublk-clone unhydrated $un, rublk loop $peer, kernel loop $kl"
+
+profile_args() {
+  case $1 in
+    randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    seqwrite) echo "--rw=write --bs=1M --iodepth=8" ;;
+    fsync) echo "--rw=randwrite --bs=4k --iodepth=1 --fdatasync=1" ;;
+  esac
+}
+run_fio() { # DEV PROFILE -> prints IOPS
+  fio --name=b --filename="$1" --ioengine=io_uring --direct=1 $(profile_args "$2") \
+      --runtime="$runtime" --time_based --size=192M --output-format=json 2>/dev/null \
+    | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"],1))'
+}
+declare -A res
+for ((r = 0; r < rounds; r++)); do
+  for p in randread seqwrite fsync; do
+    for t in hyd un peer kl; do
+      case $t in hyd) d=$hyd ;; un) d=$un ;; peer) d=$peer ;; kl) d=$kl ;; esac
+      v=$(run_fio "$d" "$p")
+      res[$t.$p]+="$v "
+      echo "round $r $p $t: $v IOPS"
+    done
+  done
+done
+python3 - "${res[@]@K}" <<'PY'
+import sys, statistics, shlex
+toks = shlex.split(" ".join(sys.argv[1:]))
+d = {toks[i]: [float(x) for x in toks[i + 1].split()] for i in range(0, len(toks), 2)}
+names = {"hyd": "ublk-clone (hydrated)", "un": "ublk-clone (unhydrated)", "peer": "rublk loop", "kl": "kernel loop"}
+for p, target in [("randread", 0.95), ("seqwrite", 0.95), ("fsync", 0.8)]:
+    med = {t: statistics.median(d[f"{t}.{p}"]) for t in names}
+    print(f"{p}: " + ", ".join(f"{names[t]} {med[t]:.0f}" for t in names) + " IOPS (medians)")
+    for t in ("hyd", "un"):
+        print(f"  ratio {names[t]} / rublk loop = {med[t] / med['peer']:.2f}x (target >= {target}x for hydrated);"
+              f" / kernel loop = {med[t] / med['kl']:.2f}x")
+PY
+"$bin" stop "$hyd"; "$bin" stop "$un"; "$rublk" del -a >/dev/null 2>&1 || true; losetup -d "$kl"
+rm -rf "$w"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Benchmark (issue 4): ublk-clone over hydrated and over unhydrated regions, rublk's loop
+# target (benchmark peer only, never a dependency) and the kernel loop device, on the same
+# kind of backing file, in ONE guest boot, side by side and interleaved over several rounds.
+# Prints per-run figures and ratios of medians. Absolute numbers under TCG mean little.
+#
+# Usage: tools/bench-vm.sh [ROUNDS] [RUNTIME_S]     (host side; installs rublk if missing)
+# Backing files live on a tmpfs inside the guest, so the figures compare the block servers,
+# not the disk (all servers therefore use buffered I/O on their backing files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+runtime=${2:-6}
+peer_root=${RUBLK_ROOT:-/opt/rublk-peer}
+if [ ! -x "$peer_root/bin/rublk" ]; then
+  echo "installing the benchmark peer rublk into $peer_root (cargo install, a few minutes)"
+  cargo install --quiet --locked rublk --root "$peer_root" || cargo install --quiet rublk --root "$peer_root"
+fi
+cargo build --release --bins --quiet
+exec tools/vm-run --mem 3G -- tools/bench-vm-guest.sh "$(pwd)/target/release/ublk-clone" "$peer_root/bin/rublk" "$rounds" "$runtime"
