@@ -15,8 +15,9 @@
 //! engine to read-only (or fail) mode before the epoch is marked complete, and in those modes
 //! every FLUSH and FUA reports EIO, so no later FLUSH can claim lost data is safe.
 
-use super::{Engine, Mode};
+use super::{DataPath, Engine, IoError, Mode};
 use crate::metadata;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
@@ -46,33 +47,76 @@ impl Engine {
         epoch
     }
 
-    /// FLUSH semantics: returns once a destination flush (and metadata commit, if anything
-    /// changed) that started after this call has completed, or EIO if the engine is not in
-    /// read-write mode (now or after that commit).
-    pub async fn flush(&self) -> Result<(), super::IoError> {
-        self.stats
-            .flushes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// FLUSH: returns once a destination flush that started after this call has completed
+    /// and every region bit set before this call is durable, or EIO if the engine is not (or
+    /// no longer) in read-write mode.
+    ///
+    /// Fast path: when no bit is waiting for a commit (nothing dirty and no commit in flight,
+    /// checked under the commit lock, so no freeze can slip in), only the destination needs a
+    /// flush, issued right here on the caller's data path. Otherwise the FLUSH joins the next
+    /// group commit.
+    pub async fn flush<P: DataPath>(&self, p: &P) -> Result<(), IoError> {
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         if self.mode() != Mode::ReadWrite {
-            return Err(super::IoError::eio(
+            return Err(IoError::eio(
                 "the device is not in read-write mode; FLUSH refused",
             ));
         }
+        let nothing_to_commit = {
+            let st = self.commit_state.lock();
+            st.started == st.completed && !self.md.is_dirty()
+        };
+        // BUG (test only): take the fast path even when bits wait for a commit.
+        #[cfg(test)]
+        let nothing_to_commit = nothing_to_commit || self.config.bugs.fast_flush_ignores_dirty;
+        if !nothing_to_commit {
+            return self.commit_flush_inner().await;
+        }
+        if let Err(e) = p.flush_dest().await {
+            // Never retried: a later flush may "succeed" without the lost data (seed 004).
+            self.degrade(Mode::ReadOnly, &format!("destination flush failed: {e}"));
+            // Let the commit thread persist the mode before answering.
+            let epoch = self.request_commit();
+            self.commit_done
+                .wait_until(|| self.commit_state.lock().completed >= epoch)
+                .await;
+            return Err(IoError::eio(format!("destination flush failed: {e}")));
+        }
+        match self.mode() {
+            Mode::ReadWrite => Ok(()),
+            _ => Err(IoError::eio(
+                "the device left read-write mode during the FLUSH",
+            )),
+        }
+    }
+
+    /// FLUSH through a group commit (always a commit-thread destination flush).
+    pub async fn commit_flush(&self) -> Result<(), IoError> {
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        if self.mode() != Mode::ReadWrite {
+            return Err(IoError::eio(
+                "the device is not in read-write mode; FLUSH refused",
+            ));
+        }
+        self.commit_flush_inner().await
+    }
+
+    async fn commit_flush_inner(&self) -> Result<(), IoError> {
         let epoch = self.request_commit();
         self.commit_done
             .wait_until(|| self.commit_state.lock().completed >= epoch)
             .await;
         match self.mode() {
             Mode::ReadWrite => Ok(()),
-            _ => Err(super::IoError::eio(
+            _ => Err(IoError::eio(
                 "commit failed; the device left read-write mode",
             )),
         }
     }
 
     /// Blocking FLUSH for engine threads and tools (never called on a queue thread).
-    pub fn flush_blocking(&self) -> Result<(), super::IoError> {
-        futures_lite::future::block_on(self.flush())
+    pub fn flush_blocking(&self) -> Result<(), IoError> {
+        futures_lite::future::block_on(self.commit_flush())
     }
 
     pub(super) fn commit_thread(&self) {
@@ -100,7 +144,10 @@ impl Engine {
             };
             let result = self.commit_once();
             if let Err(e) = result {
-                self.enter_degraded(Mode::ReadOnly, &format!("commit failed: {e}"));
+                self.degrade(Mode::ReadOnly, &format!("commit failed: {e}"));
+            }
+            if self.mode_unpersisted.swap(false, Ordering::AcqRel) {
+                self.persist_mode();
             }
             {
                 let mut st = self.commit_state.lock();
@@ -175,24 +222,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Switches to a degraded mode (never back), persisting it when the metadata device
-    /// still works; if even that fails the engine goes to fail mode.
-    pub(super) fn enter_degraded(&self, mode: Mode, reason: &str) {
+    /// Switches to a degraded mode (never back) in memory, at once, so that no later FLUSH
+    /// can succeed; the commit thread persists it (`persist_mode`).
+    pub(super) fn degrade(&self, mode: Mode, reason: &str) {
         let mut cur = self.mode.lock();
         if cur.0 >= mode {
             return;
         }
         log::error!("switching to {} mode: {reason}", mode.name());
         *cur = (mode, reason.to_string());
+        self.mode_unpersisted.store(true, Ordering::Release);
+        self.commit_cv.notify_one();
+    }
+
+    /// Records the current mode in the metadata (commit thread only: it must not race a
+    /// commit). If even that fails, the engine goes to fail mode.
+    fn persist_mode(&self) {
+        let (mode, reason) = self.mode.lock().clone();
         let md_mode = match mode {
             Mode::ReadWrite => metadata::MetadataMode::ReadWrite,
             Mode::ReadOnly => metadata::MetadataMode::ReadOnly,
             Mode::Fail => metadata::MetadataMode::Fail,
         };
-        if let Err(e) = self.md.persist_mode(md_mode, reason) {
+        if let Err(e) = self.md.persist_mode(md_mode, &reason) {
             let reason = format!("{reason}; persisting the mode failed too: {e}");
             log::error!("switching to fail mode: {reason}");
-            *cur = (Mode::Fail, reason);
+            *self.mode.lock() = (Mode::Fail, reason);
         }
     }
 }

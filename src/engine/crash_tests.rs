@@ -262,7 +262,7 @@ fn run_workload(r: &CrashRig, seed: u64, w: &Workload) -> History {
                         }
                         _ => {
                             let issue_t = clock.fetch_add(1, Ordering::SeqCst);
-                            assert_eq!(block_on(r.engine.flush()), Ok(()));
+                            assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
                             let completed_at = r.log.len();
                             history.lock().flushes.push(FlushRec {
                                 issue_t,
@@ -690,6 +690,17 @@ fn crash_oracle_catches_flush_without_covering_destination_flush() {
         "FLUSH completed without a covering destination flush",
         Bugs {
             flush_joins_old_commit: true,
+            ..Bugs::default()
+        },
+    );
+}
+
+#[test]
+fn crash_oracle_catches_fast_flush_that_skips_a_needed_commit() {
+    assert_caught(
+        "FLUSH fast path taken while region bits wait for a commit",
+        Bugs {
+            fast_flush_ignores_dirty: true,
             ..Bugs::default()
         },
     );

@@ -136,6 +136,8 @@ pub(crate) struct Bugs {
     /// A FLUSH joins the commit already in flight (or none at all) instead of waiting for
     /// one that starts after it arrived, so it can complete without a covering flush.
     pub flush_joins_old_commit: bool,
+    /// The FLUSH fast path ignores uncommitted region bits (flushes only the destination).
+    pub fast_flush_ignores_dirty: bool,
 }
 
 impl EngineConfig {
@@ -221,6 +223,8 @@ pub struct Engine {
     locks: RegionLocks,
     knobs: Mutex<Knobs>,
     mode: Mutex<(Mode, String)>,
+    /// The mode changed and the commit thread has not recorded it in the metadata yet.
+    mode_unpersisted: AtomicBool,
     commit_state: Mutex<commit::CommitState>,
     commit_cv: Condvar,
     commit_done: Signal,
@@ -286,6 +290,7 @@ impl Engine {
             source,
             dest,
             mode: Mutex::new((Mode::ReadWrite, String::new())),
+            mode_unpersisted: AtomicBool::new(false),
             commit_state: Mutex::new(commit::CommitState::default()),
             commit_cv: Condvar::new(),
             hydrate_stop: AtomicBool::new(false),
@@ -516,7 +521,7 @@ impl Engine {
         }
         self.write_inner(p, offset, data).await?;
         if fua {
-            self.flush().await?;
+            self.flush(p).await?;
         }
         Ok(())
     }
@@ -580,7 +585,7 @@ impl Engine {
             for g in &guards {
                 let _ = self.md.set_hydrated(g.region());
             }
-            let _ = self.flush().await;
+            let _ = self.commit_flush().await;
         }
         let result = async {
             if start == offset && stop == end {

@@ -20,6 +20,8 @@ pub trait DataPath {
     async fn read(&self, side: Side, buf: &mut [u8], offset: u64) -> io::Result<()>;
     async fn write_dest(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes every destination write completed before this call durable.
+    async fn flush_dest(&self) -> io::Result<()>;
 }
 
 /// A data path over two block devices, completing synchronously.
@@ -42,5 +44,9 @@ impl DataPath for SyncPath {
 
     async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()> {
         self.dest.discard(offset, len)
+    }
+
+    async fn flush_dest(&self) -> io::Result<()> {
+        self.dest.flush()
     }
 }

@@ -161,7 +161,7 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
                                 m[i as usize] = None;
                             }
                         }
-                        _ => assert_eq!(block_on(r.engine.flush()), Ok(())),
+                        _ => assert_eq!(block_on(r.engine.flush(&r.path)), Ok(())),
                     }
                     locks.unlock(a, b);
                 }
@@ -258,7 +258,7 @@ fn flush_commits_and_flushes_destination_once() {
         Ok(())
     );
     let before = r.dest.flush_count();
-    assert_eq!(block_on(r.engine.flush()), Ok(()));
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
     assert_eq!(
         r.dest.flush_count(),
         before + 1,
@@ -267,7 +267,7 @@ fn flush_commits_and_flushes_destination_once() {
     assert!(r.meta.flush_count() > 0, "metadata committed");
     assert_eq!(r.engine.status().commits, 1);
     // An empty FLUSH with nothing changed still flushes the destination (covers writes).
-    assert_eq!(block_on(r.engine.flush()), Ok(()));
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
     assert_eq!(r.dest.flush_count(), before + 2);
     assert_eq!(
         r.engine.status().commits,
@@ -289,7 +289,7 @@ fn concurrent_flushes_share_commits() {
                         block_on(r.engine.write(&r.path, off, &[t as u8; 4096], false)),
                         Ok(())
                     );
-                    assert_eq!(block_on(r.engine.flush()), Ok(()));
+                    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
                 }
             });
         }
@@ -316,7 +316,7 @@ fn flush_covers_writes_completed_on_other_threads() {
         .join()
         .map_err(|_| "writer panicked")
         .unwrap_or(());
-        s.spawn(|| assert_eq!(block_on(r.engine.flush()), Ok(())));
+        s.spawn(|| assert_eq!(block_on(r.engine.flush(&r.path)), Ok(())));
     });
     assert_eq!(&r.dest.durable()[4096..8192], &[7; 4096]);
 }
@@ -331,13 +331,13 @@ fn destination_flush_failure_is_sticky_read_only() {
     r.dest.set_fault(Some(Arc::new(|op: &Op| {
         (*op == Op::Flush).then(|| io::Error::other("cache died"))
     })));
-    let e = block_on(r.engine.flush());
+    let e = block_on(r.engine.flush(&r.path));
     assert_eq!(e.as_ref().map_err(|e| e.errno), Err(libc::EIO));
     assert_eq!(r.engine.mode(), Mode::ReadOnly);
     r.dest.set_fault(None);
     // The device recovered, but a later FLUSH must not pretend the lost data is safe.
     assert_eq!(
-        block_on(r.engine.flush()).map_err(|e| e.errno),
+        block_on(r.engine.flush(&r.path)).map_err(|e| e.errno),
         Err(libc::EIO)
     );
     assert_eq!(
@@ -379,10 +379,10 @@ fn metadata_write_failure_is_sticky() {
     r.meta.set_fault(Some(Arc::new(|op: &Op| {
         matches!(op, Op::Write { .. }).then(|| io::Error::other("md dead"))
     })));
-    assert!(block_on(r.engine.flush()).is_err());
+    assert!(block_on(r.engine.flush(&r.path)).is_err());
     assert_ne!(r.engine.mode(), Mode::ReadWrite);
     r.meta.set_fault(None);
-    assert!(block_on(r.engine.flush()).is_err());
+    assert!(block_on(r.engine.flush(&r.path)).is_err());
 }
 
 #[test]
@@ -518,7 +518,7 @@ fn background_hydration_completes_and_switches_to_pass_through() {
     );
     // Once that state is committed, the in-core bitmap is released (dm-clone keeps it).
     let before = r.engine.status().bitmap_bytes;
-    assert_eq!(block_on(r.engine.flush()), Ok(()));
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
     let after = r.engine.status().bitmap_bytes;
     assert!(
         after < before && after <= 64,
@@ -532,4 +532,45 @@ fn background_hydration_completes_and_switches_to_pass_through() {
     let mut buf = vec![0u8; 4096];
     assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
     assert_eq!(r.engine.shutdown(), Ok(()));
+}
+
+#[test]
+fn fast_path_flush_failure_is_sticky_and_persisted() {
+    // Nothing to commit: the FLUSH takes the fast path (destination flush on the data path).
+    let r = rig(16 * 4096, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 4096], false)),
+        Ok(())
+    );
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    let commits = r.engine.status().commits;
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    assert_eq!(r.engine.status().commits, commits, "fast path: no commit");
+    r.dest.set_fault(Some(Arc::new(|op: &Op| {
+        (*op == Op::Flush).then(|| io::Error::other("cache lost"))
+    })));
+    assert_eq!(
+        block_on(r.engine.flush(&r.path)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    r.dest.set_fault(None);
+    assert_eq!(
+        block_on(r.engine.flush(&r.path)).map_err(|e| e.errno),
+        Err(libc::EIO),
+        "sticky"
+    );
+    assert_eq!(r.engine.mode(), Mode::ReadOnly);
+    let reopened: Arc<dyn BlockDev> = Arc::new(MemDev::from_image("meta-after", r.meta.durable()));
+    let (_, report) =
+        Metadata::open(reopened, &crate::metadata::Expect::default()).expect("reopen");
+    assert_eq!(
+        report.mode,
+        crate::metadata::MetadataMode::ReadOnly,
+        "mode persisted"
+    );
+    assert!(
+        report.mode_reason.contains("cache lost"),
+        "reason: {}",
+        report.mode_reason
+    );
 }

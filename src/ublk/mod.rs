@@ -120,6 +120,19 @@ impl DataPath for UringPath {
             Err(e) => Err(e),
         }
     }
+
+    async fn flush_dest(&self) -> io::Result<()> {
+        self.fdatasync_dest().await
+    }
+}
+
+impl UringPath {
+    async fn fdatasync_dest(&self) -> io::Result<()> {
+        let sqe = opcode::Fsync::new(types::Fixed(DEST_SLOT))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await).map(|_| ())
+    }
 }
 
 fn op_result(res: Result<(), crate::engine::IoError>, bytes: u32, what: &str, off: u64) -> i32 {
@@ -159,7 +172,7 @@ async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]
             "write",
             off,
         ),
-        libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush().await, 0, "flush", off),
+        libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush(&path).await, 0, "flush", off),
         libublk::sys::UBLK_IO_OP_DISCARD => op_result(
             engine.discard(&path, off, bytes as u64).await,
             0,
