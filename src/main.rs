@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Create a clone device (formats blank metadata, resumes this clone's), print its path.
     Create(clone::CreateArgs),
+    /// Start a stopped clone again from its metadata (uses the configuration saved at create).
+    Start(clone::StartArgs),
     /// List running clone devices.
     List,
     /// Show hydration progress and mode.
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Create(a) => done(clone::run_create(a)),
+        Command::Start(a) => done(clone::run_start(a)),
         Command::List => done(clone::run_list()),
         Command::Status(a) => done(clone::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),

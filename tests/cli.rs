@@ -213,6 +213,15 @@ fn format_check_dump_and_refusals() {
     assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
     // Missing metadata: exit 2.
     assert_eq!(run(&["check", "/nonexistent/meta"]).status.code(), Some(2));
+    std::fs::write(&meta, &before).expect("restore");
+    // `start` needs the configuration saved when the device first started.
+    let start = run(&["start", "--metadata", s(&meta)]);
+    assert!(!start.status.success());
+    assert!(
+        stderr(&start).contains("no saved configuration"),
+        "{}",
+        stderr(&start)
+    );
     // reset-mode on a healthy read-write clone is a no-op.
     std::fs::write(&meta, &before).expect("restore");
     let reset = run(&["reset-mode", s(&meta)]);

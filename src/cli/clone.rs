@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CreateArgs {
     /// Read-only source device or file.
     #[arg(long)]
@@ -72,6 +72,44 @@ pub struct CreateArgs {
 }
 
 impl CreateArgs {
+    /// The command-line arguments that reproduce these options for the daemon.
+    fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        let mut kv = |k: &str, val: std::ffi::OsString| {
+            v.push(k.into());
+            v.push(val);
+        };
+        kv("--source", self.source.clone().into());
+        kv("--dest", self.dest.clone().into());
+        kv("--metadata", self.metadata.clone().into());
+        if let Some(r) = self.region_size {
+            kv("--region-size", r.to_string().into());
+        }
+        if let Some(t) = self.hydration_threshold {
+            kv("--hydration-threshold", t.to_string().into());
+        }
+        if let Some(b) = self.batch_size {
+            kv("--batch-size", b.to_string().into());
+        }
+        kv("--rate", self.rate.to_string().into());
+        if let Some(q) = self.queues {
+            kv("--queues", q.to_string().into());
+        }
+        kv("--depth", self.depth.to_string().into());
+        kv("--number", self.number.to_string().into());
+        for (flag, on) in [
+            ("--no-hydration", self.no_hydration),
+            ("--no-discard-passdown", self.no_discard_passdown),
+            // Not --force: the caller already formatted; the daemon resumes that metadata.
+            ("--ignore-source-mismatch", self.ignore_source_mismatch),
+        ] {
+            if on {
+                v.push(flag.into());
+            }
+        }
+        v
+    }
+
     fn validate(&self) -> Result<()> {
         if let Some(rs) = self.region_size {
             if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {
@@ -291,6 +329,7 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     let o = open_devices(a)?;
+    save_config(a, &o.md)?;
     let size = o.source.size();
     let region_size = o.md.region_size();
     let cfg = engine_config(a, size, region_size);
@@ -364,6 +403,65 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
     served?;
     shut.map_err(anyhow::Error::msg)?;
     Ok(())
+}
+
+/// Where the configuration of the clone with `uuid` is kept, so `start` can resume it.
+pub fn config_path(uuid: &uuid::Uuid) -> PathBuf {
+    PathBuf::from(CONFIG_DIR).join(format!("{uuid}.json"))
+}
+
+pub const CONFIG_DIR: &str = "/var/lib/ublk-clone";
+
+fn save_config(a: &CreateArgs, md: &Metadata) -> Result<()> {
+    let mut cfg = a.clone();
+    // Paths are stored absolute; one-shot flags are not kept.
+    for p in [&mut cfg.source, &mut cfg.dest, &mut cfg.metadata] {
+        *p = std::fs::canonicalize(&*p).with_context(|| format!("{}", p.display()))?;
+    }
+    cfg.force = false;
+    cfg.foreground = false;
+    cfg.number = -1;
+    cfg.region_size = Some(md.region_size());
+    std::fs::create_dir_all(CONFIG_DIR).with_context(|| format!("cannot create {CONFIG_DIR}"))?;
+    let path = config_path(&md.uuid());
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)
+        .with_context(|| format!("cannot write the clone configuration {}", path.display()))
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Metadata device or file of an existing clone: its saved configuration is used.
+    #[arg(long)]
+    pub metadata: PathBuf,
+    /// Run the daemon in the foreground.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// `ublk-clone start`: restarts a stopped clone from its metadata and saved configuration.
+pub fn run_start(a: &StartArgs) -> Result<()> {
+    let dev: Arc<dyn BlockDev> = Arc::new(
+        FileDev::open(&a.metadata, Access::ReadOnly, false)
+            .with_context(|| format!("cannot open {}", a.metadata.display()))?,
+    );
+    let (md, _) = Metadata::read_only_open(dev).with_context(|| {
+        format!(
+            "--metadata {}: not a ublk-clone metadata device",
+            a.metadata.display()
+        )
+    })?;
+    let path = config_path(&md.uuid());
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no saved configuration {} for clone {} (it is written when a device starts); use `ublk-clone create` with the devices",
+            path.display(),
+            md.uuid()
+        )
+    })?;
+    let mut args: CreateArgs =
+        serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
+    args.foreground = a.foreground;
+    run_create(&args)
 }
 
 fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {

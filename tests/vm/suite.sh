@@ -169,7 +169,10 @@ test_stop_and_restart_resumes() {
   done
   [ "$h1" -gt 24 ] || fail "no background hydration progress"
   stop "$dev"
-  dev=$(create --region-size 64K --no-hydration)
+  # Restart from the metadata alone (the configuration saved at create), hydration paused.
+  dev=$("$BIN" start --metadata "$WORK/meta" 2>>"$LOG")
+  [ -b "$dev" ] || fail "start did not print a device"
+  "$BIN" set "$dev" --hydration false
   h2=$(status_json "$dev" | json_field hydrated)
   [ "$h2" -ge "$h1" ] || fail "hydrated regions went backwards across restart ($h1 -> $h2)"
   cmp <(dd if="$dev" bs=1M skip=7 count=1 iflag=direct status=none) "$WORK/w" || fail "written data lost across restart"
