@@ -260,7 +260,8 @@ pub fn run_create(a: &CreateArgs) -> Result<()> {
         .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
     let exe = std::env::current_exe().context("cannot find the ublk-clone executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args(std::env::args_os().skip(1))
+    cmd.arg("create")
+        .args(a.to_args())
         .arg("--foreground")
         .env("UBLK_CLONE_NOTIFY", "1");
     cmd.stdin(Stdio::null())
