@@ -235,3 +235,43 @@ fn status_of_an_unknown_device_names_it() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ublkb4242"));
 }
+
+#[test]
+fn create_reaches_the_daemon_with_all_options() {
+    // Regression: the daemon is spawned with the parsed options (`--number=-1` must not be
+    // taken for a flag). Without ublk on the host the daemon must fail at device creation,
+    // naming ublk_drv; with ublk it must create a device, which is then stopped.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = file(dir.path(), "src", 1 << 20, 0x5a);
+    let dst = file(dir.path(), "dst", 1 << 20, 0);
+    let meta = file(dir.path(), "meta", 1 << 20, 0);
+    let o = run(&[
+        "create",
+        "--source",
+        s(&src),
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+        "--region-size",
+        "4K",
+        "--rate",
+        "1M",
+        "--batch-size",
+        "4",
+        "--hydration-threshold",
+        "8",
+        "--no-discard-passdown",
+    ]);
+    let text = stderr(&o);
+    assert!(
+        !text.contains("Usage:"),
+        "the daemon got bad arguments: {text}"
+    );
+    if o.status.success() {
+        let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(run(&["stop", &dev]).status.success());
+    } else {
+        assert!(text.contains("ublk_drv"), "unexpected failure: {text}");
+    }
+}

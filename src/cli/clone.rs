@@ -75,9 +75,11 @@ impl CreateArgs {
     /// The command-line arguments that reproduce these options for the daemon.
     fn to_args(&self) -> Vec<std::ffi::OsString> {
         let mut v: Vec<std::ffi::OsString> = Vec::new();
+        // `--key=value`: a value such as `-1` must not be taken for a flag.
         let mut kv = |k: &str, val: std::ffi::OsString| {
-            v.push(k.into());
-            v.push(val);
+            let mut arg = std::ffi::OsString::from(format!("{k}="));
+            arg.push(val);
+            v.push(arg);
         };
         kv("--source", self.source.clone().into());
         kv("--dest", self.dest.clone().into());

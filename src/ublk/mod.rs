@@ -115,8 +115,16 @@ impl DataPath for UringPath {
             .build();
         match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
             Ok(_) => Ok(()),
-            // Discard is a hint: a destination without support just keeps its data.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            // Discard is a hint: a destination without support (EOPNOTSUPP, or EINVAL from a
+            // block device that cannot punch holes, e.g. some dm targets) keeps its data.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -135,11 +143,19 @@ impl UringPath {
     }
 }
 
-fn op_result(res: Result<(), crate::engine::IoError>, bytes: u32, what: &str, off: u64) -> i32 {
+/// The ublk result of an engine call: `ok` on success (bytes for reads and writes, 0 for
+/// the others), `-errno` on failure.
+fn op_result(
+    res: Result<(), crate::engine::IoError>,
+    ok: i32,
+    what: &str,
+    off: u64,
+    len: u64,
+) -> i32 {
     match res {
-        Ok(()) => bytes as i32,
+        Ok(()) => ok,
         Err(e) => {
-            log::error!("{what} at offset {off} length {bytes}: {e}");
+            log::error!("{what} at offset {off} length {len}: {e}");
             -e.errno
         }
     }
@@ -149,35 +165,46 @@ async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let off = iod.start_sector << 9;
-    let bytes = iod.nr_sectors << 9;
+    let len = (iod.nr_sectors as u64) << 9;
     let fua = iod.op_flags & libublk::sys::UBLK_IO_F_FUA != 0;
-    if bytes as usize > buf.len() {
-        log::error!(
-            "request of {bytes} bytes exceeds the {}-byte I/O buffer",
-            buf.len()
-        );
-        return -libc::EINVAL;
-    }
     let path = UringPath;
+    // Only reads and writes carry data; a discard may be far larger than the buffer.
+    let data =
+        |buf: &mut [u8]| -> Option<usize> { (len as usize <= buf.len()).then_some(len as usize) };
     match op {
-        libublk::sys::UBLK_IO_OP_READ => op_result(
-            engine.read(&path, off, &mut buf[..bytes as usize]).await,
-            bytes,
-            "read",
-            off,
-        ),
-        libublk::sys::UBLK_IO_OP_WRITE => op_result(
-            engine.write(&path, off, &buf[..bytes as usize], fua).await,
-            bytes,
-            "write",
-            off,
-        ),
-        libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush(&path).await, 0, "flush", off),
+        libublk::sys::UBLK_IO_OP_READ | libublk::sys::UBLK_IO_OP_WRITE => {
+            let Some(n) = data(buf) else {
+                log::error!(
+                    "request of {len} bytes exceeds the {}-byte I/O buffer",
+                    buf.len()
+                );
+                return -libc::EINVAL;
+            };
+            if op == libublk::sys::UBLK_IO_OP_READ {
+                op_result(
+                    engine.read(&path, off, &mut buf[..n]).await,
+                    n as i32,
+                    "read",
+                    off,
+                    len,
+                )
+            } else {
+                op_result(
+                    engine.write(&path, off, &buf[..n], fua).await,
+                    n as i32,
+                    "write",
+                    off,
+                    len,
+                )
+            }
+        }
+        libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush(&path).await, 0, "flush", off, 0),
         libublk::sys::UBLK_IO_OP_DISCARD => op_result(
-            engine.discard(&path, off, bytes as u64).await,
+            engine.discard(&path, off, len).await,
             0,
             "discard",
             off,
+            len,
         ),
         _ => -libc::EOPNOTSUPP,
     }
