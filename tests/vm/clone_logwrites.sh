@@ -32,7 +32,7 @@
 set -u
 BIN=$(readlink -f "${1:?usage: clone_logwrites.sh /path/to/ublk-clone [/path/to/ublk-clone-replay]}")
 REPLAY=$(readlink -f "${2:-$(dirname "$BIN")/ublk-clone-replay}")
-CAP=${CAP:-40}              # most crash points checked
+CAP=${CAP:-30}              # most crash points checked (about 5 s each under TCG)
 SRC_MB=${SRC_MB:-64}        # source = destination size
 META_MB=4
 LOG_MB=512
@@ -137,6 +137,7 @@ if ! { dmsetup create "$LW" --table "0 $((TOTAL_BYTES / 512)) log-writes $data $
     finish
 fi
 # Blank metadata is formatted by create; make sure the range is zero (it is, a fresh sparse file).
+udevadm settle 2>/dev/null
 cmp -s -n "$META_BYTES" "/dev/mapper/$MDEV" /dev/zero || { bad "metadata range is not zero"; finish; }
 if ! create "/dev/mapper/$DDEV" "/dev/mapper/$MDEV" --region-size 64K --rate "$RATE"; then
     bad "ublk-clone create on the logged devices failed (see above)"
@@ -235,6 +236,7 @@ while read -r cur <&3; do
     prev=$cur
     cp --sparse=always "$W/base.img" "$W/check.img"
     ld= lm= why= meta=
+    rm -f "$W/locks.txt"
     if ! loop "$W/check.img" --offset 0 --sizelimit "$DEST_BYTES"; then why="losetup dest"; else ld=$LOOPDEV; fi
     if [ -z "$why" ]; then
         if loop "$W/check.img" --offset "$META_BASE" --sizelimit "$META_BYTES"; then lm=$LOOPDEV; else why="losetup metadata"; fi
@@ -243,7 +245,13 @@ while read -r cur <&3; do
         meta=$(check_meta "$lm") || why="metadata: $meta"
         case $meta in *shadow*) shadows=$((shadows + 1)) ;; esac
     fi
-    [ -n "$why" ] || create "$ld" "$lm" --no-hydration 2>"$W/create.out" || why="create failed: $(tr '\n' ' ' <"$W/create.out")"
+    # udev probes a freshly attached loop device holding a shared flock on it, and create's
+    # exclusive lock must not race with that: wait for udev first.
+    udevadm settle 2>/dev/null
+    if [ -z "$why" ] && ! create "$ld" "$lm" --no-hydration 2>"$W/create.out"; then
+        why="create failed: $(tr '\n' ' ' <"$W/create.out")"
+        { cat /proc/locks; fuser -v "$ld" "$lm"; ps -eo pid,comm,args | grep -i 'udev\|ublk\|blkid'; } >"$W/locks.txt" 2>&1
+    fi
     if [ -z "$why" ]; then
         cdev=$CLONEDEV
         if ! mount "$cdev" "$W/chk" 2>"$W/mount.err"; then
@@ -262,7 +270,7 @@ while read -r cur <&3; do
         bad "entry $cur: $why"
         "$BIN" check "$lm" >"$W/check.txt" 2>&1
         dd if="$W/check.img" of="$W/meta.img" bs=1M skip=$((META_BASE >> 20)) count="$META_MB" status=none
-        keep "entry-$cur" "$W/fsck.out" "$W/check.txt" "$W/meta.img" "$W/create.out" "$W/mount.err"
+        keep "entry-$cur" "$W/locks.txt" "$W/fsck.out" "$W/check.txt" "$W/meta.img" "$W/create.out" "$W/mount.err"
     fi
     [ -n "$lm" ] && unloop "$lm"
     [ -n "$ld" ] && unloop "$ld"
