@@ -222,6 +222,13 @@ test_kernel_dm_log_writes_replay() {
     || fail "logwrites.sh reported failures"
 }
 
+test_clone_on_kernel_log_writes() {
+  # The clone's destination and metadata on the kernel's dm-log-writes target; every FLUSH/FUA
+  # crash point replayed, the clone restarted on it, ext4 clean (generic/482 method, issue 5).
+  bash "$(dirname "$0")/clone_logwrites.sh" "$BIN" "$(dirname "$BIN")/ublk-clone-replay" \
+    || fail "clone_logwrites.sh reported failures"
+}
+
 #---------------------------------------------------------------------------------------------
 
 echo "ublk-clone VM suite on $(uname -r), $(nproc) CPUs; log: $LOG"
@@ -229,7 +236,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         cli_bad_input kernel_dm_log_writes_replay; do
+         cli_bad_input kernel_dm_log_writes_replay clone_on_kernel_log_writes; do
   run_test "$t"
 done
 echo "vm-suite: $passed passed, $failed failed"
