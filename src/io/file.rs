@@ -73,27 +73,39 @@ impl FileDev {
     /// Takes an advisory lock (exclusive for devices we write, shared for the source) so that
     /// two clones never use the same destination or metadata, and a destination is never
     /// another clone's source. Fails at once if another process holds a conflicting lock.
+    /// Waits up to 3 s for a conflicting lock to go away, because udev briefly holds a shared
+    /// lock on block devices it is probing (a fresh loop device, say).
     pub fn lock(&self, exclusive: bool) -> io::Result<()> {
         let how = if exclusive {
             libc::LOCK_EX
         } else {
             libc::LOCK_SH
         };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(self.file.as_raw_fd(), how | libc::LOCK_NB) } < 0 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(self.file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+                return Ok(());
+            }
             let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(io::Error::new(
-                    io::ErrorKind::ResourceBusy,
-                    format!("{}: busy: in use by another ublk-clone device", self.name),
+                    e.kind(),
+                    format!("{}: cannot lock: {e}", self.name),
                 ));
             }
-            return Err(io::Error::new(
-                e.kind(),
-                format!("{}: cannot lock: {e}", self.name),
-            ));
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{}: busy: locked by another process (another ublk-clone device using it, \
+                         or a tool holding it open)",
+                        self.name
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Ok(())
     }
 
     pub fn path(&self) -> &Path {
