@@ -5,17 +5,20 @@ bin=$1 rublk=$2 rounds=$3 runtime=$4
 modprobe ublk_drv
 w=$(mktemp -d /dev/shm/bench.XXXXXX)
 size=256M
+echo "setting up backing files in $w"
+# One source shared (read-only) by both clones; the peers share one copy of it.
 head -c $size /dev/urandom >"$w/src"
-cp "$w/src" "$w/hyd-src"; truncate -s $size "$w/hyd-dst"; truncate -s 4M "$w/hyd-meta"
-cp "$w/src" "$w/un-src"; truncate -s $size "$w/un-dst"; truncate -s 4M "$w/un-meta"
-cp "$w/src" "$w/peer"; cp "$w/src" "$w/kloop"
+truncate -s $size "$w/hyd-dst"; truncate -s 4M "$w/hyd-meta"
+truncate -s $size "$w/un-dst"; truncate -s 4M "$w/un-meta"
+cp "$w/src" "$w/peer"
 
-hyd=$("$bin" create --source "$w/hyd-src" --dest "$w/hyd-dst" --metadata "$w/hyd-meta" --region-size 64K)
-"$bin" status "$hyd" --watch >/dev/null
-un=$("$bin" create --source "$w/un-src" --dest "$w/un-dst" --metadata "$w/un-meta" --region-size 64K --no-hydration)
+hyd=$("$bin" create --source "$w/src" --dest "$w/hyd-dst" --metadata "$w/hyd-meta" --region-size 64K)
+echo "hydrating $hyd"
+timeout 600 "$bin" status "$hyd" --watch | tail -n 1
+un=$("$bin" create --source "$w/src" --dest "$w/un-dst" --metadata "$w/un-meta" --region-size 64K --no-hydration)
 "$rublk" add loop -f "$w/peer" --buffered-io -q "$(nproc)" -d 128 >"$w/rublk.out" 2>&1
 peer=$(ls -d /dev/ublkb* | sort -V | tail -n1)
-kl=$(losetup -f --show "$w/kloop")
+kl=$(losetup -f --show "$w/peer")
 for d in "$hyd" "$un" "$peer" "$kl"; do echo none >/sys/block/$(basename "$d")/queue/scheduler 2>/dev/null || true; done
 echo "devices: ublk-clone hydrated $hyd, ublk-clone unhydrated $un, rublk loop $peer, kernel loop $kl"
 
