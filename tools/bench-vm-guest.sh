@@ -3,6 +3,7 @@
 set -euo pipefail
 bin=$1 rublk=$2 rounds=$3 runtime=$4
 modprobe ublk_drv
+modprobe loop 2>/dev/null || true
 w=$(mktemp -d /dev/shm/bench.XXXXXX)
 size=256M
 echo "setting up backing files in $w"
