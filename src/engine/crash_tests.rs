@@ -26,6 +26,7 @@
 //! `UBLK_CLONE_CRASH_LONG=1` runs many more seeds.
 
 use super::tests::pattern;
+use super::tests::RangeLocks;
 use super::*;
 use crate::io::mem::MemDev;
 use crate::io::record::{IoLog, RecordingDev};
@@ -123,26 +124,6 @@ struct History {
     live_violations: Vec<String>,
 }
 
-/// Test-level range lock (sector granularity) so overlapping operations are serialised.
-struct RangeLocks {
-    busy: Mutex<Vec<bool>>,
-    cv: Condvar,
-}
-
-impl RangeLocks {
-    fn lock(&self, a: u64, b: u64) {
-        let mut busy = self.busy.lock();
-        while busy[a as usize..b as usize].iter().any(|x| *x) {
-            self.cv.wait(&mut busy);
-        }
-        busy[a as usize..b as usize].fill(true);
-    }
-    fn unlock(&self, a: u64, b: u64) {
-        self.busy.lock()[a as usize..b as usize].fill(false);
-        self.cv.notify_all();
-    }
-}
-
 struct Workload {
     threads: usize,
     ops: usize,
@@ -171,10 +152,7 @@ fn run_workload(r: &CrashRig, seed: u64, w: &Workload) -> History {
         ..History::default()
     });
     let clock = AtomicU64::new(1);
-    let locks = RangeLocks {
-        busy: Mutex::new(vec![false; sectors as usize]),
-        cv: Condvar::new(),
-    };
+    let locks = RangeLocks::new(sectors);
     let region_sectors = r.region_size / SECTOR;
     let src = r.source.snapshot();
     std::thread::scope(|s| {

@@ -291,7 +291,11 @@ impl Engine {
             dest,
             mode: Mutex::new((Mode::ReadWrite, String::new())),
             mode_unpersisted: AtomicBool::new(false),
-            commit_state: Mutex::new(commit::CommitState::default()),
+            // The periodic commit runs a commit period after start, not at once.
+            commit_state: Mutex::new(commit::CommitState {
+                last_commit: Some(Instant::now()),
+                ..commit::CommitState::default()
+            }),
             commit_cv: Condvar::new(),
             hydrate_stop: AtomicBool::new(false),
             hydrations_in_flight: AtomicU64::new(0),

@@ -70,14 +70,20 @@ fn no_hydration(c: &mut EngineConfig) {
 }
 
 /// Test-level range lock so that overlapping operations from different threads are
-/// serialised and the reference model stays deterministic.
-struct RangeLocks {
+/// serialised and the reference model stays deterministic (shared with `crash_tests`).
+pub(crate) struct RangeLocks {
     busy: Mutex<Vec<bool>>,
     cv: Condvar,
 }
 
 impl RangeLocks {
-    fn lock(&self, a: u64, b: u64) {
+    pub(crate) fn new(sectors: u64) -> RangeLocks {
+        RangeLocks {
+            busy: Mutex::new(vec![false; sectors as usize]),
+            cv: Condvar::new(),
+        }
+    }
+    pub(crate) fn lock(&self, a: u64, b: u64) {
         let mut busy = self.busy.lock();
         loop {
             if busy[a as usize..b as usize].iter().all(|x| !x) {
@@ -87,7 +93,7 @@ impl RangeLocks {
             self.cv.wait(&mut busy);
         }
     }
-    fn unlock(&self, a: u64, b: u64) {
+    pub(crate) fn unlock(&self, a: u64, b: u64) {
         self.busy.lock()[a as usize..b as usize].fill(false);
         self.cv.notify_all();
     }
@@ -108,10 +114,7 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
         bytes: Mutex::new(pattern(size, 1).into_iter().map(Some).collect()),
     };
     let sectors = size / SECTOR;
-    let locks = RangeLocks {
-        busy: Mutex::new(vec![false; sectors as usize]),
-        cv: Condvar::new(),
-    };
+    let locks = RangeLocks::new(sectors);
     std::thread::scope(|s| {
         for t in 0..threads {
             let (r, model, locks) = (&r, &model, &locks);
@@ -252,7 +255,11 @@ fn whole_region_write_does_not_read_the_source() {
 
 #[test]
 fn flush_commits_and_flushes_destination_once() {
-    let r = rig(16 * 4096, 4096, no_hydration);
+    // No periodic commit: it could run between the write and the FLUSH and change the counts.
+    let r = rig(16 * 4096, 4096, |c| {
+        no_hydration(c);
+        c.commit_period = Duration::from_secs(3600);
+    });
     assert_eq!(
         block_on(r.engine.write(&r.path, 0, &[1; 512], false)),
         Ok(())
