@@ -29,6 +29,8 @@ enum Command {
     Set(clone::SetArgs),
     /// Final commit, clean shutdown, remove the device.
     Stop(clone::DevArg),
+    /// Log a mark in the device's dm-log-writes recording (`create --log-writes`).
+    Mark(clone::MarkArgs),
     /// Format a metadata device for cloning SOURCE onto DEST.
     Format(cli::metadata::FormatArgs),
     /// Check metadata; exit 0 healthy, 1 problems found, 2 cannot read.
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Status(a) => done(clone::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),
         Command::Stop(a) => done(clone::run_stop(a)),
+        Command::Mark(a) => done(clone::run_mark(a)),
         Command::Format(a) => cli::metadata::run_format(a),
         Command::Check(a) => cli::metadata::run_check(a),
         Command::Dump(a) => cli::metadata::run_dump(a),

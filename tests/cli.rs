@@ -45,6 +45,7 @@ fn help_lists_the_subcommands() {
         "check",
         "dump",
         "reset-mode",
+        "mark",
     ] {
         assert!(text.contains(sub), "--help does not mention {sub}");
     }
@@ -127,9 +128,42 @@ fn create_rejects_bad_input_before_writing_anything() {
             "depth",
         ),
     ];
+    let old_log = file(dir.path(), "old.log", 4096, 0x77);
+    let new_log = dir.path().join("new.log");
+    let base = [
+        "--source",
+        s(&src),
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+    ];
+    let with = |extra: &[&'static str], log: &Path| -> Vec<String> {
+        let mut v: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+        v.push("--log-writes".into());
+        v.push(s(log).to_string());
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    let log_cases: Vec<(Vec<String>, &str)> = vec![
+        (with(&[], &old_log), "never overwritten"),
+        (
+            with(&["--log-writes-size", "100K"], &new_log),
+            "at least 1M",
+        ),
+        (
+            with(&[], &dir.path().join("no-such-dir/x.log")),
+            "directory does not exist",
+        ),
+    ];
+    let mut cases: Vec<(Vec<String>, &str)> = cases
+        .into_iter()
+        .map(|(a, w)| (a.iter().map(|x| x.to_string()).collect(), w))
+        .collect();
+    cases.extend(log_cases);
     for (args, want) in cases {
         let mut full = vec!["create"];
-        full.extend(args.iter().copied());
+        full.extend(args.iter().map(String::as_str));
         let o = run(&full);
         assert!(!o.status.success(), "{full:?} succeeded");
         assert!(
@@ -145,6 +179,14 @@ fn create_rejects_bad_input_before_writing_anything() {
             std::fs::read(&dst).expect("dst").iter().all(|b| *b == 0),
             "{full:?} wrote the destination"
         );
+        assert!(
+            std::fs::read(&old_log)
+                .expect("log")
+                .iter()
+                .all(|b| *b == 0x77),
+            "{full:?} overwrote an existing log"
+        );
+        assert!(!new_log.exists(), "{full:?} created a log");
     }
 }
 
@@ -262,6 +304,10 @@ fn create_reaches_the_daemon_with_all_options() {
         "--hydration-threshold",
         "8",
         "--no-discard-passdown",
+        "--log-writes",
+        s(&dir.path().join("run.log")),
+        "--log-writes-size",
+        "2M",
     ]);
     let text = stderr(&o);
     assert!(

@@ -69,7 +69,26 @@ pub struct CreateArgs {
     /// Run the daemon in the foreground instead of in the background.
     #[arg(long)]
     pub foreground: bool,
+    /// Record every write, discard and flush of the destination and the metadata into one
+    /// dm-log-writes log at FILE (crash-consistency testing; `ublk-clone mark` adds marks,
+    /// `ublk-clone-replay` replays it; see docs/log-writes.md). Not kept for `start`.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub log_writes: Option<PathBuf>,
+    /// Size of the --log-writes file (created sparse; ignored for a block device).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    #[serde(default = "default_log_size")]
+    pub log_writes_size: u64,
 }
+
+fn default_log_size() -> u64 {
+    1 << 30
+}
+
+/// Sector size of logs recorded by the daemon: ublk I/O is 512-byte aligned.
+const LOG_SECTORSIZE: u32 = 512;
+/// Mark logged after the snapshot of the metadata that starts a daemon's log.
+pub const LOG_START_MARK: &str = "ublk-clone-start";
 
 impl CreateArgs {
     /// The command-line arguments that reproduce these options for the daemon.
@@ -99,6 +118,10 @@ impl CreateArgs {
         }
         kv("--depth", self.depth.to_string().into());
         kv("--number", self.number.to_string().into());
+        if let Some(log) = &self.log_writes {
+            kv("--log-writes", log.clone().into());
+            kv("--log-writes-size", self.log_writes_size.to_string().into());
+        }
         for (flag, on) in [
             ("--no-hydration", self.no_hydration),
             ("--no-discard-passdown", self.no_discard_passdown),
@@ -124,6 +147,54 @@ impl CreateArgs {
         if self.queues == Some(0) {
             bail!("--queues 0: need at least one queue");
         }
+        if let Some(log) = &self.log_writes {
+            self.validate_log(log)?;
+        }
+        Ok(())
+    }
+
+    /// A log is never overwritten: a regular file must be new or empty.
+    fn validate_log(&self, log: &Path) -> Result<()> {
+        if self.log_writes_size < 1 << 20 || self.log_writes_size % 4096 != 0 {
+            bail!(
+                "--log-writes-size {}: must be at least 1M and a multiple of 4K",
+                self.log_writes_size
+            );
+        }
+        let Ok(meta) = std::fs::metadata(log) else {
+            let dir = log.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) {
+                bail!(
+                    "--log-writes {}: the directory does not exist",
+                    log.display()
+                );
+            }
+            return Ok(());
+        };
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_file() && meta.len() > 0 {
+            bail!(
+                "--log-writes {}: the file exists and is not empty; remove it or choose another \
+                 file (a log is never overwritten)",
+                log.display()
+            );
+        }
+        if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+            bail!(
+                "--log-writes {}: not a regular file or a block device",
+                log.display()
+            );
+        }
+        let canon = std::fs::canonicalize(log).ok();
+        for (what, p) in [
+            ("--source", &self.source),
+            ("--dest", &self.dest),
+            ("--metadata", &self.metadata),
+        ] {
+            if canon.is_some() && std::fs::canonicalize(p).ok() == canon {
+                bail!("--log-writes {}: is also the {what} device", log.display());
+            }
+        }
         Ok(())
     }
 }
@@ -131,12 +202,16 @@ impl CreateArgs {
 struct Opened {
     source: Arc<FileDev>,
     dest: Arc<FileDev>,
+    /// The destination as the engine sees it (through the recorder when recording).
+    dest_dyn: Arc<dyn BlockDev>,
     md: Arc<crate::metadata::Metadata>,
+    recording: Option<Arc<ublk::Recording>>,
 }
 
 /// Opens the three devices and formats or opens the metadata. Nothing is written before all
-/// checks passed.
-fn open_devices(a: &CreateArgs) -> Result<Opened> {
+/// checks passed. With `record` (the daemon) and `--log-writes`, the log is started and the
+/// destination and metadata are opened through the recorder.
+fn open_devices(a: &CreateArgs, record: bool) -> Result<Opened> {
     a.validate()?;
     for (what, p) in [
         ("--source", &a.source),
@@ -175,26 +250,90 @@ fn open_devices(a: &CreateArgs) -> Result<Opened> {
             source.size()
         );
     }
-    let md = open_or_format(a, meta, source.as_ref(), dest.as_ref())?;
+    let (dest_dyn, meta_dyn, recording): (Arc<dyn BlockDev>, Arc<dyn BlockDev>, _) =
+        match (&a.log_writes, record) {
+            (Some(log), true) => {
+                let (d, m, rec) = start_recording(a, log, dest.clone(), meta.clone())?;
+                (d, m, Some(rec))
+            }
+            _ => (dest.clone(), meta.clone(), None),
+        };
+    let md = open_or_format(a, meta_dyn, source.as_ref(), dest.as_ref())?;
     Ok(Opened {
         source,
         dest,
+        dest_dyn,
         md: Arc::new(md),
+        recording,
     })
+}
+
+/// The destination and metadata as seen through the recorder, and the recording.
+type RecordedDevices = (Arc<dyn BlockDev>, Arc<dyn BlockDev>, Arc<ublk::Recording>);
+
+/// Starts the daemon's dm-log-writes log: the destination at byte 0 and the metadata at
+/// `metadata_base` of one logged space (docs/log-writes.md). The log begins with a copy of
+/// the whole metadata device, a FLUSH and the mark [`LOG_START_MARK`], so that replaying it
+/// onto zeroed devices gives this clone's metadata; destination regions hydrated before the
+/// recording started are not in the log (for a new clone there are none).
+fn start_recording(
+    a: &CreateArgs,
+    log: &Path,
+    dest: Arc<FileDev>,
+    meta: Arc<FileDev>,
+) -> Result<RecordedDevices> {
+    use crate::logwrites::{LogWriter, LogWritesDev};
+    use std::os::unix::fs::FileTypeExt;
+    let is_blockdev = std::fs::metadata(log).is_ok_and(|m| m.file_type().is_block_device());
+    let writer = if is_blockdev {
+        let dev = FileDev::open(log, Access::ReadWrite, false)
+            .with_context(|| format!("--log-writes {}", log.display()))?;
+        dev.lock(true)?;
+        LogWriter::create(Box::new(dev), LOG_SECTORSIZE)
+    } else {
+        LogWriter::create_file(log, a.log_writes_size, LOG_SECTORSIZE)
+    }
+    .with_context(|| format!("--log-writes {}: cannot start the log", log.display()))?;
+    let meta_dyn: Arc<dyn BlockDev> = meta.clone();
+    let (d, m, space) = LogWritesDev::pair(dest, meta_dyn.clone(), writer)
+        .with_context(|| format!("--log-writes {}", log.display()))?;
+    let mut buf = crate::io::AlignedBuf::zeroed(1 << 20);
+    let mut off = 0;
+    while off < m.size() {
+        let n = (m.size() - off).min(buf.len() as u64) as usize;
+        meta.read_at(&mut buf[..n], off)?;
+        m.write_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    m.flush()
+        .with_context(|| format!("--metadata {}: flush", a.metadata.display()))?;
+    space
+        .mark(LOG_START_MARK)
+        .with_context(|| format!("--log-writes {}", log.display()))?;
+    log::info!(
+        "recording the destination and metadata into {} ({} entries so far)",
+        log.display(),
+        space.entries()
+    );
+    let rec = Arc::new(ublk::Recording {
+        space,
+        metadata: meta_dyn,
+    });
+    Ok((Arc::new(d), Arc::new(m), rec))
 }
 
 /// Blank metadata is formatted; metadata of this clone is resumed; anything else is refused
 /// unless `--force`.
 fn open_or_format(
     a: &CreateArgs,
-    meta: Arc<FileDev>,
+    meta: Arc<dyn BlockDev>,
     source: &FileDev,
     dest: &FileDev,
 ) -> Result<Metadata> {
     let mut head = vec![0u8; (2 * 4096).min(meta.size()) as usize];
     meta.read_at(&mut head, 0)?;
     let blank = head.iter().all(|b| *b == 0);
-    let meta_dyn: Arc<dyn BlockDev> = meta.clone();
+    let meta_dyn = meta;
     let fmt = |force: bool| -> Result<()> {
         let rs = a.region_size.unwrap_or(DEFAULT_REGION_SIZE);
         let params = FormatParams::from_devices(source, dest, rs)
@@ -251,7 +390,7 @@ pub fn run_create(a: &CreateArgs) -> Result<()> {
         return run_daemon(a, None);
     }
     // Validate and format here, so errors reach the user with a non-zero exit.
-    drop(open_devices(a)?);
+    drop(open_devices(a, false)?);
     std::fs::create_dir_all(control::RUN_DIR)
         .with_context(|| format!("cannot create {}", control::RUN_DIR))?;
     let log_path = PathBuf::from(control::RUN_DIR).join("daemon.log");
@@ -331,13 +470,24 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    let o = open_devices(a)?;
+    let o = open_devices(a, true)?;
     save_config(a, &o.md)?;
     let size = o.source.size();
     let region_size = o.md.region_size();
     let cfg = engine_config(a, size, region_size);
-    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest.clone(), cfg)
+    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest_dyn.clone(), cfg)
         .map_err(anyhow::Error::msg)?;
+    let recording = o.recording.clone();
+    let ctl_recording = o.recording.clone().map(|r| {
+        (
+            r,
+            a.log_writes
+                .clone()
+                .unwrap_or_default()
+                .display()
+                .to_string(),
+        )
+    });
     let queues = a.queues.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u16)
@@ -357,6 +507,7 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         engine.clone(),
         o.source.file().as_raw_fd(),
         o.dest.file().as_raw_fd(),
+        recording,
         &opts,
         move |ctrl, info| {
             let rec = DaemonRecord {
@@ -396,15 +547,21 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
             } else {
                 println!("{}", info.path);
             }
-            control_loop(&listener, &ctl_engine);
+            control_loop(&listener, &ctl_engine, ctl_recording.as_ref());
             let _ = ctrl.kill_dev();
             let _ = std::fs::remove_file(control::socket_path(rec.id));
             let _ = std::fs::remove_file(control::record_path(rec.id));
         },
     );
     let shut = engine.shutdown();
+    // Ends the log after the final commit: the unflushed writes, then the end mark.
+    let closed = o.recording.as_ref().map(|r| r.space.close());
     served?;
     shut.map_err(anyhow::Error::msg)?;
+    if let (Some(closed), Some(log)) = (closed, &a.log_writes) {
+        let n = closed.with_context(|| format!("--log-writes {}", log.display()))?;
+        log::info!("log {} closed with {n} entries", log.display());
+    }
     Ok(())
 }
 
@@ -423,6 +580,7 @@ fn save_config(a: &CreateArgs, md: &Metadata) -> Result<()> {
     }
     cfg.force = false;
     cfg.foreground = false;
+    cfg.log_writes = None;
     cfg.number = -1;
     cfg.region_size = Some(md.region_size());
     std::fs::create_dir_all(CONFIG_DIR).with_context(|| format!("cannot create {CONFIG_DIR}"))?;
@@ -480,7 +638,18 @@ fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
     Ok(l)
 }
 
-fn control_loop(l: &UnixListener, engine: &Engine) {
+/// The daemon's recording, as the control loop sees it: the recorder and the log's name.
+type CtlRecording = (Arc<ublk::Recording>, String);
+
+fn recording_status(rec: Option<&CtlRecording>) -> Option<control::RecordingStatus> {
+    rec.map(|(r, log)| control::RecordingStatus {
+        log: log.clone(),
+        entries: r.space.entries(),
+        error: r.space.status().err().map(|e| e.to_string()),
+    })
+}
+
+fn control_loop(l: &UnixListener, engine: &Engine, rec: Option<&CtlRecording>) {
     loop {
         if STOP.load(Ordering::Acquire) {
             return;
@@ -495,7 +664,7 @@ fn control_loop(l: &UnixListener, engine: &Engine) {
                     continue;
                 }
                 let (resp, stop) = match serde_json::from_str::<Request>(&line) {
-                    Ok(Request::Status) => (ok_status(engine), false),
+                    Ok(Request::Status) => (ok_status(engine, rec), false),
                     Ok(Request::Set {
                         hydration,
                         threshold,
@@ -520,24 +689,11 @@ fn control_loop(l: &UnixListener, engine: &Engine) {
                             k.hydrate_on_read = h;
                         }
                         engine.set_knobs(k);
-                        (ok_status(engine), false)
+                        (ok_status(engine, rec), false)
                     }
-                    Ok(Request::Stop) => (
-                        Response {
-                            ok: true,
-                            error: None,
-                            status: None,
-                        },
-                        true,
-                    ),
-                    Err(e) => (
-                        Response {
-                            ok: false,
-                            error: Some(format!("bad request: {e}")),
-                            status: None,
-                        },
-                        false,
-                    ),
+                    Ok(Request::Mark { name }) => (mark(rec, &name), false),
+                    Ok(Request::Stop) => (Response::ok(), true),
+                    Err(e) => (Response::err(format!("bad request: {e}")), false),
                 };
                 let mut w = &s;
                 let _ = w.write_all(
@@ -558,11 +714,32 @@ fn control_loop(l: &UnixListener, engine: &Engine) {
     }
 }
 
-fn ok_status(engine: &Engine) -> Response {
+fn mark(rec: Option<&CtlRecording>, name: &str) -> Response {
+    let Some((r, log)) = rec else {
+        return Response::err(
+            "not recording: marks need a daemon started with `create --log-writes FILE`".into(),
+        );
+    };
+    if name.is_empty() || name.len() > LOG_SECTORSIZE as usize - 33 {
+        return Response::err(format!(
+            "mark '{name}': must be 1 to {} bytes",
+            LOG_SECTORSIZE - 33
+        ));
+    }
+    match r.space.mark(name) {
+        Ok(()) => Response {
+            recording: recording_status(rec),
+            ..Response::ok()
+        },
+        Err(e) => Response::err(format!("cannot log mark '{name}' in {log}: {e}")),
+    }
+}
+
+fn ok_status(engine: &Engine, rec: Option<&CtlRecording>) -> Response {
     Response {
-        ok: true,
-        error: None,
         status: serde_json::to_value(engine.status()).ok(),
+        recording: recording_status(rec),
+        ..Response::ok()
     }
 }
 
@@ -681,10 +858,21 @@ pub fn format_status(dev: &str, s: &Status) -> String {
     out
 }
 
-fn fetch_status(id: u32) -> Result<Status> {
+fn fetch_status(id: u32) -> Result<(Status, Option<control::RecordingStatus>)> {
     let r = control::request(id, &Request::Status)?;
     let v = r.status.context("the daemon sent no status")?;
-    serde_json::from_value(v).context("malformed status from the daemon")
+    let s = serde_json::from_value(v).context("malformed status from the daemon")?;
+    Ok((s, r.recording))
+}
+
+fn format_recording(r: &control::RecordingStatus) -> String {
+    match &r.error {
+        None => format!("  recording to {}: {} entries", r.log, r.entries),
+        Some(e) => format!(
+            "  recording to {} STOPPED after {} entries: {e}",
+            r.log, r.entries
+        ),
+    }
 }
 
 pub fn run_status(a: &StatusArgs) -> Result<()> {
@@ -695,12 +883,19 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
     loop {
         let mut all_done = true;
         for id in &ids {
-            let s = fetch_status(*id)?;
+            let (s, rec) = fetch_status(*id)?;
             all_done &= s.hydrated == s.regions;
             if a.json {
-                println!("{}", serde_json::to_string(&s)?);
+                let mut v = serde_json::to_value(&s)?;
+                if let (Some(rec), Some(obj)) = (&rec, v.as_object_mut()) {
+                    obj.insert("recording".into(), serde_json::to_value(rec)?);
+                }
+                println!("{v}");
             } else {
                 println!("{}", format_status(&format!("/dev/ublkb{id}"), &s));
+                if let Some(rec) = &rec {
+                    println!("{}", format_recording(rec));
+                }
             }
         }
         if !a.watch || all_done {
@@ -720,6 +915,35 @@ pub fn run_set(a: &SetArgs) -> Result<()> {
         hydrate_on_read: a.hydrate_on_read,
     };
     control::request(id, &req)?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct MarkArgs {
+    /// The clone device: /dev/ublkbN or N (its daemon must record, `create --log-writes`).
+    pub dev: String,
+    /// The mark's text (like `dmsetup message LW 0 mark NAME`).
+    pub name: String,
+}
+
+/// `ublk-clone mark DEV NAME`: logs a mark in the daemon's dm-log-writes recording.
+pub fn run_mark(a: &MarkArgs) -> Result<()> {
+    let id = control::parse_dev(&a.dev)?;
+    let r = control::request(
+        id,
+        &Request::Mark {
+            name: a.name.clone(),
+        },
+    )?;
+    match r.recording {
+        Some(rec) => println!(
+            "mark '{}' is entry {} of {}",
+            a.name,
+            rec.entries.saturating_sub(1),
+            rec.log
+        ),
+        None => println!("mark '{}' logged", a.name),
+    }
     Ok(())
 }
 

@@ -23,6 +23,20 @@ pub enum Request {
         hydrate_on_read: Option<bool>,
     },
     Stop,
+    /// Log a mark in the daemon's dm-log-writes recording.
+    Mark {
+        name: String,
+    },
+}
+
+/// The state of a daemon's dm-log-writes recording (`create --log-writes`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordingStatus {
+    pub log: String,
+    /// Entries in the log so far (the index the next entry will get).
+    pub entries: u64,
+    /// Why recording stopped (e.g. the log is full); `None` while it runs.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,6 +44,28 @@ pub struct Response {
     pub ok: bool,
     pub error: Option<String>,
     pub status: Option<serde_json::Value>,
+    #[serde(default)]
+    pub recording: Option<RecordingStatus>,
+}
+
+impl Response {
+    pub fn ok() -> Response {
+        Response {
+            ok: true,
+            error: None,
+            status: None,
+            recording: None,
+        }
+    }
+
+    pub fn err(msg: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg),
+            status: None,
+            recording: None,
+        }
+    }
 }
 
 /// The daemon record written once the device is live.

@@ -14,6 +14,8 @@
 //! advertised so the kernel sends FLUSH and FUA at all.
 
 use crate::engine::{DataPath, Engine, Side};
+use crate::io::BlockDev;
+use crate::logwrites::LoggedSpace;
 use io_uring::{opcode, types};
 use libublk::ctrl::UblkCtrl;
 use libublk::helpers::IoBuf;
@@ -49,8 +51,21 @@ pub struct DeviceInfo {
     pub max_io_buf_bytes: u32,
 }
 
+/// A live dm-log-writes recording of the destination and the metadata (`create
+/// --log-writes`): the queue paths log their destination writes and discards into `space`
+/// once they completed, and a FLUSH is logged once it completed, after the writes that
+/// completed before it was issued (the kernel target's ordering, `docs/log-writes.md`).
+pub struct Recording {
+    pub space: Arc<LoggedSpace>,
+    /// The metadata device itself (not its recorder). It shares the logged space with the
+    /// destination, so a FLUSH of the space must cover it too.
+    pub metadata: Arc<dyn BlockDev>,
+}
+
 /// A data path on the calling queue thread's io_uring.
-pub struct UringPath;
+pub struct UringPath {
+    recording: Option<Arc<Recording>>,
+}
 
 fn uring_result(res: Result<i32, UblkError>) -> io::Result<usize> {
     match res {
@@ -103,6 +118,9 @@ impl DataPath for UringPath {
             }
             done += n;
         }
+        if let Some(rec) = &self.recording {
+            rec.space.write_completed(offset, buf, false);
+        }
         Ok(())
     }
 
@@ -114,7 +132,12 @@ impl DataPath for UringPath {
             .mode(mode)
             .build();
         match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if let Some(rec) = &self.recording {
+                    rec.space.discard_completed(offset, len);
+                }
+                Ok(())
+            }
             // Discard is a hint: a destination without support (EOPNOTSUPP, or EINVAL from a
             // block device that cannot punch holes, e.g. some dm targets) keeps its data.
             Err(e)
@@ -130,7 +153,21 @@ impl DataPath for UringPath {
     }
 
     async fn flush_dest(&self) -> io::Result<()> {
-        self.fdatasync_dest().await
+        let Some(rec) = &self.recording else {
+            return self.fdatasync_dest().await;
+        };
+        let ticket = rec.space.flush_issued();
+        // The metadata is flushed synchronously on the queue thread: recording is a test
+        // mode, and the metadata device is small.
+        let res = match self.fdatasync_dest().await {
+            Ok(()) => rec.metadata.flush(),
+            Err(e) => Err(e),
+        };
+        match &res {
+            Ok(()) => rec.space.flush_completed(ticket),
+            Err(_) => rec.space.flush_failed(ticket),
+        }
+        res
     }
 }
 
@@ -161,13 +198,18 @@ fn op_result(
     }
 }
 
-async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]) -> i32 {
+async fn handle_one(
+    engine: &Engine,
+    path: &UringPath,
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf: &mut [u8],
+) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let off = iod.start_sector << 9;
     let len = (iod.nr_sectors as u64) << 9;
     let fua = iod.op_flags & libublk::sys::UBLK_IO_F_FUA != 0;
-    let path = UringPath;
     // Only reads and writes carry data; a discard may be far larger than the buffer.
     let data =
         |buf: &mut [u8]| -> Option<usize> { (len as usize <= buf.len()).then_some(len as usize) };
@@ -182,7 +224,7 @@ async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]
             };
             if op == libublk::sys::UBLK_IO_OP_READ {
                 op_result(
-                    engine.read(&path, off, &mut buf[..n]).await,
+                    engine.read(path, off, &mut buf[..n]).await,
                     n as i32,
                     "read",
                     off,
@@ -190,7 +232,7 @@ async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]
                 )
             } else {
                 op_result(
-                    engine.write(&path, off, &buf[..n], fua).await,
+                    engine.write(path, off, &buf[..n], fua).await,
                     n as i32,
                     "write",
                     off,
@@ -198,24 +240,25 @@ async fn handle_one(engine: &Engine, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8]
                 )
             }
         }
-        libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush(&path).await, 0, "flush", off, 0),
-        libublk::sys::UBLK_IO_OP_DISCARD => op_result(
-            engine.discard(&path, off, len).await,
-            0,
-            "discard",
-            off,
-            len,
-        ),
+        libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush(path).await, 0, "flush", off, 0),
+        libublk::sys::UBLK_IO_OP_DISCARD => {
+            op_result(engine.discard(path, off, len).await, 0, "discard", off, len)
+        }
         _ => -libc::EOPNOTSUPP,
     }
 }
 
-async fn tag_task(engine: Arc<Engine>, q: Rc<UblkQueue<'_>>, tag: u16) -> Result<(), UblkError> {
+async fn tag_task(
+    engine: Arc<Engine>,
+    path: Rc<UringPath>,
+    q: Rc<UblkQueue<'_>>,
+    tag: u16,
+) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
-        let res = handle_one(&engine, &q, tag, buf.as_mut_slice()).await;
+        let res = handle_one(&engine, &path, &q, tag, buf.as_mut_slice()).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
@@ -244,7 +287,7 @@ fn new_eventfd() -> io::Result<Arc<OwnedFd>> {
     Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-fn queue_thread(engine: Arc<Engine>, qid: u16, dev: &UblkDev) {
+fn queue_thread(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16, dev: &UblkDev) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -272,11 +315,12 @@ fn queue_thread(engine: Arc<Engine>, qid: u16, dev: &UblkDev) {
         };
     }));
     let exe = Rc::new(smol::LocalExecutor::new());
+    let path = Rc::new(UringPath { recording });
     let mut tasks = Vec::new();
     for tag in q.tags() {
-        let (q, engine) = (q.clone(), engine.clone());
+        let (q, engine, path) = (q.clone(), engine.clone(), path.clone());
         tasks.push(exe.spawn(async move {
-            match tag_task(engine, q, tag).await {
+            match tag_task(engine, path, q, tag).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => log::error!("queue {qid} tag {tag}: {e}"),
             }
@@ -299,6 +343,7 @@ pub fn serve(
     engine: Arc<Engine>,
     source: RawFd,
     dest: RawFd,
+    recording: Option<Arc<Recording>>,
     opts: &DeviceOptions,
     on_started: impl FnOnce(&UblkCtrl, DeviceInfo) + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
@@ -342,7 +387,8 @@ pub fn serve(
         Ok(())
     };
     let qengine = engine.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_thread(qengine.clone(), qid, dev);
+    let q_fn =
+        move |qid: u16, dev: &UblkDev| queue_thread(qengine.clone(), recording.clone(), qid, dev);
     let dev_fn = move |ctrl: &UblkCtrl| {
         let info = ctrl.dev_info();
         let di = DeviceInfo {

@@ -2,9 +2,14 @@
 # Crash consistency of a clone on the real kernel, the generic/482 method applied to ublk-clone.
 # Runs INSIDE the VM guest (root, loop devices, ublk_drv, the kernel's dm-log-writes target):
 #
-#     bash tests/vm/clone_logwrites.sh /path/to/ublk-clone [/path/to/ublk-clone-replay]
+#     [RECORDER=kernel|daemon] bash tests/vm/clone_logwrites.sh /path/to/ublk-clone [/path/to/ublk-clone-replay]
 #
-# Recording: one loop device is the "logged device", holding the clone's destination at
+# RECORDER=daemon records with the daemon itself instead (`create --log-writes`, marks with
+# `ublk-clone mark`): the same layout in one log, then the same crash-point checks; the
+# "logged device" to compare the whole replay with is built from the destination and metadata
+# files after the stop.
+#
+# Recording (kernel): one loop device is the "logged device", holding the clone's destination at
 # sector 0 and its metadata at metadata_base = dest size rounded up to 1 MiB (the layout of
 # docs/log-writes.md). The KERNEL's log-writes target sits on it (/dev/mapper/$LW), and two
 # dm-linear devices over it are the clone's --dest and --metadata, so one log keeps the relative
@@ -36,6 +41,7 @@ CAP=${CAP:-30}              # most crash points checked (about 5 s each under TC
 SRC_MB=${SRC_MB:-64}        # source = destination size
 META_MB=4
 LOG_MB=512
+RECORDER=${RECORDER:-kernel}
 RATE=${RATE:-4M}            # background hydration rate while recording
 pass=0
 fail=0
@@ -110,7 +116,8 @@ modprobe ublk_drv 2>/dev/null
 [ -x "$BIN" ] || { bad "$BIN is not executable"; finish; }
 [ -x "$REPLAY" ] || { bad "$REPLAY is not executable"; finish; }
 [ -c /dev/ublk-control ] || { bad "no ublk (/dev/ublk-control missing)"; finish; }
-if ! modprobe dm-log-writes 2>/dev/null && ! dmsetup targets | grep -q '^log-writes'; then
+[ "$RECORDER" = kernel ] || [ "$RECORDER" = daemon ] || { bad "RECORDER=$RECORDER: kernel or daemon"; finish; }
+if [ "$RECORDER" = kernel ] && ! modprobe dm-log-writes 2>/dev/null && ! dmsetup targets | grep -q '^log-writes'; then
     bad "cannot load the dm-log-writes target"
     finish
 fi
@@ -126,29 +133,43 @@ t0=$SECONDS
 
 #--- Recording ---------------------------------------------------------------------------------
 head -c "$DEST_BYTES" /dev/urandom >"$W/src"  # random: a region read from the source by mistake shows
-truncate -s "$TOTAL_BYTES" "$W/data.img"      # zeroed logged device (blank metadata = format)
-truncate -s ${LOG_MB}M "$W/log.img"
-loop "$W/data.img" && data=$LOOPDEV && loop "$W/log.img" && logdev=$LOOPDEV ||
-    { bad "losetup of the logged device and the log"; finish; }
-if ! { dmsetup create "$LW" --table "0 $((TOTAL_BYTES / 512)) log-writes $data $logdev" &&
-    dmsetup create "$DDEV" --table "0 $((DEST_BYTES / 512)) linear /dev/mapper/$LW 0" &&
-    dmsetup create "$MDEV" --table "0 $((META_BYTES / 512)) linear /dev/mapper/$LW $((META_BASE / 512))"; }; then
-    bad "dmsetup create of log-writes and the two linear ranges"
-    finish
-fi
-# Blank metadata is formatted by create; make sure the range is zero (it is, a fresh sparse file).
-udevadm settle 2>/dev/null
-cmp -s -n "$META_BYTES" "/dev/mapper/$MDEV" /dev/zero || { bad "metadata range is not zero"; finish; }
-if ! create "/dev/mapper/$DDEV" "/dev/mapper/$MDEV" --region-size 64K --rate "$RATE"; then
-    bad "ublk-clone create on the logged devices failed (see above)"
-    keep record "$W/create.err"
-    finish
+mark() { # mark NAME: a mark in the log, from the kernel target or from the daemon
+    if [ "$RECORDER" = kernel ]; then dmsetup message "$LW" 0 mark "$1"; else "$BIN" mark "$dev" "$1" >/dev/null; fi
+}
+if [ "$RECORDER" = kernel ]; then
+    truncate -s "$TOTAL_BYTES" "$W/data.img"      # zeroed logged device (blank metadata = format)
+    truncate -s ${LOG_MB}M "$W/log.img"
+    loop "$W/data.img" && data=$LOOPDEV && loop "$W/log.img" && logdev=$LOOPDEV ||
+        { bad "losetup of the logged device and the log"; finish; }
+    if ! { dmsetup create "$LW" --table "0 $((TOTAL_BYTES / 512)) log-writes $data $logdev" &&
+        dmsetup create "$DDEV" --table "0 $((DEST_BYTES / 512)) linear /dev/mapper/$LW 0" &&
+        dmsetup create "$MDEV" --table "0 $((META_BYTES / 512)) linear /dev/mapper/$LW $((META_BASE / 512))"; }; then
+        bad "dmsetup create of log-writes and the two linear ranges"
+        finish
+    fi
+    # Blank metadata is formatted by create; make sure the range is zero (it is, a fresh sparse file).
+    udevadm settle 2>/dev/null
+    cmp -s -n "$META_BYTES" "/dev/mapper/$MDEV" /dev/zero || { bad "metadata range is not zero"; finish; }
+    if ! create "/dev/mapper/$DDEV" "/dev/mapper/$MDEV" --region-size 64K --rate "$RATE"; then
+        bad "ublk-clone create on the logged devices failed (see above)"
+        keep record "$W/create.err"
+        finish
+    fi
+else
+    truncate -s "$DEST_BYTES" "$W/dst"
+    truncate -s "$META_BYTES" "$W/meta"
+    if ! create "$W/dst" "$W/meta" --region-size 64K --rate "$RATE" \
+        --log-writes "$W/log.img" --log-writes-size ${LOG_MB}M; then
+        bad "ublk-clone create --log-writes failed (see above)"
+        keep record "$W/create.err"
+        finish
+    fi
 fi
 dev=$CLONEDEV
-echo "     recording: clone $dev over /dev/mapper/$DDEV + /dev/mapper/$MDEV (log-writes $LW), hydration rate $RATE"
-if ! { dmsetup message "$LW" 0 mark start &&
+echo "     recording ($RECORDER): clone $dev, hydration rate $RATE"
+if ! { mark start &&
     mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev" &&
-    dmsetup message "$LW" 0 mark mkfs &&
+    mark mkfs &&
     mount "$dev" "$W/mnt" &&
     dd if=/dev/urandom of="$W/mnt/big" bs=1M count=4 status=none conv=fsync &&
     cp -r /usr/share/doc/bash "$W/mnt/doc" &&
@@ -160,7 +181,7 @@ if ! { dmsetup message "$LW" 0 mark start &&
     dd if=/dev/urandom of="$W/mnt/small" bs=4k count=16 status=none &&
     mv "$W/mnt/doc" "$W/mnt/d1/doc" &&
     sync &&
-    dmsetup message "$LW" 0 mark workload-done &&
+    mark workload-done &&
     umount "$W/mnt"; }; then
     bad "workload on the clone $dev"
     keep record
@@ -168,10 +189,19 @@ if ! { dmsetup message "$LW" 0 mark start &&
 fi
 st=$("$BIN" status "$dev" 2>&1 | head -n 2 | tr '\n' ' ')
 stop_clone "$dev" || { bad "ublk-clone stop $dev"; keep record; finish; }
-dmsetup remove "$DDEV" && dmsetup remove "$MDEV" && dmsetup remove "$LW" ||
-    { bad "dmsetup remove"; finish; }
-unloop "$data"
-unloop "$logdev"
+if [ "$RECORDER" = kernel ]; then
+    dmsetup remove "$DDEV" && dmsetup remove "$MDEV" && dmsetup remove "$LW" ||
+        { bad "dmsetup remove"; finish; }
+    unloop "$data"
+    unloop "$logdev"
+else
+    # The logged device as the daemon saw it: destination at 0, metadata at META_BASE.
+    cp --sparse=always "$W/dst" "$W/data.img" && truncate -s "$TOTAL_BYTES" "$W/data.img" &&
+        dd if="$W/meta" of="$W/data.img" bs=1M seek=$((META_BASE >> 20)) conv=notrunc,sparse status=none ||
+        { bad "cannot assemble the logged device image"; finish; }
+    "$REPLAY" --log "$W/log.img" --find --end-mark ublk-clone-start >/dev/null ||
+        bad "the daemon's log has no mark ublk-clone-start"
+fi
 echo "     recorded in $((SECONDS - t0)) s; clone status at stop: $st"
 echo "     log: $("$REPLAY" --log "$W/log.img")"
 

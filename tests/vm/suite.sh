@@ -204,6 +204,7 @@ test_cli_bad_input() {
   expect_error "destination in use" "busy" "$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$WORK/meta2"
   expect_error "metadata in use" "busy" "$BIN" create --source "$WORK/src" --dest "$WORK/dst2" --metadata "$WORK/meta"
   expect_error "busy device number" "already exists" "$BIN" create --source "$WORK/src" --dest "$WORK/dst2" --metadata "$WORK/meta2" --number "$n"
+  expect_error "mark without recording" "not recording" "$BIN" mark "$dev" test-mark
   stop "$dev"
   # Another clone's metadata is refused without --force; corrupt metadata is refused.
   head -c 16M /dev/urandom >"$WORK/src2"
@@ -229,6 +230,12 @@ test_clone_on_kernel_log_writes() {
     || fail "clone_logwrites.sh reported failures"
 }
 
+test_clone_daemon_log_writes() {
+  # The same, recorded by the daemon itself (`create --log-writes`, `ublk-clone mark`).
+  RECORDER=daemon CAP=${DAEMON_CAP:-15} bash "$(dirname "$0")/clone_logwrites.sh" "$BIN" \
+    "$(dirname "$BIN")/ublk-clone-replay" || fail "clone_logwrites.sh (daemon recorder) reported failures"
+}
+
 #---------------------------------------------------------------------------------------------
 
 echo "ublk-clone VM suite on $(uname -r), $(nproc) CPUs; log: $LOG"
@@ -236,7 +243,8 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         cli_bad_input kernel_dm_log_writes_replay clone_on_kernel_log_writes; do
+         cli_bad_input kernel_dm_log_writes_replay clone_on_kernel_log_writes \
+         clone_daemon_log_writes; do
   run_test "$t"
 done
 echo "vm-suite: $passed passed, $failed failed"
