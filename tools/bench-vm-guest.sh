@@ -2,6 +2,7 @@
 # Guest half of tools/bench-vm.sh.
 set -euo pipefail
 bin=$1 rublk=$2 rounds=$3 runtime=$4
+profiles=${5:-randread seqwrite fsync}
 modprobe ublk_drv
 modprobe loop 2>/dev/null || true
 w=$(mktemp -d /dev/shm/bench.XXXXXX)
@@ -36,9 +37,12 @@ run_fio() { # DEV PROFILE -> prints IOPS
     | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"],1))'
 }
 declare -A res
+types=(hyd un peer kl)
 for ((r = 0; r < rounds; r++)); do
-  for p in randread seqwrite fsync; do
-    for t in hyd un peer kl; do
+  for p in $profiles; do
+    # Rotate the order every round so that no device always runs first or last.
+    for ((i = 0; i < ${#types[@]}; i++)); do
+      t=${types[$(((i + r) % ${#types[@]}))]}
       case $t in hyd) d=$hyd ;; un) d=$un ;; peer) d=$peer ;; kl) d=$kl ;; esac
       v=$(run_fio "$d" "$p")
       res[$t.$p]+="$v "
@@ -51,12 +55,20 @@ import sys, statistics, shlex
 toks = shlex.split(" ".join(sys.argv[1:]))
 d = {toks[i]: [float(x) for x in toks[i + 1].split()] for i in range(0, len(toks), 2)}
 names = {"hyd": "ublk-clone (hydrated)", "un": "ublk-clone (unhydrated)", "peer": "rublk loop", "kl": "kernel loop"}
+# Headline: the median over rounds of the ratio within a round (the four runs of a round are
+# adjacent in time, so slow drift of the host cancels out); the ratio of medians is shown too.
 for p, target in [("randread", 0.95), ("seqwrite", 0.95), ("fsync", 0.8)]:
+    if f"hyd.{p}" not in d:
+        continue
     med = {t: statistics.median(d[f"{t}.{p}"]) for t in names}
     print(f"{p}: " + ", ".join(f"{names[t]} {med[t]:.0f}" for t in names) + " IOPS (medians)")
     for t in ("hyd", "un"):
-        print(f"  ratio {names[t]} / rublk loop = {med[t] / med['peer']:.2f}x (target >= {target}x for hydrated);"
-              f" / kernel loop = {med[t] / med['kl']:.2f}x")
+        paired = statistics.median(a / b for a, b in zip(d[f"{t}.{p}"], d[f"peer.{p}"]))
+        paired_kl = statistics.median(a / b for a, b in zip(d[f"{t}.{p}"], d[f"kl.{p}"]))
+        verdict = ("met" if paired >= target else "MISSED") if t == "hyd" else "no target"
+        print(f"  ratio {names[t]} / rublk loop = {paired:.2f}x (median of {len(d[f'{t}.{p}'])} per-round ratios;"
+              f" ratio of medians {med[t] / med['peer']:.2f}x); target {target}x: {verdict};"
+              f" / kernel loop = {paired_kl:.2f}x")
 PY
 "$bin" stop "$hyd"; "$bin" stop "$un"; "$rublk" del -a >/dev/null 2>&1 || true; losetup -d "$kl"
 rm -rf "$w"

@@ -4,7 +4,8 @@
 # kind of backing file, in ONE guest boot, side by side and interleaved over several rounds.
 # Prints per-run figures and ratios of medians. Absolute numbers under TCG mean little.
 #
-# Usage: tools/bench-vm.sh [ROUNDS] [RUNTIME_S]     (host side; installs rublk if missing)
+# Usage: tools/bench-vm.sh [ROUNDS] [RUNTIME_S] [PROFILES]   (host side; installs rublk if missing)
+#        PROFILES: a quoted subset of "randread seqwrite fsync" (default: all three)
 # Backing files live on a tmpfs inside the guest, so the figures compare the block servers,
 # not the disk (all servers therefore use buffered I/O on their backing files).
 set -euo pipefail
@@ -17,4 +18,4 @@ if [ ! -x "$peer_root/bin/rublk" ]; then
   cargo install --quiet --locked rublk --root "$peer_root" || cargo install --quiet rublk --root "$peer_root"
 fi
 cargo build --release --bins --quiet
-exec tools/vm-run --mem 3G -- tools/bench-vm-guest.sh "$(pwd)/target/release/ublk-clone" "$peer_root/bin/rublk" "$rounds" "$runtime"
+exec tools/vm-run --mem 3G -- tools/bench-vm-guest.sh "$(pwd)/target/release/ublk-clone" "$peer_root/bin/rublk" "$rounds" "$runtime" "${3:-randread seqwrite fsync}"
