@@ -1,7 +1,7 @@
 //! Crash-consistency oracle for the engine.
 //!
-//! A randomized concurrent workload (reads, writes, FUA writes, discards, FLUSHes, background
-//! hydration, periodic commits) runs on a destination and a metadata device that are both
+//! A randomized concurrent workload (reads, writes, FUA writes, WRITE_ZEROES, discards,
+//! FLUSHes, background hydration, periodic commits) runs on a destination and a metadata device that are both
 //! wrapped in [`RecordingDev`]s sharing one [`IoLog`], so the log keeps the relative order of
 //! their writes and flushes. The workload keeps a history of every acknowledged operation.
 //! Then crash states are rebuilt from the log (at every flush point, at every FLUSH
@@ -196,10 +196,21 @@ fn run_workload(r: &CrashRig, seed: u64, w: &Workload) -> History {
                             }
                         }
                         30..=74 => {
-                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                            // One write in eight is a WRITE_ZEROES (a write of zeroes).
+                            let zeroes = rng.gen_range(0..8) == 0;
+                            let data: Vec<u8> = if zeroes {
+                                vec![0; len as usize]
+                            } else {
+                                (0..len).map(|_| rng.gen()).collect()
+                            };
                             let fua = rng.gen_range(0..10) == 0;
                             let issue_t = clock.fetch_add(1, Ordering::SeqCst);
-                            let res = block_on(r.engine.write(&r.path, off, &data, fua));
+                            let res = if zeroes {
+                                let unmap = rng.gen();
+                                block_on(r.engine.write_zeroes(&r.path, off, len, unmap, fua))
+                            } else {
+                                block_on(r.engine.write(&r.path, off, &data, fua))
+                            };
                             assert_eq!(res, Ok(()));
                             let ack_t = clock.fetch_add(1, Ordering::SeqCst);
                             let acked_at = r.log.len();
@@ -354,10 +365,18 @@ impl Oracle<'_> {
         } else {
             newest_older.unwrap_or_else(|| "unknown data".into())
         };
-        format!(
-            "holds {what}; acceptable: {:?} (None = source)",
-            vs.iter().collect::<Vec<_>>()
-        )
+        let writes: Vec<String> = vs
+            .iter()
+            .map(|v| match v {
+                None => "source".to_string(),
+                Some(i) => {
+                    let w = &self.h.writes[*i];
+                    let zero = w.data.iter().all(|b| *b == 0);
+                    format!("write {i} at {} len {} zeroes {zero}", w.off, w.data.len())
+                }
+            })
+            .collect();
+        format!("holds {what}; acceptable: {writes:?}")
     }
 
     /// Builds and checks one crash state; returns its hydrated bitmap when the metadata

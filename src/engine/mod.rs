@@ -243,6 +243,8 @@ pub struct Engine {
 }
 
 const MAX_HINTS: usize = 4096;
+/// Most region locks one WRITE_ZEROES holds at a time.
+const ZERO_CHUNK_REGIONS: u64 = 1024;
 
 impl Engine {
     /// Builds the engine and starts its commit and hydration threads.
@@ -628,22 +630,94 @@ impl Engine {
     }
 
     //--------------------------------------------------------------------------------------
-    // Discards
+    // Write zeroes
 
-    /// Discard: whole covered regions that are not hydrated are marked hydrated without a
-    /// copy; the range is passed down to the destination unless disabled. Partially covered
-    /// unhydrated regions at the edges get zeroes written (through the copy path), so that no
-    /// part of a discarded range reads back stale source data.
-    pub async fn discard<P: DataPath>(&self, p: &P, offset: u64, len: u64) -> Result<(), IoError> {
+    /// WRITE_ZEROES: afterwards the range reads back as zeroes. Whole regions are zeroed on
+    /// the destination without a copy (a hole or an allocated zero range, as the destination
+    /// allows; `unmap` permits the hole) and then marked hydrated, like a write that covers
+    /// them; partially covered regions at the edges go through the write path.
+    pub async fn write_zeroes<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), IoError> {
         self.validate(offset, len)?;
         match self.mode() {
             Mode::Fail => return Err(IoError::eio("device is in fail mode")),
-            Mode::ReadOnly => return Ok(()),
-            Mode::ReadWrite => {}
+            Mode::ReadOnly if fua => {
+                return Err(IoError::eio(
+                    "device is read-only after a failure; FUA refused",
+                ))
+            }
+            _ => {}
         }
         if len == 0 {
             return Ok(());
         }
+        let (edges, rs, re) = self.split_edges(offset, len);
+        for (a, b) in edges {
+            if self.all_hydrated(a, b) {
+                p.zero_dest(a, b - a, unmap)
+                    .await
+                    .map_err(|e| IoError::eio(e.to_string()))?;
+            } else {
+                let zeroes = AlignedBuf::zeroed((b - a) as usize);
+                self.write_inner(p, a, &zeroes).await?;
+            }
+        }
+        // Whole regions, a bounded number of region locks at a time, in ascending order.
+        let mut r = rs;
+        while r < re {
+            let chunk_end = re.min(r + ZERO_CHUNK_REGIONS);
+            let mut guards = Vec::new();
+            for x in r..chunk_end {
+                if !self.is_hydrated(x) {
+                    let g = self.locks.lock(x).await;
+                    if !self.is_hydrated(x) {
+                        guards.push(g);
+                    }
+                }
+            }
+            if !guards.is_empty() && self.mode() != Mode::ReadWrite {
+                return Err(IoError::eio(
+                    "device is read-only after a failure; cannot hydrate for this write",
+                ));
+            }
+            let (a, l) = self.geo.regions_span(r, chunk_end - r);
+            p.zero_dest(a, l, unmap)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()))?;
+            // The zeroes of every locked region are now on the destination.
+            for g in &guards {
+                self.md.set_hydrated(g.region()).map_err(|e| {
+                    IoError::eio(format!("recording region {} hydrated: {e}", g.region()))
+                })?;
+            }
+            self.stats
+                .regions_hydrated_write
+                .fetch_add(guards.len() as u64, Ordering::Relaxed);
+            drop(guards);
+            r = chunk_end;
+        }
+        self.check_fully_hydrated();
+        if fua {
+            self.flush(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether every region touched by `[a, b)` is hydrated. (An edge range may span the end
+    /// of one region and the start of the next.)
+    fn all_hydrated(&self, a: u64, b: u64) -> bool {
+        (self.geo.region_of(a)..=self.geo.region_of(b - 1)).all(|r| self.is_hydrated(r))
+    }
+
+    /// Splits `[offset, offset+len)` into partially covered edge ranges and the whole
+    /// regions `[rs, re)` between them (empty when `rs >= re`).
+    fn split_edges(&self, offset: u64, len: u64) -> (Vec<(u64, u64)>, u64, u64) {
         let end = offset + len;
         let rs = offset.div_ceil(self.geo.region_size);
         let re = if end == self.geo.size {
@@ -651,7 +725,6 @@ impl Engine {
         } else {
             end >> self.geo.region_shift
         };
-        // Edges: partial regions.
         let full_start = self.geo.region_start(rs).min(end);
         let full_end = if re > rs {
             self.geo.region_end(re - 1)
@@ -669,9 +742,29 @@ impl Engine {
                 edges.push((full_end, end));
             }
         }
+        (edges, rs, re)
+    }
+
+    //--------------------------------------------------------------------------------------
+    // Discards
+
+    /// Discard: whole covered regions that are not hydrated are marked hydrated without a
+    /// copy; the range is passed down to the destination unless disabled. Partially covered
+    /// unhydrated regions at the edges get zeroes written (through the copy path), so that no
+    /// part of a discarded range reads back stale source data.
+    pub async fn discard<P: DataPath>(&self, p: &P, offset: u64, len: u64) -> Result<(), IoError> {
+        self.validate(offset, len)?;
+        match self.mode() {
+            Mode::Fail => return Err(IoError::eio("device is in fail mode")),
+            Mode::ReadOnly => return Ok(()),
+            Mode::ReadWrite => {}
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let (edges, rs, re) = self.split_edges(offset, len);
         for (a, b) in edges {
-            let r = self.geo.region_of(a);
-            if !self.is_hydrated(r) {
+            if !self.all_hydrated(a, b) {
                 let zeroes = vec![0u8; (b - a) as usize];
                 self.write_inner(p, a, &zeroes).await?;
             } else if self.config.discard_passdown {
@@ -696,7 +789,8 @@ impl Engine {
         }
         self.check_fully_hydrated();
         if self.config.discard_passdown {
-            p.discard_dest(full_start, full_end - full_start)
+            let (full_start, full_len) = self.geo.regions_span(rs, re - rs);
+            p.discard_dest(full_start, full_len)
                 .await
                 .map_err(|e| IoError::eio(e.to_string()))?;
         }

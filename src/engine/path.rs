@@ -20,6 +20,9 @@ pub trait DataPath {
     async fn read(&self, side: Side, buf: &mut [u8], offset: u64) -> io::Result<()>;
     async fn write_dest(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Zeroes `len` bytes of the destination at `offset`: afterwards they read back as
+    /// zeroes. `unmap` allows deallocating them (a hole) rather than writing zeroes.
+    async fn zero_dest(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
     /// Makes every destination write completed before this call durable.
     async fn flush_dest(&self) -> io::Result<()>;
 }
@@ -44,6 +47,10 @@ impl DataPath for SyncPath {
 
     async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()> {
         self.dest.discard(offset, len)
+    }
+
+    async fn zero_dest(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.dest.write_zeroes(offset, len)
     }
 
     async fn flush_dest(&self) -> io::Result<()> {

@@ -157,11 +157,20 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
                                 m[off as usize + i] = Some(*v);
                             }
                         }
-                        85..=91 => {
+                        85..=88 => {
                             assert_eq!(block_on(r.engine.discard(&r.path, off, len)), Ok(()));
                             let mut m = model.bytes.lock();
                             for i in off..off + len {
                                 m[i as usize] = None;
+                            }
+                        }
+                        89..=91 => {
+                            let (unmap, fua) = (rng.gen(), rng.gen_range(0..10) == 0);
+                            let res = r.engine.write_zeroes(&r.path, off, len, unmap, fua);
+                            assert_eq!(block_on(res), Ok(()));
+                            let mut m = model.bytes.lock();
+                            for i in off..off + len {
+                                m[i as usize] = Some(0);
                             }
                         }
                         _ => assert_eq!(block_on(r.engine.flush(&r.path)), Ok(())),
@@ -491,6 +500,109 @@ fn discard_marks_whole_regions_without_copy_and_zeroes_partial_edges() {
     );
     assert_eq!(&buf[3 * 4096 + 1024..], &src[3 * 4096 + 1024..4 * 4096]);
     assert_eq!(r.engine.status().hydrated, 4);
+}
+
+#[test]
+fn write_zeroes_hydrates_whole_regions_without_copy_and_keeps_partial_edges() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    // Regions 1 and 2 are covered whole: their source data must never be read.
+    r.source.set_fault(Some(Arc::new(|op: &Op| match op {
+        Op::Read { offset, len } if *offset < 3 * 4096 && offset + len > 4096 => {
+            Some(io::Error::other("must not copy"))
+        }
+        _ => None,
+    })));
+    // Region 2 is hydrated first (a whole-region write), so both kinds are zeroed.
+    let ones = vec![0xffu8; 4096];
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 2 * 4096, &ones, false)),
+        Ok(())
+    );
+    // [3072, 3*4096+1024): region 0 and 3 partial, 1 and 2 whole.
+    let res = r
+        .engine
+        .write_zeroes(&r.path, 3072, 2 * 4096 + 2048, true, false);
+    assert_eq!(block_on(res), Ok(()));
+    r.source.set_fault(None);
+    let mut buf = vec![0u8; 4 * 4096];
+    assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+    let src = r.source.snapshot();
+    assert_eq!(
+        &buf[..3072],
+        &src[..3072],
+        "head of region 0 keeps its data"
+    );
+    assert!(
+        buf[3072..3 * 4096 + 1024].iter().all(|b| *b == 0),
+        "the zeroed range reads zeroes"
+    );
+    assert_eq!(
+        &buf[3 * 4096 + 1024..],
+        &src[3 * 4096 + 1024..4 * 4096],
+        "tail of region 3 keeps its data"
+    );
+    assert_eq!(r.engine.status().hydrated, 4);
+    // Durable like a write: a FLUSH commits the bits, and the destination holds the zeroes.
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    let dest = r.dest.snapshot();
+    assert!(dest[3072..3 * 4096 + 1024].iter().all(|b| *b == 0));
+    assert_eq!(r.engine.shutdown(), Ok(()));
+}
+
+#[test]
+fn zeroes_and_discards_across_two_partial_regions_treat_each_region() {
+    // An edge range may end one region and start the next; each must be handled on its own
+    // state (regression: only the first region's state was looked at).
+    for discard in [false, true] {
+        let r = rig(16 * 4096, 4096, no_hydration);
+        let ones = vec![0xffu8; 4096];
+        // Region 2 hydrated, region 3 not; region 5 not, region 6 hydrated.
+        for at in [2 * 4096, 6 * 4096] {
+            assert_eq!(block_on(r.engine.write(&r.path, at, &ones, false)), Ok(()));
+        }
+        for at in [2 * 4096 + 3072, 5 * 4096 + 3072] {
+            let res = if discard {
+                block_on(r.engine.discard(&r.path, at, 2048))
+            } else {
+                block_on(r.engine.write_zeroes(&r.path, at, 2048, true, false))
+            };
+            assert_eq!(res, Ok(()));
+        }
+        let mut buf = vec![0u8; 16 * 4096];
+        assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+        let src = r.source.snapshot();
+        for (lo, hi) in [(3 * 4096, 3 * 4096 + 1024), (5 * 4096 + 3072, 6 * 4096)] {
+            assert!(
+                buf[lo..hi].iter().all(|b| *b == 0),
+                "discard {discard}: the unhydrated part [{lo}, {hi}) must read zeroes"
+            );
+        }
+        if !discard {
+            assert!(buf[2 * 4096 + 3072..3 * 4096].iter().all(|b| *b == 0));
+            assert!(buf[6 * 4096..6 * 4096 + 1024].iter().all(|b| *b == 0));
+        }
+        assert_eq!(
+            &buf[3 * 4096 + 1024..4 * 4096],
+            &src[3 * 4096 + 1024..4 * 4096]
+        );
+        assert_eq!(
+            &buf[5 * 4096..5 * 4096 + 3072],
+            &src[5 * 4096..5 * 4096 + 3072]
+        );
+        assert_eq!(&buf[6 * 4096 + 1024..7 * 4096], &ones[1024..]);
+        assert_eq!(r.engine.shutdown(), Ok(()));
+    }
+}
+
+#[test]
+fn write_zeroes_in_read_only_mode_refuses_to_hydrate() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    r.engine.degrade(Mode::ReadOnly, "test");
+    let res = r.engine.write_zeroes(&r.path, 0, 2 * 4096, true, false);
+    assert_eq!(block_on(res).map_err(|e| e.errno), Err(libc::EIO));
+    let res = r.engine.write_zeroes(&r.path, 0, 4096, true, true);
+    assert_eq!(block_on(res).map_err(|e| e.errno), Err(libc::EIO));
+    assert_eq!(r.engine.status().hydrated, 0);
 }
 
 #[test]

@@ -40,7 +40,23 @@ pub trait BlockDev: Send + Sync {
     /// Discards `len` bytes at `offset`; afterwards the range reads back as zeroes or as its
     /// old contents (undefined, like a real device).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Writes zeroes over `len` bytes at `offset` (like a write: not durable until a flush).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.name(), self.size(), offset, len)?;
+        let zeroes = ZEROES.as_slice();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
+
+/// One MiB of zeroes, page aligned, shared by everything that writes zeroes.
+pub static ZEROES: std::sync::LazyLock<AlignedBuf> =
+    std::sync::LazyLock::new(|| AlignedBuf::zeroed(1 << 20));
 
 /// Checks that `[offset, offset+len)` lies inside a device of `size` bytes.
 pub fn check_range(name: &str, size: u64, offset: u64, len: u64) -> io::Result<()> {
@@ -71,6 +87,9 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
     }
 }
 

@@ -152,6 +152,50 @@ impl DataPath for UringPath {
         }
     }
 
+    async fn zero_dest(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        // A hole reads back as zeroes (files and block devices alike); ZERO_RANGE keeps the
+        // space allocated. Where the destination supports neither mode, zeroes are written.
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let (first, second) = if unmap {
+            (libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE)
+        } else {
+            (libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE)
+        };
+        let mut zeroed = false;
+        for mode in [first | keep, second | keep] {
+            let sqe = opcode::Fallocate::new(types::Fixed(DEST_SLOT), len)
+                .offset(offset)
+                .mode(mode)
+                .build();
+            match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
+                Ok(_) => {
+                    zeroed = true;
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let zeroes = crate::io::ZEROES.as_slice();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            if !zeroed {
+                // write_dest logs the write itself when recording.
+                self.write_dest(&zeroes[..n], offset + done).await?;
+            } else if let Some(rec) = &self.recording {
+                rec.space
+                    .write_completed(offset + done, &zeroes[..n], false);
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     async fn flush_dest(&self) -> io::Result<()> {
         let Some(rec) = &self.recording else {
             return self.fdatasync_dest().await;
@@ -241,6 +285,16 @@ async fn handle_one(
             }
         }
         libublk::sys::UBLK_IO_OP_FLUSH => op_result(engine.flush(path).await, 0, "flush", off, 0),
+        libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
+            let unmap = iod.op_flags & libublk::sys::UBLK_IO_F_NOUNMAP == 0;
+            op_result(
+                engine.write_zeroes(path, off, len, unmap, fua).await,
+                0,
+                "write zeroes",
+                off,
+                len,
+            )
+        }
         libublk::sys::UBLK_IO_OP_DISCARD => {
             op_result(engine.discard(path, off, len).await, 0, "discard", off, len)
         }
@@ -373,7 +427,10 @@ pub fn serve(
             discard_alignment: 0,
             discard_granularity: geo.region_size as u32,
             max_discard_sectors: (u32::MAX >> 9) / region_sectors * region_sectors,
-            max_write_zeroes_sectors: 0,
+            // WRITE_ZEROES is served (Engine::write_zeroes); 128 MiB (at least one region) per
+            // request bounds what a recording holds in memory for one.
+            max_write_zeroes_sectors: ((128u32 << 20) >> 9).max(region_sectors) / region_sectors
+                * region_sectors,
             max_discard_segments: 1,
             reserved0: 0,
         };

@@ -100,6 +100,16 @@ test_reads_writes_and_partial_regions() {
   cmp <(dd if="$dev" bs=1024 skip=$((10 * 64 + 7)) count=200 iflag=direct status=none) "$WORK/w2" || fail "cross-region write"
   cmp <(dd if="$dev" bs=1024 skip=640 count=7 iflag=direct status=none) <(dd if="$WORK/src" bs=1024 skip=640 count=7 status=none) \
     || fail "cross-region write clobbered the head of its first region"
+  # WRITE_ZEROES (BLKZEROOUT) over regions 20..23 from 4K into region 20 to 4K into region 23:
+  # advertised, reads back zeroes, the uncovered parts of the edge regions keep source data.
+  [ "$(cat /sys/block/${dev#/dev/}/queue/write_zeroes_max_bytes)" -gt 0 ] || fail "WRITE_ZEROES not advertised"
+  blkdiscard -z -o $((20 * 65536 + 4096)) -l $((3 * 65536)) "$dev" || fail "blkdiscard -z failed"
+  cmp -n $((3 * 65536)) <(dd if="$dev" bs=4096 skip=$((20 * 16 + 1)) count=48 iflag=direct status=none) /dev/zero \
+    || fail "the zeroed range does not read back zeroes"
+  cmp <(dd if="$dev" bs=4096 skip=$((20 * 16)) count=1 iflag=direct status=none) <(dd if="$WORK/src" bs=4096 skip=$((20 * 16)) count=1 status=none) \
+    || fail "WRITE_ZEROES clobbered the head of its first region"
+  cmp <(dd if="$dev" bs=4096 skip=$((23 * 16 + 1)) count=15 iflag=direct status=none) <(dd if="$WORK/src" bs=4096 skip=$((23 * 16 + 1)) count=15 status=none) \
+    || fail "WRITE_ZEROES clobbered the tail of its last region"
   stop "$dev"
 }
 
