@@ -69,6 +69,11 @@ pub struct CreateArgs {
     /// Run the daemon in the foreground instead of in the background.
     #[arg(long)]
     pub foreground: bool,
+    /// Use the page cache for the source and destination (no O_DIRECT), like rublk's
+    /// `--buffered-io`: for backing files on tmpfs, or to let the host cache the source.
+    #[arg(long)]
+    #[serde(default)]
+    pub buffered_io: bool,
     /// Record every write, discard and flush of the destination and the metadata into one
     /// dm-log-writes log at FILE (crash-consistency testing; `ublk-clone mark` adds marks,
     /// `ublk-clone-replay` replays it; see docs/log-writes.md). Not kept for `start`.
@@ -125,6 +130,7 @@ impl CreateArgs {
         for (flag, on) in [
             ("--no-hydration", self.no_hydration),
             ("--no-discard-passdown", self.no_discard_passdown),
+            ("--buffered-io", self.buffered_io),
             // Not --force: the caller already formatted; the daemon resumes that metadata.
             ("--ignore-source-mismatch", self.ignore_source_mismatch),
         ] {
@@ -222,8 +228,9 @@ fn open_devices(a: &CreateArgs, record: bool) -> Result<Opened> {
             bail!("{what} {}: no such file or device", p.display());
         }
     }
-    let source = Arc::new(FileDev::open(&a.source, Access::ReadOnly, true)?);
-    let dest = Arc::new(FileDev::open(&a.dest, Access::ReadWrite, true)?);
+    let direct = !a.buffered_io;
+    let source = Arc::new(FileDev::open(&a.source, Access::ReadOnly, direct)?);
+    let dest = Arc::new(FileDev::open(&a.dest, Access::ReadWrite, direct)?);
     let meta = Arc::new(FileDev::open(&a.metadata, Access::ReadWrite, true)?);
     source.lock(false)?;
     dest.lock(true)?;
@@ -652,6 +659,10 @@ fn recording_status(rec: Option<&CtlRecording>) -> Option<control::RecordingStat
 fn control_loop(l: &UnixListener, engine: &Engine, rec: Option<&CtlRecording>) {
     loop {
         if STOP.load(Ordering::Acquire) {
+            return;
+        }
+        if ublk::queues_alive() == 0 {
+            log::warn!("the device was stopped from outside (all queues ended); shutting down");
             return;
         }
         match l.accept() {

@@ -446,6 +446,30 @@ impl Engine {
         }
     }
 
+    /// The one backend I/O that serves a plain read or write completely, when the engine
+    /// has nothing else to do for it: the device is read-write, it is not FUA, and every
+    /// region it touches is hydrated, so it goes to the destination as it is. `None` sends it
+    /// through [`Engine::read`] / [`Engine::write`]. The frontend uses this to serve the
+    /// common case without the async machinery; what it does must equal what those would do.
+    pub fn direct_route(&self, offset: u64, len: u64, fua: bool) -> Option<Side> {
+        if len == 0 || fua || self.validate(offset, len).is_err() {
+            return None;
+        }
+        if self.mode() != Mode::ReadWrite {
+            return None;
+        }
+        if self.is_fully_hydrated() {
+            return Some(Side::Dest);
+        }
+        let (first, last) = (
+            self.geo.region_of(offset),
+            self.geo.region_of(offset + len - 1),
+        );
+        (first..=last)
+            .all(|r| self.md.is_hydrated(r))
+            .then_some(Side::Dest)
+    }
+
     //--------------------------------------------------------------------------------------
     // Reads
 

@@ -19,6 +19,7 @@ use crate::logwrites::LoggedSpace;
 use io_uring::{opcode, types};
 use libublk::ctrl::UblkCtrl;
 use libublk::helpers::IoBuf;
+use libublk::io::BufDescList;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData};
@@ -26,6 +27,15 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
+
+/// Queue threads still serving. When it drops to 0 while the daemon did not ask for it, the
+/// device was stopped or deleted from outside (e.g. `ublk del`): the daemon must then exit.
+static QUEUES_ALIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Number of queue threads still serving the device.
+pub fn queues_alive() -> usize {
+    QUEUES_ALIVE.load(std::sync::atomic::Ordering::Acquire)
+}
 
 /// Fixed-file slots registered with every queue ring (slot 0 is /dev/ublkcN).
 const SOURCE_SLOT: u32 = 1;
@@ -302,19 +312,116 @@ async fn handle_one(
     }
 }
 
-async fn tag_task(
+/// user_data of a direct backend I/O: a target I/O (so libublk never takes it for a ublk
+/// command) that is not an async future (`NonAsync`), with the tag in the low 16 bits.
+const DIRECT_IO: u64 = UblkUringData::Target as u64 | UblkUringData::NonAsync as u64;
+
+/// One queue: libublk's command loop, with a direct path for the common case and the
+/// engine's async path for everything else.
+///
+/// A new request whose whole work is one backend I/O (`Engine::direct_route`: a plain read
+/// or write of hydrated regions) is served without the async machinery: its SQE is pushed
+/// from the CQE handler and its completion commits the request. Every other request becomes
+/// a task on the queue's executor (`handle_one`), which also runs the engine's waits and the
+/// eventfd kick task. A direct I/O that does not transfer everything (an error or a short
+/// transfer) has completed and is then redone by the full path, which reports errors as
+/// the engine does.
+struct Queue<'a> {
+    q: Rc<UblkQueue<'a>>,
     engine: Arc<Engine>,
     path: Rc<UringPath>,
-    q: Rc<UblkQueue<'_>>,
-    tag: u16,
-) -> Result<(), UblkError> {
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
-    loop {
-        let res = handle_one(&engine, &path, &q, tag, buf.as_mut_slice()).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await?;
+    bufs: Rc<Vec<IoBuf<u8>>>,
+    exe: Rc<smol::LocalExecutor<'a>>,
+    /// Direct I/O is off while recording (the recorder logs through `UringPath`).
+    direct: bool,
+    /// Bytes expected from each tag's direct I/O.
+    expected: std::cell::RefCell<Vec<u32>>,
+}
+
+impl<'a> Queue<'a> {
+    fn buf(&self, tag: u16) -> &[u8] {
+        self.bufs[tag as usize].as_slice()
+    }
+
+    fn complete(&self, tag: u16, res: i32) {
+        let r = self.q.complete_io_cmd_unified(
+            tag,
+            BufDesc::Slice(self.buf(tag)),
+            Ok(libublk::UblkIORes::Result(res)),
+        );
+        if let Err(e) = r {
+            log::error!("queue {} tag {tag}: cannot complete: {e}", self.q.get_qid());
+        }
+    }
+
+    /// A new request arrived on `tag`.
+    fn start(self: &Rc<Self>, tag: u16) {
+        let iod = self.q.get_iod(tag);
+        let op = iod.op_flags & 0xff;
+        let off = iod.start_sector << 9;
+        let len = iod.nr_sectors << 9;
+        let fua = iod.op_flags & libublk::sys::UBLK_IO_F_FUA != 0;
+        let is_rw = op == libublk::sys::UBLK_IO_OP_READ || op == libublk::sys::UBLK_IO_OP_WRITE;
+        if self.direct && is_rw && len as usize <= self.buf(tag).len() {
+            if let Some(side) = self.engine.direct_route(off, len as u64, fua) {
+                let slot = match side {
+                    Side::Source => SOURCE_SLOT,
+                    Side::Dest => DEST_SLOT,
+                };
+                let ptr = self.bufs[tag as usize].as_mut_ptr();
+                let sqe = if op == libublk::sys::UBLK_IO_OP_READ {
+                    opcode::Read::new(types::Fixed(slot), ptr, len)
+                        .offset(off)
+                        .build()
+                } else {
+                    opcode::Write::new(types::Fixed(slot), ptr, len)
+                        .offset(off)
+                        .build()
+                };
+                self.expected.borrow_mut()[tag as usize] = len;
+                let sqe = sqe.user_data(DIRECT_IO | tag as u64);
+                if self.q.ublk_submit_sqe_sync(sqe).is_ok() {
+                    return;
+                }
+            }
+        }
+        self.spawn_full(tag);
+    }
+
+    /// The full engine path for the request on `tag`, as a task.
+    fn spawn_full(self: &Rc<Self>, tag: u16) {
+        let me = self.clone();
+        self.exe
+            .spawn(async move {
+                let n = me.buf(tag).len();
+                // SAFETY: the buffer belongs to `tag`, which has one request in flight: nothing
+                // else reads or writes it until this request is committed below.
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(me.bufs[tag as usize].as_mut_ptr(), n)
+                };
+                let res = handle_one(&me.engine, &me.path, &me.q, tag, buf).await;
+                me.complete(tag, res);
+            })
+            .detach();
+    }
+
+    fn on_cqe(self: &Rc<Self>, user_data: u64, cqe: &io_uring::cqueue::Entry) {
+        let tag = (user_data & 0xffff) as u16;
+        if user_data & UblkUringData::Target as u64 == 0 {
+            // A ublk command completed: a new request, or the queue is going away.
+            if cqe.result() == libublk::sys::UBLK_IO_RES_OK as i32 {
+                self.start(tag);
+            }
+        } else if user_data & DIRECT_IO == DIRECT_IO {
+            let want = self.expected.borrow()[tag as usize];
+            if cqe.result() >= 0 && cqe.result() as u32 == want {
+                self.complete(tag, cqe.result());
+            } else {
+                self.spawn_full(tag);
+            }
+        } else {
+            libublk::uring_async::ublk_wake_task(user_data, cqe);
+        }
     }
 }
 
@@ -342,7 +449,15 @@ fn new_eventfd() -> io::Result<Arc<OwnedFd>> {
 }
 
 fn queue_thread(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16, dev: &UblkDev) {
-    let q = match UblkQueue::new(qid, dev) {
+    serve_queue(engine, recording, qid, dev);
+    QUEUES_ALIVE.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+}
+
+fn serve_queue(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16, dev: &UblkDev) {
+    let bufs = Rc::new(dev.alloc_queue_io_bufs());
+    let q = match UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
+    {
         Ok(q) => Rc::new(q),
         Err(e) => {
             log::error!("queue {qid}: cannot set up: {e}");
@@ -369,26 +484,31 @@ fn queue_thread(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16
         };
     }));
     let exe = Rc::new(smol::LocalExecutor::new());
-    let path = Rc::new(UringPath { recording });
-    let mut tasks = Vec::new();
-    for tag in q.tags() {
-        let (q, engine, path) = (q.clone(), engine.clone(), path.clone());
-        tasks.push(exe.spawn(async move {
-            match tag_task(engine, path, q, tag).await {
-                Ok(()) | Err(UblkError::QueueIsDown) => {}
-                Err(e) => log::error!("queue {qid} tag {tag}: {e}"),
-            }
-        }));
-    }
     exe.spawn(kick_task(efd)).detach();
-    let exe2 = exe.clone();
-    smol::block_on(exe.run(async move {
-        let run_ops = || while exe2.try_tick() {};
-        let done = || tasks.iter().all(|t| t.is_finished());
-        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
-            log::error!("queue {qid}: {e}");
+    let depth = q.dev.dev_info.queue_depth as usize;
+    let queue = Rc::new(Queue {
+        direct: recording.is_none(),
+        path: Rc::new(UringPath { recording }),
+        q,
+        engine,
+        bufs,
+        exe: exe.clone(),
+        expected: std::cell::RefCell::new(vec![0; depth]),
+    });
+    loop {
+        let res = queue
+            .q
+            .flush_and_wake_io_tasks(|data, cqe, _| queue.on_cqe(data, cqe), 1);
+        while exe.try_tick() {}
+        match res {
+            Ok(_) => {}
+            Err(UblkError::QueueIsDown) => break,
+            Err(e) => {
+                log::error!("queue {qid}: {e}");
+                break;
+            }
         }
-    }));
+    }
 }
 
 /// Adds the device, serves it until it is stopped, and returns after the queues exited.
@@ -443,6 +563,7 @@ pub fn serve(
         tgt.cq_depth = depth.saturating_mul(4).max(128);
         Ok(())
     };
+    QUEUES_ALIVE.store(opts.queues as usize, std::sync::atomic::Ordering::Release);
     let qengine = engine.clone();
     let q_fn =
         move |qid: u16, dev: &UblkDev| queue_thread(qengine.clone(), recording.clone(), qid, dev);
