@@ -640,7 +640,16 @@ impl Engine {
         self.hydrate_wake.notify();
         result.map_err(|e| IoError::eio(e.to_string()))?;
         // The data of every locked region is now complete on the destination.
-        for g in &guards {
+        self.set_written(&guards)?;
+        drop(guards);
+        self.check_fully_hydrated();
+        Ok(())
+    }
+
+    /// Marks the regions of `guards` hydrated after a user write (or zeroing) made their data
+    /// complete on the destination; called before the guards are released.
+    fn set_written(&self, guards: &[regions::RegionGuard<'_>]) -> Result<(), IoError> {
+        for g in guards {
             self.md.set_hydrated(g.region()).map_err(|e| {
                 IoError::eio(format!("recording region {} hydrated: {e}", g.region()))
             })?;
@@ -648,8 +657,6 @@ impl Engine {
         self.stats
             .regions_hydrated_write
             .fetch_add(guards.len() as u64, Ordering::Relaxed);
-        drop(guards);
-        self.check_fully_hydrated();
         Ok(())
     }
 
@@ -715,14 +722,7 @@ impl Engine {
                 .await
                 .map_err(|e| IoError::eio(e.to_string()))?;
             // The zeroes of every locked region are now on the destination.
-            for g in &guards {
-                self.md.set_hydrated(g.region()).map_err(|e| {
-                    IoError::eio(format!("recording region {} hydrated: {e}", g.region()))
-                })?;
-            }
-            self.stats
-                .regions_hydrated_write
-                .fetch_add(guards.len() as u64, Ordering::Relaxed);
+            self.set_written(&guards)?;
             drop(guards);
             r = chunk_end;
         }

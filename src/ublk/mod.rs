@@ -136,30 +136,14 @@ impl DataPath for UringPath {
 
     async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()> {
         // PUNCH_HOLE on files; on block devices fallocate(PUNCH_HOLE) is a discard too.
+        // Discard is a hint: a destination without support keeps its data.
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let sqe = opcode::Fallocate::new(types::Fixed(DEST_SLOT), len)
-            .offset(offset)
-            .mode(mode)
-            .build();
-        match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
-            Ok(_) => {
-                if let Some(rec) = &self.recording {
-                    rec.space.discard_completed(offset, len);
-                }
-                Ok(())
+        if self.fallocate_dest(offset, len, mode).await? {
+            if let Some(rec) = &self.recording {
+                rec.space.discard_completed(offset, len);
             }
-            // Discard is a hint: a destination without support (EOPNOTSUPP, or EINVAL from a
-            // block device that cannot punch holes, e.g. some dm targets) keeps its data.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
         }
+        Ok(())
     }
 
     async fn zero_dest(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
@@ -171,25 +155,8 @@ impl DataPath for UringPath {
         } else {
             (libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE)
         };
-        let mut zeroed = false;
-        for mode in [first | keep, second | keep] {
-            let sqe = opcode::Fallocate::new(types::Fixed(DEST_SLOT), len)
-                .offset(offset)
-                .mode(mode)
-                .build();
-            match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
-                Ok(_) => {
-                    zeroed = true;
-                    break;
-                }
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let zeroed = self.fallocate_dest(offset, len, first | keep).await?
+            || self.fallocate_dest(offset, len, second | keep).await?;
         let zeroes = crate::io::ZEROES.as_slice();
         let mut done = 0;
         while done < len {
@@ -226,6 +193,28 @@ impl DataPath for UringPath {
 }
 
 impl UringPath {
+    /// fallocate(`mode`) on the destination. `Ok(false)` when the destination does not
+    /// support the mode (EOPNOTSUPP, or EINVAL from a block device that cannot do it, e.g.
+    /// some dm targets).
+    async fn fallocate_dest(&self, offset: u64, len: u64, mode: i32) -> io::Result<bool> {
+        let sqe = opcode::Fallocate::new(types::Fixed(DEST_SLOT), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        match uring_result(ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn fdatasync_dest(&self) -> io::Result<()> {
         let sqe = opcode::Fsync::new(types::Fixed(DEST_SLOT))
             .flags(types::FsyncFlags::DATASYNC)
