@@ -28,7 +28,7 @@ enum Command {
     /// Change run-time settings (hydration on/off, threshold, batch size, rate).
     Set(clone::SetArgs),
     /// Final commit, clean shutdown, remove the device.
-    Stop(clone::DevArg),
+    Stop(cli::stop::StopArgs),
     /// Log a mark in the device's dm-log-writes recording (`create --log-writes`).
     Mark(clone::MarkArgs),
     /// Format a metadata device for cloning SOURCE onto DEST.
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Command::List => done(clone::run_list()),
         Command::Status(a) => done(clone::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),
-        Command::Stop(a) => done(clone::run_stop(a)),
+        Command::Stop(a) => done(cli::stop::run_stop(a)),
         Command::Mark(a) => done(clone::run_mark(a)),
         Command::Format(a) => cli::metadata::run_format(a),
         Command::Check(a) => cli::metadata::run_check(a),

@@ -235,6 +235,18 @@ fn open_devices(a: &CreateArgs, record: bool) -> Result<Opened> {
     source.lock(false)?;
     dest.lock(true)?;
     meta.lock(true)?;
+    // The destination and metadata are claimed by their exclusive opens; the source is only
+    // read (and may be shared by several clones), but one that someone else claims (mounted,
+    // or another program's device) can change under the clone.
+    if !crate::io::file::block_device_unclaimed(&a.source)
+        .with_context(|| format!("--source {}", a.source.display()))?
+    {
+        bail!(
+            "--source {}: busy: the block device is mounted or held exclusively by another \
+             program, so it can change under the clone; unmount or release it first",
+            a.source.display()
+        );
+    }
     if a.number >= 0 && Path::new(&format!("/dev/ublkc{}", a.number)).exists() {
         bail!(
             "--number {}: /dev/ublkb{} already exists (busy); pick another number or omit --number",
@@ -517,13 +529,15 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         recording,
         &opts,
         move |ctrl, info| {
+            // Absolute paths: `stop` and `list` run from any directory.
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let rec = DaemonRecord {
                 pid: std::process::id(),
                 id: info.id,
                 device: info.path.clone(),
-                source: args.source.clone(),
-                dest: args.dest.clone(),
-                metadata: args.metadata.clone(),
+                source: abs(&args.source),
+                dest: abs(&args.dest),
+                metadata: abs(&args.metadata),
                 queues: info.queues,
                 depth: info.depth,
                 region_size,
@@ -757,12 +771,6 @@ fn ok_status(engine: &Engine, rec: Option<&CtlRecording>) -> Response {
 //------------------------------------------------------------------------------------------
 
 #[derive(Args, Debug)]
-pub struct DevArg {
-    /// The clone device: /dev/ublkbN or N.
-    pub dev: String,
-}
-
-#[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The clone device (default: all).
     pub dev: Option<String>,
@@ -956,31 +964,4 @@ pub fn run_mark(a: &MarkArgs) -> Result<()> {
         None => println!("mark '{}' logged", a.name),
     }
     Ok(())
-}
-
-pub fn run_stop(a: &DevArg) -> Result<()> {
-    let id = control::parse_dev(&a.dev)?;
-    let rec: Option<DaemonRecord> = control::list_records().into_iter().find(|r| r.id == id);
-    control::request(id, &Request::Stop)?;
-    // Wait for the daemon to finish its final commit and exit.
-    if let Some(rec) = rec {
-        let proc_path = format!("/proc/{}", rec.pid);
-        for _ in 0..600 {
-            if !Path::new(&proc_path).exists() || is_zombie(&proc_path) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "/dev/ublkb{id}: the daemon (pid {}) did not exit within 60 s",
-            rec.pid
-        );
-    }
-    Ok(())
-}
-
-fn is_zombie(proc_path: &str) -> bool {
-    std::fs::read_to_string(format!("{proc_path}/stat"))
-        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
-        .unwrap_or(false)
 }

@@ -5,3 +5,4 @@ pub mod clone;
 pub mod control;
 pub mod metadata;
 pub mod size;
+pub mod stop;

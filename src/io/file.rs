@@ -31,22 +31,40 @@ pub struct FileDev {
 impl FileDev {
     /// Opens `path`. `direct` asks for O_DIRECT; if the file system refuses it (tmpfs), the
     /// device silently falls back to buffered I/O, which `flush` still makes durable.
+    ///
+    /// A block device opened for writing is opened exclusively (O_EXCL: the kernel's claim,
+    /// as mount, dm and mkfs take it): a mounted device, one under device-mapper or md, or
+    /// one another program holds exclusively is refused with "busy", and while we hold it
+    /// nobody can mount it or build a dm table on it. A partition and its whole disk exclude
+    /// each other the same way.
     pub fn open(path: &Path, access: Access, direct: bool) -> io::Result<FileDev> {
         let ctx = |e: io::Error, what: &str| {
             io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
         };
+        let exclusive = access == Access::ReadWrite
+            && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         let mut opts = OpenOptions::new();
         opts.read(true).write(access == Access::ReadWrite);
-        let (file, direct) = if direct {
-            match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
-                Ok(f) => (f, true),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    (opts.open(path).map_err(|e| ctx(e, "cannot open"))?, false)
+        let excl = if exclusive { libc::O_EXCL } else { 0 };
+        let open = |extra: i32| {
+            let mut o = opts.clone();
+            o.custom_flags(excl | extra);
+            o.open(path).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    busy(path)
+                } else {
+                    ctx(e, "cannot open")
                 }
-                Err(e) => return Err(ctx(e, "cannot open")),
+            })
+        };
+        let (file, direct) = if direct {
+            match open(libc::O_DIRECT) {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
+                Err(e) => return Err(e),
             }
         } else {
-            (opts.open(path).map_err(|e| ctx(e, "cannot open"))?, false)
+            (open(0)?, false)
         };
         let meta = file.metadata().map_err(|e| ctx(e, "cannot stat"))?;
         let is_block = meta.file_type().is_block_device();
@@ -137,6 +155,36 @@ impl FileDev {
                 self.name
             ),
         )
+    }
+}
+
+/// The error for a block device that someone else holds exclusively.
+fn busy(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        format!(
+            "{}: busy: the block device is mounted or held exclusively by another program \
+             (a file system, device-mapper, md, another ublk-clone); unmount or release it first",
+            path.display()
+        ),
+    )
+}
+
+/// Whether nobody holds the block device at `path` exclusively (mounted, under dm or md,
+/// another clone's destination or metadata): opens it with O_EXCL and closes it again.
+/// `Ok(true)` for anything that is not a block device.
+pub fn block_device_unclaimed(path: &Path) -> io::Result<bool> {
+    if !std::fs::metadata(path)?.file_type().is_block_device() {
+        return Ok(true);
+    }
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -320,7 +320,9 @@ struct Queue<'a> {
     engine: Arc<Engine>,
     path: Rc<UringPath>,
     bufs: Rc<Vec<IoBuf<u8>>>,
-    exe: Rc<smol::LocalExecutor<'a>>,
+    /// Weak: the executor's tasks hold the queue, and the queue must be dropped (its fixed
+    /// files unregistered) when the serving loop ends, not leaked through a cycle.
+    exe: std::rc::Weak<smol::LocalExecutor<'a>>,
     /// Direct I/O is off while recording (the recorder logs through `UringPath`).
     direct: bool,
     /// Bytes expected from each tag's direct I/O.
@@ -379,9 +381,12 @@ impl<'a> Queue<'a> {
 
     /// The full engine path for the request on `tag`, as a task.
     fn spawn_full(self: &Rc<Self>, tag: u16) {
+        let Some(exe) = self.exe.upgrade() else {
+            // Only after the serving loop ended, when no request can arrive.
+            return;
+        };
         let me = self.clone();
-        self.exe
-            .spawn(async move {
+        exe.spawn(async move {
                 let n = me.buf(tag).len();
                 // SAFETY: the buffer belongs to `tag`, which has one request in flight: nothing
                 // else reads or writes it until this request is committed below.
@@ -417,7 +422,10 @@ impl<'a> Queue<'a> {
 /// Keeps a read pending on the queue's eventfd so that kicks from other threads wake the
 /// queue's io_uring wait; the executor then runs whatever tasks the kick's wakers queued.
 async fn kick_task(efd: Arc<OwnedFd>) {
-    let mut counter = [0u8; 8];
+    // The read is still pending in the kernel when the task is dropped at the end of the
+    // serving loop, and a late kick completes it into this buffer: it must outlive the task,
+    // so it is leaked (8 bytes per queue thread).
+    let counter: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
     loop {
         let sqe = opcode::Read::new(types::Fd(efd.as_raw_fd()), counter.as_mut_ptr(), 8).build();
         match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
@@ -481,7 +489,7 @@ fn serve_queue(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16,
         q,
         engine,
         bufs,
-        exe: exe.clone(),
+        exe: Rc::downgrade(&exe),
         expected: std::cell::RefCell::new(vec![0; depth]),
     });
     loop {
@@ -498,6 +506,18 @@ fn serve_queue(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16,
             }
         }
     }
+    // Release the devices before the thread ends: dropping the executor drops its tasks
+    // (none serves a request any more: the kernel completed every request before it aborted
+    // the queue's commands), and dropping the last reference to the queue unregisters the
+    // fixed files from its ring. Left to the ring's teardown at thread exit, the kernel would
+    // close them asynchronously, after the process has exited, and a `stop` followed at once
+    // by `dmsetup remove` or `losetup -d` of a backing device would find it still busy.
+    drop(exe);
+    let leaked = Rc::strong_count(&queue) - 1;
+    if leaked > 0 {
+        log::warn!("queue {qid}: {leaked} references to the queue outlive its loop");
+    }
+    drop(queue);
 }
 
 /// Adds the device, serves it until it is stopped, and returns after the queues exited.
