@@ -72,15 +72,30 @@ impl Engine {
         if !nothing_to_commit {
             return self.commit_flush_inner().await;
         }
-        if let Err(e) = p.flush_dest().await {
+        let ticket = self.flushes.begin();
+        let res = p.flush_dest().await;
+        if let Err(e) = &res {
             // Never retried: a later flush may "succeed" without the lost data (seed 004).
+            // Degraded before the sequencer records the end of this flush.
             self.degrade(Mode::ReadOnly, &format!("destination flush failed: {e}"));
+        }
+        let horizon = self
+            .flushes
+            .end(ticket, res.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        // Trust this flush only once every flush begun before now has ended without failure.
+        let settled = self.flushes.settle(horizon).await;
+        if let Err(e) = res {
             // Let the commit thread persist the mode before answering.
             let epoch = self.request_commit();
             self.commit_done
                 .wait_until(|| self.commit_state.lock().completed >= epoch)
                 .await;
             return Err(IoError::eio(format!("destination flush failed: {e}")));
+        }
+        if let Err(e) = settled {
+            return Err(IoError::eio(format!(
+                "a concurrent destination flush failed ({e}); FLUSH refused"
+            )));
         }
         match self.mode() {
             Mode::ReadWrite => Ok(()),
@@ -124,7 +139,9 @@ impl Engine {
             let epoch = {
                 let mut st = self.commit_state.lock();
                 loop {
-                    if st.requested > st.started {
+                    if st.requested > st.started
+                        || self.mode_unpersisted.load(Ordering::Acquire)
+                    {
                         break;
                     }
                     let due = st
@@ -147,6 +164,7 @@ impl Engine {
                 self.degrade(Mode::ReadOnly, &format!("commit failed: {e}"));
             }
             if self.mode_unpersisted.swap(false, Ordering::AcqRel) {
+                self.revert_bitmap();
                 self.persist_mode();
             }
             {
@@ -164,10 +182,7 @@ impl Engine {
             return Err("device is not in read-write mode".into());
         }
         if !self.md.is_dirty() {
-            return self
-                .dest
-                .flush()
-                .map_err(|e| format!("destination flush: {e}"));
+            return self.sequenced_flush(|| self.dest.flush());
         }
         let frozen = self
             .md
@@ -180,10 +195,11 @@ impl Engine {
         // The shadow writes and the destination flush are independent: overlap them.
         let (shadows, dest) = std::thread::scope(|s| {
             let shadows = s.spawn(|| frozen.write_shadows());
-            let dest = metadata::flush_destination(self.dest.as_ref(), &frozen);
+            let dest = self
+                .sequenced_flush(|| metadata::flush_destination(self.dest.as_ref(), &frozen));
             (shadows.join(), dest)
         });
-        let dest = dest.map_err(|e| format!("destination flush: {e}"))?;
+        let dest = dest?;
         let shadows = shadows
             .map_err(|_| "metadata shadow writer panicked".to_string())?
             .map_err(|e| format!("metadata shadow write: {e}"))?;
@@ -198,6 +214,24 @@ impl Engine {
             log::info!("hydration complete and committed: in-core bitmap released");
         }
         Ok(())
+    }
+
+    /// A destination flush on the commit thread, through the flush sequencer: `Ok` only if
+    /// it and every flush begun before it ended succeeded (and none ever failed).
+    fn sequenced_flush<T>(&self, flush: impl FnOnce() -> std::io::Result<T>) -> Result<T, String> {
+        let ticket = self.flushes.begin();
+        let res = flush().map_err(|e| format!("destination flush: {e}"));
+        if let Err(e) = &res {
+            self.degrade(Mode::ReadOnly, e);
+        }
+        let horizon = self
+            .flushes
+            .end(ticket, res.as_ref().map(|_| ()).map_err(|e| e.clone()));
+        let value = res?;
+        self.flushes
+            .settle_blocking(horizon)
+            .map_err(|e| format!("a concurrent destination flush failed: {e}"))?;
+        Ok(value)
     }
 
     /// BUG (test only): commits the metadata first and flushes the destination afterwards.
@@ -233,6 +267,30 @@ impl Engine {
         *cur = (mode, reason.to_string());
         self.mode_unpersisted.store(true, Ordering::Release);
         self.commit_cv.notify_one();
+    }
+
+    /// After a failure: back to the committed bitmap, sealed (commit thread only: it must not
+    /// race a commit). If the committed bitmap cannot be read back, fail mode.
+    fn revert_bitmap(&self) {
+        if self.mode() == Mode::ReadWrite || self.bitmap_reverted.load(Ordering::Acquire) {
+            return;
+        }
+        match self.md.revert_to_committed() {
+            Ok(n) => {
+                log::warn!(
+                    "read-only: back to the committed bitmap ({n} regions hydrated); regions \
+                     hydrated since the last commit are read from the source again"
+                );
+                self.fully_hydrated
+                    .store(n == self.geo.nr_regions, Ordering::Release);
+            }
+            Err(e) => {
+                let reason = format!("{}; reloading the committed bitmap failed: {e}", self.mode.lock().1);
+                log::error!("switching to fail mode: {reason}");
+                *self.mode.lock() = (Mode::Fail, reason);
+            }
+        }
+        self.bitmap_reverted.store(true, Ordering::Release);
     }
 
     /// Records the current mode in the metadata (commit thread only: it must not race a

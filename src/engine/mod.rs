@@ -14,6 +14,7 @@
 //!   once a commit has failed, every FLUSH and FUA fails (sticky degraded mode).
 
 mod commit;
+pub mod flush;
 mod hydrate;
 pub mod path;
 pub mod regions;
@@ -225,6 +226,11 @@ pub struct Engine {
     mode: Mutex<(Mode, String)>,
     /// The mode changed and the commit thread has not recorded it in the metadata yet.
     mode_unpersisted: AtomicBool,
+    /// Every destination flush goes through it (seed 004).
+    flushes: flush::FlushSequencer,
+    /// In read-only or fail mode: the in-core bitmap is the committed one again and sealed
+    /// (reads of regions hydrated after the last commit go to the source).
+    bitmap_reverted: AtomicBool,
     commit_state: Mutex<commit::CommitState>,
     commit_cv: Condvar,
     commit_done: Signal,
@@ -281,6 +287,19 @@ impl Engine {
             ));
         }
         let kickers = Arc::new(Kickers::default());
+        // A clone whose metadata records a degraded mode starts in it (dm-clone's ro): its
+        // data can be read and copied off; `reset-mode` is the explicit way back to rw.
+        let (md_mode, md_reason) = md.mode();
+        let mode = match md_mode {
+            crate::metadata::MetadataMode::ReadWrite => Mode::ReadWrite,
+            crate::metadata::MetadataMode::ReadOnly => Mode::ReadOnly,
+            crate::metadata::MetadataMode::Fail => Mode::Fail,
+        };
+        if mode != Mode::ReadWrite {
+            // The bitmap just loaded is the committed one; nothing may change it.
+            md.seal();
+        }
+        let flushes = flush::FlushSequencer::new(&kickers);
         let engine = Arc::new(Engine {
             knobs: Mutex::new(config.knobs.clone()),
             geo,
@@ -291,8 +310,10 @@ impl Engine {
             md,
             source,
             dest,
-            mode: Mutex::new((Mode::ReadWrite, String::new())),
+            mode: Mutex::new((mode, md_reason)),
             mode_unpersisted: AtomicBool::new(false),
+            flushes,
+            bitmap_reverted: AtomicBool::new(mode != Mode::ReadWrite),
             // The periodic commit runs a commit period after start, not at once.
             commit_state: Mutex::new(commit::CommitState {
                 last_commit: Some(Instant::now()),
@@ -480,6 +501,7 @@ impl Engine {
         buf: &mut [u8],
     ) -> Result<(), IoError> {
         self.validate(offset, buf.len() as u64)?;
+        self.await_committed_view().await;
         if self.mode() == Mode::Fail {
             return Err(IoError::eio("device is in fail mode"));
         }
@@ -522,6 +544,19 @@ impl Engine {
             pos = run_end;
         }
         Ok(())
+    }
+
+    /// Right after a failure the in-core bitmap may still hold bits set since the last
+    /// commit, whose data the failed flush may have lost; the commit thread reverts it to the
+    /// committed bitmap. Until it has, reads wait (normally a few milliseconds).
+    async fn await_committed_view(&self) {
+        if self.mode() != Mode::ReadWrite && !self.bitmap_reverted.load(Ordering::Acquire) {
+            self.commit_done
+                .wait_until(|| {
+                    self.bitmap_reverted.load(Ordering::Acquire) || self.mode() == Mode::Fail
+                })
+                .await;
+        }
     }
 
     //--------------------------------------------------------------------------------------

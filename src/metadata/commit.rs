@@ -24,7 +24,7 @@ use super::bitmap::{self, BitmapHeader, WORDS_PER_BITMAP_BLOCK};
 use super::checksum::BLOCK_SIZE;
 use super::error::{io_err, MetadataError, Result};
 use super::superblock::{self, truncate_utf8, MetadataMode, FLAG_CLEAN_SHUTDOWN, MODE_REASON_LEN};
-use super::{Core, LiveSlot, Metadata};
+use super::{valid_mask, Core, LiveSlot, Metadata};
 use crate::io::BlockDev;
 use serde::Serialize;
 use std::io;
@@ -258,6 +258,68 @@ impl Metadata {
             sb.mode = mode;
             sb.mode_reason = truncate_utf8(&reason.replace('\0', " "), MODE_REASON_LEN).to_string();
         })
+    }
+
+    /// Read-only mode after a failure (dm-clone falls back to the committed bitmap): forgets
+    /// every bit set since the last durable commit and refuses new ones. A region hydrated
+    /// since then may hold data the failed flush lost, so it must be read from the source
+    /// again. The bitmap blocks that changed since that commit (dirty or tainted) are reloaded
+    /// from their live slots. Returns the number of hydrated regions left.
+    pub fn revert_to_committed(&self) -> Result<u64> {
+        if self.core.committing.swap(true, Ordering::SeqCst) {
+            return Err(MetadataError::CommitInProgress {
+                dev: self.name().to_string(),
+            });
+        }
+        let _guard = CommitGuard(&self.core.committing);
+        let core = &self.core;
+        let state = core.state.lock();
+        let words = core.words.write();
+        core.sealed.store(true, Ordering::Release);
+        if core.released.load(Ordering::Acquire) {
+            // Released only once everything was hydrated and committed.
+            return Ok(core.nr_regions);
+        }
+        let mut stale: Vec<u64> = Vec::new();
+        for (w, d) in core.dirty.iter().enumerate() {
+            let mut bits = d.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                stale.push(w as u64 * 64 + bits.trailing_zeros() as u64);
+                bits &= bits - 1;
+            }
+        }
+        stale.extend(state.tainted.iter().copied());
+        stale.sort_unstable();
+        stale.dedup();
+        let mut block = vec![0u8; BLOCK_SIZE];
+        for index in stale {
+            let live = state.live[index as usize];
+            let from = bitmap::slot_blocknr(index, live.slot);
+            core.dev
+                .read_at(&mut block, from * BLOCK_SIZE as u64)
+                .map_err(io_err(core.name(), format!("reading bitmap block {index}")))?;
+            bitmap::validate(&block, index, live.slot, &state.sb.uuid).map_err(|e| {
+                MetadataError::ChecksumMismatch {
+                    dev: core.name().to_string(),
+                    what: format!("live copy of bitmap block {index} (block {from}): {e}"),
+                }
+            })?;
+            let first = index * WORDS_PER_BITMAP_BLOCK as u64;
+            for i in 0..WORDS_PER_BITMAP_BLOCK {
+                let w = bitmap::payload_word(&block, i) & valid_mask(core.nr_regions, first + i as u64);
+                words[first as usize + i].store(w, Ordering::SeqCst);
+            }
+        }
+        let committed: u64 = state.live.iter().map(|l| l.count as u64).sum();
+        core.hydrated.store(committed, Ordering::SeqCst);
+        Ok(committed)
+    }
+
+    /// Refuses every later attempt to set a bit (the clone starts read-only; the in-core
+    /// bitmap is the committed one it was opened with).
+    pub fn seal(&self) {
+        let _words = self.core.words.write();
+        self.core.sealed.store(true, Ordering::Release);
     }
 
     /// Writes a final superblock with the clean-shutdown flag set. Only the committed

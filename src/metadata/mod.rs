@@ -233,6 +233,9 @@ pub(crate) struct Core {
     /// region reads as hydrated without a lookup (dm-clone known issue #2).
     pub words: parking_lot::RwLock<Vec<AtomicU64>>,
     pub released: AtomicBool,
+    /// No bit may be set any more: the clone is read-only after a failure and the in-core
+    /// bitmap is the committed one (`revert_to_committed`, `seal`).
+    pub sealed: AtomicBool,
     /// One bit per bitmap block changed since the last freeze.
     pub dirty: Vec<AtomicU64>,
     /// Bits set in `words`.
@@ -651,6 +654,7 @@ impl Metadata {
             nr_bitmap_blocks: nbb,
             words: parking_lot::RwLock::new(words.into_iter().map(AtomicU64::new).collect()),
             released: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
             dirty: (0..nbb.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             hydrated: AtomicU64::new(hydrated),
             committing: AtomicBool::new(false),
@@ -863,6 +867,13 @@ impl Metadata {
             return Ok(());
         }
         let words = core.words.read();
+        // Checked under the read lock: `revert_to_committed` seals under the write lock.
+        if core.sealed.load(Ordering::Acquire) {
+            return Err(MetadataError::ReadOnly {
+                dev: core.name().to_string(),
+                what: "marked hydrated (the clone is read-only after a failure)",
+            });
+        }
         let mut r = first;
         while r < end {
             let bit = r % 64;
