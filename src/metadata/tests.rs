@@ -230,6 +230,155 @@ fn metadata_write_failure_then_retry() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------
+// Releasing the bitmap while readers look it up (issue 9, finding 3).
+
+/// An open metadata whose every region is hydrated and committed: its next
+/// `release_bitmap_if_complete` releases the in-core bitmap.
+fn complete(nr: u64) -> Result<Metadata> {
+    let (md, _) = Metadata::open(formatted(nr)?, &Expect::default())?;
+    md.set_range_hydrated(0, nr)?;
+    md.commit(&MemDev::new("dest", 4096))?;
+    Ok(md)
+}
+
+/// The three bitmap readers, each with what it must return once every region is hydrated.
+type Reader = fn(&Metadata) -> String;
+const READERS: [(&str, Reader, &str); 3] = [
+    ("is_hydrated", |md| md.is_hydrated(5).to_string(), "true"),
+    (
+        "next_unhydrated",
+        |md| format!("{:?}", md.next_unhydrated(0)),
+        "None",
+    ),
+    (
+        "set_range_hydrated",
+        |md| {
+            format!(
+                "{:?}",
+                md.set_range_hydrated(3, 2).map_err(|e| e.to_string())
+            )
+        },
+        "Ok(())",
+    ),
+];
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Releases the bitmap of a [`complete`] metadata, committing first when a redundant
+/// `set_range_hydrated` marked a block dirty again (it must: see its ordering comment).
+fn release(md: &Metadata) -> Result<bool> {
+    if md.is_dirty() {
+        md.commit(&MemDev::new("dest", 4096))?;
+    }
+    Ok(md.release_bitmap_if_complete())
+}
+
+/// Deterministic: each reader is stopped (by the test hook) after it decided the bitmap is
+/// not released and before its lookup, and the bitmap is released from another thread right
+/// then. The reader must neither panic nor answer wrongly. With the decision taken under
+/// the read lock the releaser waits for the reader instead (bounded: the hook stops waiting
+/// for the release after 300 ms).
+#[test]
+fn release_between_a_readers_decision_and_its_lookup() -> TestResult {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let mut failures = Vec::new();
+    for (name, read, expected) in READERS {
+        let md = complete(1000)?;
+        let (in_window, reader_in_window) = mpsc::channel::<()>();
+        let (released, wait_released) = mpsc::channel::<()>();
+        let wait_released = Mutex::new(wait_released);
+        *md.core.before_lookup.lock() = Some(Arc::new(move || {
+            let _ = in_window.send(());
+            let _ = wait_released
+                .lock()
+                .recv_timeout(Duration::from_millis(300));
+        }));
+        let md = &md;
+        let outcome = std::thread::scope(|s| -> std::result::Result<String, String> {
+            let reader = s.spawn(move || read(md));
+            reader_in_window
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|e| format!("the reader never reached its lookup: {e}"))?;
+            let releaser = s.spawn(move || {
+                md.release_bitmap_if_complete();
+                let _ = released.send(());
+            });
+            let got = reader
+                .join()
+                .map_err(|p| format!("panicked: {}", panic_text(p)));
+            releaser.join().map_err(|_| "the releaser panicked")?;
+            got
+        });
+        *md.core.before_lookup.lock() = None;
+        match outcome {
+            Ok(got) if got == expected => {}
+            Ok(got) => failures.push(format!("{name}: returned {got}, expected {expected}")),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+        // Released now (after a commit if the reader was a setter): every reader answers
+        // without a lookup.
+        assert!(release(md)?, "{name}: the bitmap was not released");
+        for (name, read, expected) in READERS {
+            assert_eq!(read(md), expected, "{name} after the release");
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    Ok(())
+}
+
+/// Randomised: the readers hammer the bitmap while it is released under them (the setter
+/// stops after a bounded number of calls, so that a release can succeed).
+#[test]
+fn readers_race_the_release_of_the_bitmap() -> TestResult {
+    for _ in 0..100 {
+        let md = complete(300)?;
+        let md = &md;
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
+        let outcome = std::thread::scope(|s| -> TestResult {
+            let readers: Vec<_> = READERS
+                .iter()
+                .map(|&(name, read, expected)| {
+                    s.spawn(move || {
+                        let mut calls = 0;
+                        while !stop.load(Ordering::SeqCst) && calls < 2000 {
+                            assert_eq!(read(md), expected, "{name}");
+                            if name == "set_range_hydrated" {
+                                calls += 1;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut released = Ok(false);
+            for _ in 0..100_000 {
+                released = release(md);
+                if !matches!(released, Ok(false)) {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            // Stop the readers before any assertion: a failing scope waits for them.
+            stop.store(true, Ordering::SeqCst);
+            for r in readers {
+                r.join()
+                    .map_err(|p| format!("reader panicked: {}", panic_text(p)))?;
+            }
+            assert!(released?, "the bitmap was never released");
+            Ok(())
+        });
+        outcome?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // Crash oracle.
 
 /// A superblock write of the run: the bitmap it commits, the log index of its write and of
