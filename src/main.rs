@@ -33,7 +33,7 @@ enum Command {
     Mark(clone::MarkArgs),
     /// Format a metadata device for cloning SOURCE onto DEST.
     Format(cli::metadata::FormatArgs),
-    /// Check metadata; exit 0 healthy, 1 problems found, 2 cannot read.
+    /// Check metadata; exit 0 healthy (notes for what opening repairs), 1 damage, 2 cannot read.
     Check(cli::metadata::CheckArgs),
     /// Print the superblocks and hydrated region ranges as JSON.
     Dump(cli::metadata::DumpArgs),
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ublk-clone: error: {e:#}");
-            // `check` reserves 1 for "problems found"; 2 means it could not read.
+            // `check` reserves 1 for "damage found"; 2 means it could not read.
             ExitCode::from(if matches!(cli.command, Command::Check(_)) {
                 2
             } else {

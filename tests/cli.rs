@@ -247,9 +247,16 @@ fn format_check_dump_and_refusals() {
         "refused create wrote metadata"
     );
 
-    // A flipped bit is found by check (exit 1) and `dump` still works or fails clearly.
+    // A flipped bit in one copy of a bitmap block is reported; after format both copies are
+    // identical, so it is a note (a torn write looks the same; open repairs it): exit 0.
     let mut bytes = before.clone();
     bytes[4096 * 2 + 100] ^= 0x10;
+    std::fs::write(&meta, &bytes).expect("corrupt");
+    let check = run(&["check", s(&meta)]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert!(stderr(&check).contains("block 2"), "{}", stderr(&check));
+    // The same flip in both copies is damage (exit 1).
+    bytes[4096 * 3 + 100] ^= 0x10;
     std::fs::write(&meta, &bytes).expect("corrupt");
     let check = run(&["check", s(&meta)]);
     assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
@@ -320,4 +327,65 @@ fn create_reaches_the_daemon_with_all_options() {
     } else {
         assert!(text.contains("ublk_drv"), "unexpected failure: {text}");
     }
+}
+
+/// Issue 9, finding 11: a commit cut between its shadow writes and its superblock leaves
+/// newer shadow slots that opening repairs by design. `check` exits 0 and notes them (text
+/// and `--json`); a really damaged image still exits 1.
+#[test]
+fn check_exits_0_with_a_note_after_an_interrupted_commit_and_1_on_damage() {
+    use std::sync::Arc;
+    use ublk_clone::io::file::{Access, FileDev};
+    use ublk_clone::io::BlockDev;
+    use ublk_clone::metadata::{Expect, Metadata};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = file(dir.path(), "src", 1 << 20, 0x5a);
+    let dst = file(dir.path(), "dst", 1 << 20, 0);
+    let meta = file(dir.path(), "meta", 1 << 20, 0);
+    let f = run(&[
+        "format",
+        "--metadata",
+        s(&meta),
+        "--source",
+        s(&src),
+        "--dest",
+        s(&dst),
+        "--region-size",
+        "4K",
+    ]);
+    assert!(f.status.success(), "{}", stderr(&f));
+    {
+        let dev: Arc<dyn BlockDev> =
+            Arc::new(FileDev::open(&meta, Access::ReadWrite, false).expect("open metadata"));
+        let (md, _) = Metadata::open(dev, &Expect::default()).expect("open");
+        md.set_range_hydrated(0, 10).expect("set");
+        let frozen = md.begin_commit().expect("begin_commit");
+        let _shadows = frozen.write_shadows().expect("write_shadows");
+        // Crash: the commit's superblock is never written.
+    }
+    let text = run(&["check", s(&meta)]);
+    assert_eq!(text.status.code(), Some(0), "{}", stderr(&text));
+    let out = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        out.contains("no problems found") && out.contains("note"),
+        "{out}"
+    );
+    let json = run(&["check", "--json", s(&meta)]);
+    assert_eq!(json.status.code(), Some(0), "{}", stderr(&json));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("check --json");
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+    let notes = v["notes"].as_array().cloned().unwrap_or_default();
+    // Bitmap block 0, slot B (block 3) holds the interrupted commit's generation.
+    assert!(
+        notes.len() == 1 && notes[0]["block"] == 3,
+        "expected one note for block 3: {v}"
+    );
+
+    // Damage: the only valid copy of bitmap block 0 (slot A, block 2) is corrupt.
+    let mut bytes = std::fs::read(&meta).expect("meta");
+    bytes[4096 * 2 + 100] ^= 0x10;
+    std::fs::write(&meta, &bytes).expect("corrupt");
+    let damaged = run(&["check", s(&meta)]);
+    assert_eq!(damaged.status.code(), Some(1), "{}", stderr(&damaged));
 }

@@ -1,7 +1,8 @@
 //! `format`, `check` and `dump`: the metadata subcommands.
 //!
 //! Each parses its arguments into a clap struct and makes one library call. Exit codes of
-//! `check`: 0 healthy, 1 problems found, 2 the metadata could not be read.
+//! `check` ([`metadata::CheckReport::exit_code`]): 0 healthy (with notes for what opening
+//! repairs by design), 1 damage found, 2 the metadata could not be read.
 
 use super::size::parse_size;
 use crate::io::file::{Access, FileDev};
@@ -93,13 +94,7 @@ pub fn run_check(args: &CheckArgs) -> Result<ExitCode> {
     } else {
         print!("{report}");
     }
-    Ok(ExitCode::from(if report.unreadable {
-        2
-    } else if report.is_healthy() {
-        0
-    } else {
-        1
-    }))
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 pub fn run_dump(args: &DumpArgs) -> Result<ExitCode> {

@@ -1,17 +1,22 @@
-//! `check`: verifies every block of the metadata without writing, collecting every problem.
+//! `check`: verifies every block of the metadata without writing, collecting every finding.
 //!
-//! Invariant: `check` never stops at the first problem (only an unreadable device stops it)
-//! and every problem names the block it was found in, when there is one.
+//! Findings are of two kinds (like thin_check and e2fsck): **problems** are damage (exit 1);
+//! **notes** are what a write cut by a crash leaves by design and a read-write open repairs
+//! (SPEC.md §4.4): a non-live bitmap slot newer than the superblock or torn, a torn
+//! superblock copy next to a valid one. They do not make the metadata unhealthy (exit 0).
+//!
+//! Invariant: `check` never stops at the first finding (only an unreadable device stops it)
+//! and every finding names the block it was found in, when there is one.
 
-use super::bitmap::{self, WORDS_PER_BITMAP_BLOCK};
+use super::bitmap::{self, BitmapSlotError, WORDS_PER_BITMAP_BLOCK};
 use super::scan;
-use super::superblock::Superblock;
+use super::superblock::{SlotError, Superblock};
 use super::{check_geometry, valid_mask};
 use crate::io::BlockDev;
 use serde::Serialize;
 use std::fmt;
 
-/// One problem found by [`check`].
+/// One finding of [`check`]: a problem (damage) or a note (repaired by opening).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// Metadata block number, when the problem is in one block.
@@ -43,16 +48,40 @@ pub struct CheckReport {
     pub blocks_checked: u64,
     /// The device could not be read (as opposed to: it was read and has problems).
     pub unreadable: bool,
+    /// Damage: the metadata is not what any (interrupted) sequence of writes leaves.
     pub problems: Vec<Problem>,
+    /// Left by a write cut by a crash, by design; ignored by open, and a read-write open
+    /// rewrites them. Not damage.
+    pub notes: Vec<Problem>,
 }
 
 impl CheckReport {
+    /// No damage (notes allowed) and the device was readable.
     pub fn is_healthy(&self) -> bool {
         self.problems.is_empty() && !self.unreadable
     }
 
+    /// Exit status of `ublk-clone check`: 0 healthy (notes allowed), 1 damage, 2 unreadable.
+    pub fn exit_code(&self) -> u8 {
+        if self.unreadable {
+            2
+        } else if self.is_healthy() {
+            0
+        } else {
+            1
+        }
+    }
+
     fn problem(&mut self, block: Option<u64>, location: String, message: String) {
         self.problems.push(Problem {
+            block,
+            location,
+            message,
+        });
+    }
+
+    fn note(&mut self, block: Option<u64>, location: String, message: String) {
+        self.notes.push(Problem {
             block,
             location,
             message,
@@ -71,14 +100,25 @@ impl fmt::Display for CheckReport {
         }
         writeln!(f, "blocks checked: {}", self.blocks_checked)?;
         if self.is_healthy() {
-            writeln!(f, "no problems found")
+            writeln!(f, "no problems found")?;
         } else {
             writeln!(f, "{} problem(s):", self.problems.len())?;
             for p in &self.problems {
                 writeln!(f, "  {p}")?;
             }
-            Ok(())
         }
+        if !self.notes.is_empty() {
+            writeln!(
+                f,
+                "{} note(s) (left by a write cut by a crash; not damage, a read-write open \
+                 repairs them):",
+                self.notes.len()
+            )?;
+            for n in &self.notes {
+                writeln!(f, "  {n}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -94,6 +134,7 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
         blocks_checked: 0,
         unreadable: false,
         problems: Vec::new(),
+        notes: Vec::new(),
     };
     let slots = match scan::read_superblocks(dev) {
         Ok(s) => s,
@@ -104,18 +145,35 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
         }
     };
     r.blocks_checked = 2;
+    let live = scan::pick_superblock(&slots);
     for (i, s) in slots.iter().enumerate() {
         let loc = format!("superblock slot {i}");
-        match s {
-            Err(e) => r.problem(Some(i as u64), loc, e.to_string()),
-            Ok(sb) => {
+        match (s, live) {
+            // A torn write of the next superblock (SPEC.md §4.4): open uses the other copy
+            // and a read-write open overwrites this one with its next generation. A bit flip
+            // in the newest copy looks the same; only the absence of a crash tells them apart.
+            (Err(e @ SlotError::Checksum { .. }), Some(l)) => {
+                let g = slots[l].as_ref().map(|sb| sb.generation).unwrap_or(0);
+                r.note(
+                    Some(i as u64),
+                    loc,
+                    format!(
+                        "{e}: probably a superblock write cut by a crash; the copy in block {l} \
+                         (generation {g}) is in use and a read-write open overwrites this \
+                         one (without a crash, this is corruption and the newest commit may \
+                         be lost)"
+                    ),
+                );
+            }
+            (Err(e), _) => r.problem(Some(i as u64), loc, e.to_string()),
+            (Ok(sb), _) => {
                 if let Err(e) = check_geometry(sb, dev.size()) {
                     r.problem(Some(i as u64), loc, e);
                 }
             }
         }
     }
-    let Some(live) = scan::pick_superblock(&slots) else {
+    let Some(live) = live else {
         return r;
     };
     let Ok(sb) = &slots[live] else { return r };
@@ -141,6 +199,7 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
     }
     let mut hydrated = 0u64;
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     let nr_regions = sb.nr_regions;
     let sb_gen = sb.generation;
     let scanned = scan::scan_bitmap(
@@ -149,29 +208,33 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
         &sb.uuid,
         |e, first| format!("cannot read bitmap blocks from {first}: {e}"),
         |pair| -> Result<(), String> {
-            let mut gens = [None, None];
-            for slot in 0..2u8 {
-                let block = bitmap::slot_blocknr(pair.index, slot);
-                let loc = format!(
-                    "bitmap block {} slot {}",
-                    pair.index,
-                    bitmap::slot_name(slot)
-                );
-                match &pair.slots[slot as usize] {
-                    Err(e) => problems.push((block, loc, e.to_string())),
-                    Ok(h) if h.generation > sb_gen => problems.push((
-                        block,
-                        loc,
-                        format!(
-                            "generation {} is newer than the superblock's {sb_gen} (left by an \
-                             interrupted commit; opening read-write rewrites it)",
+            let at = |slot: u8| {
+                (
+                    bitmap::slot_blocknr(pair.index, slot),
+                    format!(
+                        "bitmap block {} slot {}",
+                        pair.index,
+                        bitmap::slot_name(slot)
+                    ),
+                )
+            };
+            // Copies this superblock can use: valid, and not newer than it.
+            let gens = [0, 1].map(|slot| match &pair.slots[slot] {
+                Ok(h) if h.generation <= sb_gen => Some(h.generation),
+                _ => None,
+            });
+            let Some(l) = bitmap::choose_live(gens, sb_gen) else {
+                for slot in 0..2u8 {
+                    let (block, loc) = at(slot);
+                    let why = match &pair.slots[slot as usize] {
+                        Err(e) => e.to_string(),
+                        Ok(h) => format!(
+                            "generation {} is newer than the superblock's {sb_gen}",
                             h.generation
                         ),
-                    )),
-                    Ok(h) => gens[slot as usize] = Some(h.generation),
+                    };
+                    problems.push((block, loc, why));
                 }
-            }
-            let Some(l) = bitmap::choose_live(gens, sb_gen) else {
                 problems.push((
                     bitmap::slot_blocknr(pair.index, 0),
                     format!("bitmap block {}", pair.index),
@@ -180,6 +243,54 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
                 ));
                 return Ok(());
             };
+            let other = 1 - l;
+            let live_gen = gens[l as usize].unwrap_or(0);
+            let (block, loc) = at(other);
+            match &pair.slots[other as usize] {
+                Ok(h) if h.generation > sb_gen => notes.push((
+                    block,
+                    loc,
+                    format!(
+                        "generation {} is newer than the superblock's {sb_gen}: left by a \
+                         commit cut before its superblock; ignored, and a read-write open \
+                         rewrites it",
+                        h.generation
+                    ),
+                )),
+                Ok(_) => {}
+                Err(e @ BitmapSlotError::Checksum { .. }) => {
+                    // Writes to a non-live slot are a commit's shadow (generation above the
+                    // superblock's) or a copy of the live block (its generation); the slot's
+                    // old contents are older than the live copy. A torn write therefore
+                    // leaves a header generation above the superblock's or not above the
+                    // live copy's. One in between may have been the live copy itself.
+                    let raw = bitmap::BitmapHeader::unpack(pair.bytes[other as usize]).generation;
+                    if raw > sb_gen || raw <= live_gen {
+                        notes.push((
+                            block,
+                            loc,
+                            format!(
+                                "{e}: probably a write cut by a crash; the live copy is slot {} \
+                                 (generation {live_gen}), and a read-write open rewrites this one",
+                                bitmap::slot_name(l)
+                            ),
+                        ));
+                    } else {
+                        problems.push((
+                            block,
+                            loc,
+                            format!(
+                                "{e}; its header says generation {raw}, newer than the copy in \
+                                 use (slot {}, generation {live_gen}): this was probably the \
+                                 live copy, and hydration state committed since generation \
+                                 {live_gen} may be lost",
+                                bitmap::slot_name(l)
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => problems.push((block, loc, e.to_string())),
+            }
             if gens[0] == gens[1] && pair.bytes[0][48..] != pair.bytes[1][48..] {
                 problems.push((
                     bitmap::slot_blocknr(pair.index, 1),
@@ -212,6 +323,9 @@ pub fn check(dev: &dyn BlockDev) -> CheckReport {
     r.blocks_checked += 2 * sb.nr_bitmap_blocks;
     for (block, loc, msg) in problems {
         r.problem(Some(block), loc, msg);
+    }
+    for (block, loc, msg) in notes {
+        r.note(Some(block), loc, msg);
     }
     match scanned {
         Err(e) => {

@@ -74,33 +74,36 @@ pub fn hydrated_ranges(md: &Metadata) -> Vec<[u64; 2]> {
     let mut out: Vec<[u64; 2]> = Vec::new();
     let mut start: Option<u64> = None;
     let nr = md.nr_regions();
-    if md.core.released.load(Ordering::Acquire) {
-        return vec![[0, nr]];
-    }
-    for (w, word) in md.core.words.read().iter().enumerate() {
-        let base = w as u64 * 64;
-        if base >= nr {
-            break;
-        }
-        let v = word.load(Ordering::SeqCst);
-        if (v == 0 && start.is_none()) || (v == !0 && start.is_some()) {
-            continue;
-        }
-        for bit in 0..64u64 {
-            let r = base + bit;
-            if r >= nr {
+    let scanned = md.core.with_bitmap(|words| {
+        for (w, word) in words.iter().enumerate() {
+            let base = w as u64 * 64;
+            if base >= nr {
                 break;
             }
-            let set = v & (1 << bit) != 0;
-            match (set, start) {
-                (true, None) => start = Some(r),
-                (false, Some(s)) => {
-                    out.push([s, r]);
-                    start = None;
+            let v = word.load(Ordering::SeqCst);
+            if (v == 0 && start.is_none()) || (v == !0 && start.is_some()) {
+                continue;
+            }
+            for bit in 0..64u64 {
+                let r = base + bit;
+                if r >= nr {
+                    break;
                 }
-                _ => {}
+                let set = v & (1 << bit) != 0;
+                match (set, start) {
+                    (true, None) => start = Some(r),
+                    (false, Some(s)) => {
+                        out.push([s, r]);
+                        start = None;
+                    }
+                    _ => {}
+                }
             }
         }
+    });
+    if scanned.is_none() {
+        // Released: every region is hydrated.
+        return vec![[0, nr]];
     }
     if let Some(s) = start {
         out.push([s, nr]);

@@ -230,7 +230,8 @@ pub(crate) struct Core {
     pub nr_bitmap_blocks: u64,
     /// In-core bitmap: `nr_bitmap_blocks * WORDS_PER_BITMAP_BLOCK` words. Emptied (and
     /// `released` set) once every region is hydrated and committed: from then on every
-    /// region reads as hydrated without a lookup (dm-clone known issue #2).
+    /// region reads as hydrated without a lookup (dm-clone known issue #2). Readers go
+    /// through [`Core::with_bitmap`], which decides "released" under the read lock.
     pub words: parking_lot::RwLock<Vec<AtomicU64>>,
     pub released: AtomicBool,
     /// No bit may be set any more: the clone is read-only after a failure and the in-core
@@ -243,9 +244,41 @@ pub(crate) struct Core {
     /// A commit (or another superblock write) is in progress.
     pub committing: AtomicBool,
     pub state: Mutex<State>,
+    /// Test-only: run by the bitmap readers right before they look a word up (after deciding
+    /// that the bitmap is not released), so a test can release it from another thread there.
+    #[cfg(test)]
+    pub before_lookup: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl Core {
+    /// Runs `lookup` on the in-core bitmap words, or returns `None` once the bitmap is
+    /// released (every region hydrated and committed). The one place that decides between
+    /// the two: `release_bitmap_if_complete` empties the words under the write lock, so the
+    /// decision is taken again while holding the read lock, and the words cannot be emptied
+    /// until `lookup` returns. (Deciding before taking the lock let a reader preempted
+    /// across the release index an empty vector and panic on a queue thread.)
+    pub fn with_bitmap<T>(&self, lookup: impl FnOnce(&[AtomicU64]) -> T) -> Option<T> {
+        // Fast path: `released` never goes back to false.
+        if self.released.load(Ordering::Acquire) {
+            return None;
+        }
+        let words = self.words.read();
+        if self.released.load(Ordering::Acquire) {
+            return None;
+        }
+        #[cfg(test)]
+        self.before_lookup();
+        Some(lookup(&words))
+    }
+
+    #[cfg(test)]
+    fn before_lookup(&self) {
+        let hook = self.before_lookup.lock().clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
     pub fn name(&self) -> &str {
         self.dev.name()
     }
@@ -663,6 +696,8 @@ impl Metadata {
                 live: live_slots,
                 tainted: Vec::new(),
             }),
+            #[cfg(test)]
+            before_lookup: Mutex::new(None),
         };
         if writable {
             // Repairs must be durable before a newer superblock could make a slot left by an
@@ -821,28 +856,33 @@ impl Metadata {
     /// Whether `region` is hydrated in core. Regions beyond the end read as not hydrated.
     pub fn is_hydrated(&self, region: u64) -> bool {
         region < self.core.nr_regions
-            && (self.core.released.load(Ordering::Acquire)
-                || self.core.words.read()[(region / 64) as usize].load(Ordering::SeqCst)
-                    & (1 << (region % 64))
-                    != 0)
+            && self
+                .core
+                .with_bitmap(|words| {
+                    words[(region / 64) as usize].load(Ordering::SeqCst) & (1 << (region % 64)) != 0
+                })
+                .unwrap_or(true)
     }
 
     /// The first region at or after `from` that is not hydrated.
     pub fn next_unhydrated(&self, from: u64) -> Option<u64> {
-        if self.core.released.load(Ordering::Acquire) {
-            return None;
-        }
-        let words = self.core.words.read();
-        let mut r = from;
-        while r < self.core.nr_regions {
-            let w = words[(r / 64) as usize].load(Ordering::SeqCst) | ((1u64 << (r % 64)) - 1);
-            if w != !0 {
-                let candidate = (r / 64) * 64 + (!w).trailing_zeros() as u64;
-                return (candidate < self.core.nr_regions).then_some(candidate);
-            }
-            r = (r / 64 + 1) * 64;
-        }
-        None
+        let nr_regions = self.core.nr_regions;
+        // Released: every region is hydrated.
+        self.core
+            .with_bitmap(|words| {
+                let mut r = from;
+                while r < nr_regions {
+                    let w =
+                        words[(r / 64) as usize].load(Ordering::SeqCst) | ((1u64 << (r % 64)) - 1);
+                    if w != !0 {
+                        let candidate = (r / 64) * 64 + (!w).trailing_zeros() as u64;
+                        return (candidate < nr_regions).then_some(candidate);
+                    }
+                    r = (r / 64 + 1) * 64;
+                }
+                None
+            })
+            .flatten()
     }
 
     /// Records that `region` is hydrated. Call only after the region's data write to the
@@ -851,7 +891,8 @@ impl Metadata {
         self.set_range_hydrated(region, 1)
     }
 
-    /// [`set_hydrated`](Self::set_hydrated) for `count` regions from `first`. Lock-free.
+    /// [`set_hydrated`](Self::set_hydrated) for `count` regions from `first`. Takes only the
+    /// bitmap's read lock (shared by all setters).
     pub fn set_range_hydrated(&self, first: u64, count: u64) -> Result<()> {
         let core = &self.core;
         let end = first
@@ -862,40 +903,40 @@ impl Metadata {
                 region: first.saturating_add(count.saturating_sub(1)),
                 nr_regions: core.nr_regions,
             })?;
-        if core.released.load(Ordering::Acquire) {
-            // Everything is hydrated and committed already.
-            return Ok(());
-        }
-        let words = core.words.read();
-        // Checked under the read lock: `revert_to_committed` seals under the write lock.
-        if core.sealed.load(Ordering::Acquire) {
-            return Err(MetadataError::ReadOnly {
-                dev: core.name().to_string(),
-                what: "marked hydrated (the clone is read-only after a failure)",
-            });
-        }
-        let mut r = first;
-        while r < end {
-            let bit = r % 64;
-            let n = (64 - bit).min(end - r);
-            let mask = if n == 64 {
-                !0
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let w = (r / 64) as usize;
-            // Order matters: the bit first, then the dirty mark. A commit that sees the dirty
-            // mark (swap in begin_commit) therefore also sees the bit when it copies the words.
-            let old = words[w].fetch_or(mask, Ordering::SeqCst);
-            let new = mask & !old;
-            if new != 0 {
-                core.hydrated
-                    .fetch_add(new.count_ones() as u64, Ordering::SeqCst);
+        // Released (`None`): everything is hydrated and committed already.
+        core.with_bitmap(|words| {
+            // Checked under the read lock: `revert_to_committed` seals under the write lock.
+            if core.sealed.load(Ordering::Acquire) {
+                return Err(MetadataError::ReadOnly {
+                    dev: core.name().to_string(),
+                    what: "marked hydrated (the clone is read-only after a failure)",
+                });
             }
-            core.mark_dirty(w as u64 / WORDS_PER_BITMAP_BLOCK as u64);
-            r += n;
-        }
-        Ok(())
+            let mut r = first;
+            while r < end {
+                let bit = r % 64;
+                let n = (64 - bit).min(end - r);
+                let mask = if n == 64 {
+                    !0
+                } else {
+                    ((1u64 << n) - 1) << bit
+                };
+                let w = (r / 64) as usize;
+                // Order matters: the bit first, then the dirty mark. A commit that sees the
+                // dirty mark (swap in begin_commit) therefore also sees the bit when it copies
+                // the words.
+                let old = words[w].fetch_or(mask, Ordering::SeqCst);
+                let new = mask & !old;
+                if new != 0 {
+                    core.hydrated
+                        .fetch_add(new.count_ones() as u64, Ordering::SeqCst);
+                }
+                core.mark_dirty(w as u64 / WORDS_PER_BITMAP_BLOCK as u64);
+                r += n;
+            }
+            Ok(())
+        })
+        .unwrap_or(Ok(()))
     }
 
     /// Drops the in-core bitmap once every region is hydrated and that state is committed

@@ -230,6 +230,155 @@ fn metadata_write_failure_then_retry() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------
+// Releasing the bitmap while readers look it up (issue 9, finding 3).
+
+/// An open metadata whose every region is hydrated and committed: its next
+/// `release_bitmap_if_complete` releases the in-core bitmap.
+fn complete(nr: u64) -> Result<Metadata> {
+    let (md, _) = Metadata::open(formatted(nr)?, &Expect::default())?;
+    md.set_range_hydrated(0, nr)?;
+    md.commit(&MemDev::new("dest", 4096))?;
+    Ok(md)
+}
+
+/// The three bitmap readers, each with what it must return once every region is hydrated.
+type Reader = fn(&Metadata) -> String;
+const READERS: [(&str, Reader, &str); 3] = [
+    ("is_hydrated", |md| md.is_hydrated(5).to_string(), "true"),
+    (
+        "next_unhydrated",
+        |md| format!("{:?}", md.next_unhydrated(0)),
+        "None",
+    ),
+    (
+        "set_range_hydrated",
+        |md| {
+            format!(
+                "{:?}",
+                md.set_range_hydrated(3, 2).map_err(|e| e.to_string())
+            )
+        },
+        "Ok(())",
+    ),
+];
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Releases the bitmap of a [`complete`] metadata, committing first when a redundant
+/// `set_range_hydrated` marked a block dirty again (it must: see its ordering comment).
+fn release(md: &Metadata) -> Result<bool> {
+    if md.is_dirty() {
+        md.commit(&MemDev::new("dest", 4096))?;
+    }
+    Ok(md.release_bitmap_if_complete())
+}
+
+/// Deterministic: each reader is stopped (by the test hook) after it decided the bitmap is
+/// not released and before its lookup, and the bitmap is released from another thread right
+/// then. The reader must neither panic nor answer wrongly. With the decision taken under
+/// the read lock the releaser waits for the reader instead (bounded: the hook stops waiting
+/// for the release after 300 ms).
+#[test]
+fn release_between_a_readers_decision_and_its_lookup() -> TestResult {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let mut failures = Vec::new();
+    for (name, read, expected) in READERS {
+        let md = complete(1000)?;
+        let (in_window, reader_in_window) = mpsc::channel::<()>();
+        let (released, wait_released) = mpsc::channel::<()>();
+        let wait_released = Mutex::new(wait_released);
+        *md.core.before_lookup.lock() = Some(Arc::new(move || {
+            let _ = in_window.send(());
+            let _ = wait_released
+                .lock()
+                .recv_timeout(Duration::from_millis(300));
+        }));
+        let md = &md;
+        let outcome = std::thread::scope(|s| -> std::result::Result<String, String> {
+            let reader = s.spawn(move || read(md));
+            reader_in_window
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|e| format!("the reader never reached its lookup: {e}"))?;
+            let releaser = s.spawn(move || {
+                md.release_bitmap_if_complete();
+                let _ = released.send(());
+            });
+            let got = reader
+                .join()
+                .map_err(|p| format!("panicked: {}", panic_text(p)));
+            releaser.join().map_err(|_| "the releaser panicked")?;
+            got
+        });
+        *md.core.before_lookup.lock() = None;
+        match outcome {
+            Ok(got) if got == expected => {}
+            Ok(got) => failures.push(format!("{name}: returned {got}, expected {expected}")),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+        // Released now (after a commit if the reader was a setter): every reader answers
+        // without a lookup.
+        assert!(release(md)?, "{name}: the bitmap was not released");
+        for (name, read, expected) in READERS {
+            assert_eq!(read(md), expected, "{name} after the release");
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    Ok(())
+}
+
+/// Randomised: the readers hammer the bitmap while it is released under them (the setter
+/// stops after a bounded number of calls, so that a release can succeed).
+#[test]
+fn readers_race_the_release_of_the_bitmap() -> TestResult {
+    for _ in 0..100 {
+        let md = complete(300)?;
+        let md = &md;
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
+        let outcome = std::thread::scope(|s| -> TestResult {
+            let readers: Vec<_> = READERS
+                .iter()
+                .map(|&(name, read, expected)| {
+                    s.spawn(move || {
+                        let mut calls = 0;
+                        while !stop.load(Ordering::SeqCst) && calls < 2000 {
+                            assert_eq!(read(md), expected, "{name}");
+                            if name == "set_range_hydrated" {
+                                calls += 1;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut released = Ok(false);
+            for _ in 0..100_000 {
+                released = release(md);
+                if !matches!(released, Ok(false)) {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            // Stop the readers before any assertion: a failing scope waits for them.
+            stop.store(true, Ordering::SeqCst);
+            for r in readers {
+                r.join()
+                    .map_err(|p| format!("reader panicked: {}", panic_text(p)))?;
+            }
+            assert!(released?, "the bitmap was never released");
+            Ok(())
+        });
+        outcome?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // Crash oracle.
 
 /// A superblock write of the run: the bitmap it commits, the log index of its write and of
@@ -333,6 +482,11 @@ fn crash_sequence(
             }
             let dev = Arc::new(MemDev::from_image("crash", img));
             let what = format!("seed {seed} cut {cut}/{n} variant {variant}");
+            // A crash is not damage: check reports only notes (exit 0) before any open.
+            let raw = check(&*dev);
+            if raw.exit_code() != 0 {
+                violations.push(format!("{what}: check of the crash image: {raw}"));
+            }
             match Metadata::open(dev.clone(), &Expect::default()) {
                 Err(e) => violations.push(format!("{what}: open failed: {e}")),
                 Ok((md, _)) => {
@@ -353,7 +507,7 @@ fn crash_sequence(
                     }
                     drop(md);
                     let rep = check(&*dev);
-                    if !rep.is_healthy() {
+                    if !rep.is_healthy() || !rep.notes.is_empty() {
                         violations.push(format!("{what}: check after read-write open: {rep}"));
                     }
                 }
@@ -406,16 +560,27 @@ fn check_finds_a_flipped_bit_in_every_block() -> TestResult {
     let good = dev.snapshot();
     assert!(check(&*dev).is_healthy());
     let blocks = required_blocks(nr);
+    // Bitmap blocks 0 and 2 are live in slot B (generation 3, slot A has 0): a flip there is
+    // damage. A flip anywhere else looks like a write cut by a crash (a note; see
+    // check_notes_what_an_interrupted_commit_leaves_and_exits_0), but is still reported.
+    let live_and_newest = [bitmap::slot_blocknr(0, 1), bitmap::slot_blocknr(2, 1)];
     let mut rng = StdRng::seed_from_u64(1);
     for block in 0..blocks {
         let mut img = good.clone();
         let byte = block as usize * BLOCK_SIZE + rng.gen_range(0..BLOCK_SIZE);
         img[byte] ^= 1 << rng.gen_range(0..8);
         let r = check(&MemDev::from_image("flipped", img));
+        let named = |f: &[Problem]| f.iter().any(|p| p.block == Some(block));
         assert!(
-            r.problems.iter().any(|p| p.block == Some(block)),
+            named(&r.problems) || named(&r.notes),
             "flip in block {block} (byte {byte}) not reported: {r}"
         );
+        if live_and_newest.contains(&block) {
+            assert!(
+                named(&r.problems) && r.exit_code() == 1,
+                "flip in the live copy {block} (byte {byte}) is not damage: {r}"
+            );
+        }
     }
     Ok(())
 }
@@ -454,10 +619,151 @@ fn read_write_open_repairs_a_torn_shadow() -> TestResult {
     let mut img = dev.snapshot();
     img[bitmap::slot_blocknr(0, 1) as usize * BLOCK_SIZE + 100] ^= 1;
     let dev = Arc::new(MemDev::from_image("meta", img));
-    assert!(!check(&*dev).is_healthy());
+    let before = check(&*dev);
+    assert_only_notes(&before, &[bitmap::slot_blocknr(0, 1)]);
     let (_, rep) = Metadata::open(dev.clone(), &Expect::default())?;
     assert_eq!(rep.repaired_slots.len(), 1, "{rep:?}");
-    assert!(check(&*dev).is_healthy(), "{}", check(&*dev));
+    let after = check(&*dev);
+    assert!(after.is_healthy() && after.notes.is_empty(), "{after}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Check after a crash (issue 9, finding 11): what a read-write open repairs by design is a
+// note (exit 0); only damage is a problem (exit 1).
+
+/// A device left by a commit cut between its shadow writes and its superblock: the shadows
+/// of bitmap blocks 0 and 2 (generation 3, slot B) are durable, the superblock is still
+/// generation 2. Returns the device and the blocks of the two shadows.
+fn interrupted_commit() -> Result<(Arc<MemDev>, [u64; 2])> {
+    let nr = 3 * REGIONS_PER_BITMAP_BLOCK;
+    let dev = formatted(nr)?;
+    let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+    md.set_range_hydrated(10, 100)?;
+    md.set_hydrated(2 * REGIONS_PER_BITMAP_BLOCK + 7)?;
+    let frozen = md.begin_commit()?;
+    let _shadows = frozen.write_shadows()?;
+    // Crash: no destination flush, no superblock.
+    Ok((
+        dev,
+        [bitmap::slot_blocknr(0, 1), bitmap::slot_blocknr(2, 1)],
+    ))
+}
+
+/// No problem, a note for each block in `noted`, exit code 0.
+fn assert_only_notes(r: &CheckReport, noted: &[u64]) {
+    assert!(r.problems.is_empty() && r.is_healthy(), "{r}");
+    assert_eq!(r.exit_code(), 0, "{r}");
+    for b in noted {
+        assert!(
+            r.notes.iter().any(|n| n.block == Some(*b)),
+            "no note for block {b}: {r}"
+        );
+    }
+    assert_eq!(r.notes.len(), noted.len(), "{r}");
+    assert!(r.to_string().contains("note"), "{r}");
+}
+
+#[test]
+fn check_notes_what_an_interrupted_commit_leaves_and_exits_0() -> TestResult {
+    let (dev, shadows) = interrupted_commit()?;
+    let r = check(&*dev);
+    assert_only_notes(&r, &shadows);
+    assert!(r.notes.iter().all(|n| n.message.contains("newer")), "{r}");
+    let json = serde_json::to_value(&r)?;
+    assert_eq!(json["notes"].as_array().map(|n| n.len()), Some(2), "{json}");
+
+    // The same cut with one shadow torn, and the superblock write of the commit torn too
+    // (within its first sector: the superblock's fields all lie there; the hydrated count
+    // at byte 152 stays old).
+    let mut img = dev.snapshot();
+    let torn = shadows[1] as usize * BLOCK_SIZE;
+    img[torn + 2048..torn + BLOCK_SIZE].fill(0);
+    let (md, _) = Metadata::read_only_open(dev.clone())?;
+    let mut sb = md.superblock();
+    drop(md);
+    sb.generation += 1;
+    sb.blocknr = sb.generation % 2;
+    sb.hydrated = 101;
+    let at = sb.blocknr as usize * BLOCK_SIZE;
+    img[at..at + 64].copy_from_slice(&sb.pack()[..64]);
+    let torn_dev = Arc::new(MemDev::from_image("meta", img));
+    let r = check(&*torn_dev);
+    assert_only_notes(&r, &[shadows[0], shadows[1], sb.blocknr]);
+
+    // A read-write open repairs everything check noted.
+    for d in [dev, torn_dev] {
+        let (md, rep) = Metadata::open(d.clone(), &Expect::default())?;
+        assert_eq!(md.nr_hydrated(), 0, "{rep:?}");
+        drop(md);
+        let r = check(&*d);
+        assert!(r.problems.is_empty() && r.notes.is_empty(), "{r}");
+    }
+    Ok(())
+}
+
+#[test]
+fn check_exits_1_on_damage() -> TestResult {
+    // A committed clone: bitmap block 0 is live in slot B (generation 3, above slot A's 0).
+    let dev = formatted(2 * REGIONS_PER_BITMAP_BLOCK)?;
+    {
+        let (md, _) = Metadata::open(dev.clone(), &Expect::default())?;
+        md.set_range_hydrated(10, 100)?;
+        md.commit(&MemDev::new("d", 4096))?;
+    }
+    let good = dev.snapshot();
+    assert_eq!(check(&*dev).exit_code(), 0);
+    let sb_live = 1; // generation 3
+    let flip = |img: &mut Vec<u8>, block: u64, byte: usize| {
+        img[block as usize * BLOCK_SIZE + byte] ^= 0x04;
+    };
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, u64, Damage)> = vec![
+        (
+            "the live copy of a bitmap block (the other copy is older)",
+            bitmap::slot_blocknr(0, 1),
+            Box::new(move |img| flip(img, bitmap::slot_blocknr(0, 1), 1000)),
+        ),
+        (
+            "both copies of a bitmap block",
+            bitmap::slot_blocknr(1, 0),
+            Box::new(move |img| {
+                flip(img, bitmap::slot_blocknr(1, 0), 1000);
+                flip(img, bitmap::slot_blocknr(1, 1), 1000);
+            }),
+        ),
+        (
+            "both superblocks",
+            0,
+            Box::new(move |img| {
+                flip(img, 0, 300);
+                flip(img, 1, 300);
+            }),
+        ),
+        (
+            "the hydrated count of the live superblock",
+            sb_live,
+            Box::new(move |img| {
+                let b =
+                    &mut img[sb_live as usize * BLOCK_SIZE..(sb_live as usize + 1) * BLOCK_SIZE];
+                b[152] ^= 1;
+                checksum::stamp(b, checksum::SUPERBLOCK_CSUM_XOR);
+            }),
+        ),
+    ];
+    for (what, block, damage) in cases {
+        let mut img = good.clone();
+        damage(&mut img);
+        let r = check(&MemDev::from_image("meta", img));
+        assert_eq!(r.exit_code(), 1, "{what}: {r}");
+        assert!(!r.is_healthy(), "{what}: {r}");
+        assert!(
+            r.problems.iter().any(|p| p.block == Some(block)),
+            "{what}: block {block} not named: {r}"
+        );
+    }
+    let r = check(&MemDev::new("short", 4096));
+    assert_eq!(r.exit_code(), 2, "{r}");
     Ok(())
 }
 
