@@ -287,28 +287,31 @@ fn create_reaches_the_daemon_with_all_options() {
     let src = file(dir.path(), "src", 1 << 20, 0x5a);
     let dst = file(dir.path(), "dst", 1 << 20, 0);
     let meta = file(dir.path(), "meta", 1 << 20, 0);
-    let o = run(&[
-        "create",
-        "--source",
-        s(&src),
-        "--dest",
-        s(&dst),
-        "--metadata",
-        s(&meta),
-        "--region-size",
-        "4K",
-        "--rate",
-        "1M",
-        "--batch-size",
-        "4",
-        "--hydration-threshold",
-        "8",
-        "--no-discard-passdown",
-        "--log-writes",
-        s(&dir.path().join("run.log")),
-        "--log-writes-size",
-        "2M",
-    ]);
+    let o = run_in(
+        dir.path(),
+        &[
+            "create",
+            "--source",
+            s(&src),
+            "--dest",
+            s(&dst),
+            "--metadata",
+            s(&meta),
+            "--region-size",
+            "4K",
+            "--rate",
+            "1M",
+            "--batch-size",
+            "4",
+            "--hydration-threshold",
+            "8",
+            "--no-discard-passdown",
+            "--log-writes",
+            s(&dir.path().join("run.log")),
+            "--log-writes-size",
+            "2M",
+        ],
+    );
     let text = stderr(&o);
     assert!(
         !text.contains("Usage:"),
@@ -316,8 +319,419 @@ fn create_reaches_the_daemon_with_all_options() {
     );
     if o.status.success() {
         let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        assert!(run(&["stop", &dev]).status.success());
+        assert!(run_in(dir.path(), &["stop", &dev]).status.success());
     } else {
         assert!(text.contains("ublk_drv"), "unexpected failure: {text}");
+    }
+}
+
+//------------------------------------------------------------------------------------------
+// Issue 9: tools that overwrite or race metadata; issue 10: `start` and the wrong destination.
+
+/// Runs the binary with its state and runtime directories inside `root` (never the host's).
+fn run_in(root: &Path, args: &[&str]) -> Output {
+    match Command::new(bin())
+        .args(args)
+        .env("UBLK_CLONE_STATE_DIR", root.join("state"))
+        .env("UBLK_CLONE_RUN_DIR", root.join("run"))
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run {}: {e}", bin()),
+    }
+}
+
+/// Every file under `dir` (recursively) with a hash of its contents: a refused command must
+/// leave this unchanged.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                todo.push(p);
+            } else if ft.is_file() {
+                let bytes = std::fs::read(&p).expect("read input");
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                out.insert(p, (bytes.len() as u64, h.finish()));
+            }
+        }
+    }
+    out
+}
+
+fn mkfs_ext4(path: &Path) {
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", s(path)])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("mkfs.ext4 (e2fsprogs) is needed by this test; run tools/setup-host.sh: {e}")
+        });
+    assert!(o.status.success(), "mkfs.ext4: {}", stderr(&o));
+}
+
+/// Writes `bytes` at `offset` of the file `p`.
+fn poke(p: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .expect("open for poke");
+    f.write_all_at(bytes, offset).expect("poke");
+}
+
+fn format_args<'a>(meta: &'a Path, src: &'a Path, dst: &'a Path) -> Vec<&'a str> {
+    vec![
+        "format",
+        "--metadata",
+        s(meta),
+        "--source",
+        s(src),
+        "--dest",
+        s(dst),
+        "--region-size",
+        "4K",
+    ]
+}
+
+#[test]
+fn format_refuses_a_file_system() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let img = file(&inputs, "fs.img", 4 << 20, 0);
+    mkfs_ext4(&img);
+    let before = snapshot(&inputs);
+    let o = run_in(dir.path(), &format_args(&img, &src, &dst));
+    let text = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "format overwrote an ext4 image: {text}"
+    );
+    for want in [s(&img), "ext4", "--force"] {
+        assert!(text.contains(want), "'{text}' does not mention '{want}'");
+    }
+    assert_eq!(
+        snapshot(&inputs),
+        before,
+        "a refused format wrote something"
+    );
+    // With --force it is destroyed on purpose.
+    let mut forced = format_args(&img, &src, &dst);
+    forced.push("--force");
+    let o = run_in(dir.path(), &forced);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn create_looks_beyond_the_first_8k_for_blank() {
+    // An ISO 9660 image has nothing in its first 32 KiB; `create` must not take it for blank.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let meta = file(&inputs, "meta", 1 << 20, 0);
+    poke(&meta, 32769, b"CD001");
+    let before = snapshot(&inputs);
+    let o = run_in(
+        dir.path(),
+        &[
+            "create",
+            "--source",
+            s(&src),
+            "--dest",
+            s(&dst),
+            "--metadata",
+            s(&meta),
+        ],
+    );
+    let text = stderr(&o);
+    assert!(!o.status.success(), "{text}");
+    for want in ["--metadata", s(&meta), "iso9660", "--force"] {
+        assert!(text.contains(want), "'{text}' does not mention '{want}'");
+    }
+    assert_eq!(
+        snapshot(&inputs),
+        before,
+        "a refused create wrote something"
+    );
+}
+
+#[test]
+fn force_never_reformats_this_clones_own_metadata() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let meta = file(&inputs, "meta", 1 << 20, 0);
+    let o = run_in(dir.path(), &format_args(&meta, &src, &dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = snapshot(&inputs);
+    let mut format_force = format_args(&meta, &src, &dst);
+    format_force.push("--force");
+    let create_force = vec![
+        "create",
+        "--source",
+        s(&src),
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+        "--force",
+    ];
+    for args in [&format_force, &create_force] {
+        let o = run_in(dir.path(), args);
+        let text = stderr(&o);
+        assert!(
+            !o.status.success(),
+            "{args:?} reformatted this clone: {text}"
+        );
+        for want in [s(&meta), "this clone", "without --force"] {
+            assert!(text.contains(want), "{args:?}: '{text}' lacks '{want}'");
+        }
+        assert_eq!(snapshot(&inputs), before, "{args:?} wrote something");
+    }
+    // The explicit flag starts the clone over.
+    let mut reformat = format_args(&meta, &src, &dst);
+    reformat.push("--force-reformat-this-clone");
+    let o = run_in(dir.path(), &reformat);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn corrupt_metadata_points_at_check_not_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let meta = file(&inputs, "meta", 1 << 20, 0);
+    let o = run_in(dir.path(), &format_args(&meta, &src, &dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Both superblock copies damaged (a byte inside each, past the magic).
+    poke(&meta, 100, b"garbage!");
+    poke(&meta, 4096 + 100, b"garbage!");
+    let before = snapshot(&inputs);
+    for args in [
+        vec![
+            "create",
+            "--source",
+            s(&src),
+            "--dest",
+            s(&dst),
+            "--metadata",
+            s(&meta),
+        ],
+        format_args(&meta, &src, &dst),
+    ] {
+        let o = run_in(dir.path(), &args);
+        let text = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {text}");
+        assert!(
+            text.contains(&format!("ublk-clone check {}", s(&meta))),
+            "{args:?}: '{text}' does not point at check"
+        );
+        assert!(
+            !text.contains("--force"),
+            "{args:?}: '{text}' suggests --force for damaged metadata"
+        );
+        assert_eq!(snapshot(&inputs), before, "{args:?} wrote something");
+    }
+}
+
+/// Holds an exclusive flock on `p`, as a running daemon does on its metadata.
+fn hold_lock(p: &Path) -> std::fs::File {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .expect("open to lock");
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0, "cannot lock {}", p.display());
+    f
+}
+
+#[test]
+fn format_and_reset_mode_refuse_metadata_a_daemon_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let meta = file(&inputs, "meta", 1 << 20, 0);
+    let o = run_in(dir.path(), &format_args(&meta, &src, &dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A live daemon (this test process) serving /dev/ublkb4242 holds the metadata.
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).expect("mkdir run");
+    let record = serde_json::json!({
+        "pid": std::process::id(), "id": 4242, "device": "/dev/ublkb4242",
+        "source": src, "dest": dst, "metadata": meta,
+        "queues": 1, "depth": 128, "region_size": 4096
+    });
+    std::fs::write(run.join("4242.json"), record.to_string()).expect("record");
+    let _lock = hold_lock(&meta);
+    let before = snapshot(&inputs);
+    let mut format_force = format_args(&meta, &src, &dst);
+    format_force.push("--force");
+    for args in [format_force, vec!["reset-mode", s(&meta)]] {
+        let o = run_in(dir.path(), &args);
+        let text = stderr(&o);
+        assert!(!o.status.success(), "{args:?} ignored the lock: {text}");
+        for want in [s(&meta), "/dev/ublkb4242", "busy", "ublk-clone stop"] {
+            assert!(text.contains(want), "{args:?}: '{text}' lacks '{want}'");
+        }
+        assert_eq!(snapshot(&inputs), before, "{args:?} wrote something");
+    }
+}
+
+#[test]
+fn start_refuses_a_swapped_destination() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let other = file(&inputs, "other", 1 << 20, 0x33);
+    let meta = file(&inputs, "meta", 1 << 20, 0);
+    create_and_stop(
+        dir.path(),
+        &[
+            "--source",
+            s(&src),
+            "--dest",
+            s(&dst),
+            "--metadata",
+            s(&meta),
+        ],
+    );
+    // Another file of the same size takes the destination's name.
+    std::fs::rename(&other, &dst).expect("swap the destination");
+    let before = snapshot(&inputs);
+    let o = run_in(dir.path(), &["start", "--metadata", s(&meta)]);
+    let text = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "start used a swapped destination: {text}"
+    );
+    for want in ["--dest", s(&dst), "expected", "found", "ublk-clone create"] {
+        assert!(text.contains(want), "'{text}' lacks '{want}'");
+    }
+    assert_eq!(snapshot(&inputs), before, "a refused start wrote something");
+}
+
+/// `create` on the host: the daemon saves the configuration once it has opened the devices,
+/// then fails without ublk (or, with ublk, runs and is stopped again).
+fn create_and_stop(root: &Path, args: &[&str]) {
+    let mut full = vec!["create"];
+    full.extend_from_slice(args);
+    full.push("--no-hydration");
+    let o = run_in(root, &full);
+    if o.status.success() {
+        let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(run_in(root, &["stop", &dev]).status.success());
+    } else {
+        assert!(stderr(&o).contains("ublk_drv"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn saved_configuration_keeps_the_paths_as_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).expect("mkdir");
+    let src = file(&inputs, "src", 1 << 20, 0x5a);
+    let dst = file(&inputs, "dst", 1 << 20, 0);
+    let meta = file(&inputs, "meta", 1 << 20, 0);
+    // A stable name for the destination, like /dev/disk/by-id/X for /dev/sdc.
+    let by_id = inputs.join("by-id");
+    std::os::unix::fs::symlink(&dst, &by_id).expect("symlink");
+    create_and_stop(
+        dir.path(),
+        &[
+            "--source",
+            s(&src),
+            "--dest",
+            s(&by_id),
+            "--metadata",
+            s(&meta),
+        ],
+    );
+    let configs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("state"))
+        .expect("state dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(configs.len(), 1, "{configs:?}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&configs[0]).expect("config")).expect("json");
+    assert_eq!(cfg["dest"], serde_json::json!(by_id), "{cfg}");
+    assert_eq!(cfg["dest_identity"]["kind"], "file", "{cfg}");
+    assert_eq!(cfg["source_identity"]["kind"], "file", "{cfg}");
+    // The link now points at another file of the same size: refused, naming the link.
+    let other = file(&inputs, "other", 1 << 20, 0);
+    std::fs::remove_file(&by_id).expect("unlink");
+    std::os::unix::fs::symlink(&other, &by_id).expect("symlink");
+    let before = snapshot(&inputs);
+    let o = run_in(dir.path(), &["start", "--metadata", s(&meta)]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("--dest {}: not the destination", s(&by_id))),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(snapshot(&inputs), before, "a refused start wrote something");
+}
+
+#[test]
+fn start_accepts_a_configuration_without_identities() {
+    // Written by an older version: canonical paths, no identities. `start` goes on (to the
+    // daemon, which fails without ublk) and checks what it can.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = file(dir.path(), "src", 1 << 20, 0x5a);
+    let dst = file(dir.path(), "dst", 1 << 20, 0);
+    let meta = file(dir.path(), "meta", 1 << 20, 0);
+    let o = run_in(dir.path(), &format_args(&meta, &src, &dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let uuid = out
+        .split("clone ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .expect("uuid");
+    let cfg = serde_json::json!({
+        "source": src, "dest": dst, "metadata": meta,
+        "region_size": 4096, "ignore_source_mismatch": false, "no_hydration": true,
+        "no_discard_passdown": false, "hydration_threshold": null, "batch_size": null,
+        "rate": 0, "queues": null, "depth": 128, "number": -1, "force": false,
+        "foreground": false
+    });
+    std::fs::create_dir_all(dir.path().join("state")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("state").join(format!("{uuid}.json")),
+        cfg.to_string(),
+    )
+    .expect("config");
+    let o = run_in(dir.path(), &["start", "--metadata", s(&meta)]);
+    if o.status.success() {
+        let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(run_in(dir.path(), &["stop", &dev]).status.success());
+    } else {
+        assert!(stderr(&o).contains("ublk_drv"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no identity recorded"),
+            "{}",
+            stderr(&o)
+        );
     }
 }
