@@ -630,6 +630,292 @@ fn start_refuses_a_swapped_destination() {
     assert_eq!(snapshot(&inputs), before, "a refused start wrote something");
 }
 
+//------------------------------------------------------------------------------------------
+// The bad-input contract table (issue 9): every row is refused with a non-zero exit, a message
+// naming the file or flag at fault and the fix, no daemon started, and every input file
+// byte-identical afterwards. Nothing here needs a kernel: rows that need one (mounted or busy
+// devices, a live clone's source) are in tests/vm/suite.sh.
+
+/// The input files every row may use, in `in/` of a directory on the build's file system
+/// (which, unlike a tmpfs /tmp, supports `chattr +i`), with private state and run directories.
+struct Fixture {
+    dir: tempfile::TempDir,
+    immutable: Vec<PathBuf>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for p in &self.immutable {
+            let _ = Command::new("chattr").arg("-i").arg(p).status();
+        }
+    }
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("in/adir")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("state")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("run")).expect("mkdir");
+        let mut f = Fixture {
+            dir,
+            immutable: Vec::new(),
+        };
+        let m = 1 << 20;
+        file(&f.inputs(), "src", m, 0x5a);
+        file(&f.inputs(), "src2", m, 0xa5);
+        file(&f.inputs(), "empty", 0, 0);
+        file(&f.inputs(), "odd", 1000, 0x11);
+        file(&f.inputs(), "dst", m, 0);
+        file(&f.inputs(), "dst2", 2 * m, 0);
+        file(&f.inputs(), "other", m, 0x33);
+        file(&f.inputs(), "small", m / 2, 0);
+        file(&f.inputs(), "meta", m, 0);
+        file(&f.inputs(), "tiny", 4096, 0);
+        file(&f.inputs(), "old.log", 4096, 0x77);
+        std::os::unix::fs::symlink(f.p("dst"), f.p("dst-link")).expect("symlink");
+        let fs = file(&f.inputs(), "fs.img", 4 * m, 0);
+        mkfs_ext4(&fs);
+        poke(&file(&f.inputs(), "xfs.img", m, 0), 0, b"XFSB");
+        poke(&file(&f.inputs(), "iso.img", m, 0), 32769, b"CD001");
+        poke(&file(&f.inputs(), "data.img", m, 0), 20000, b"x");
+        for name in [
+            "this",
+            "other-clone",
+            "corrupt",
+            "truncated",
+            "cfg-bad",
+            "cfg-gone",
+        ] {
+            file(&f.inputs(), name, m, 0);
+        }
+        f.format("this", "src");
+        f.format("other-clone", "src2");
+        f.format("corrupt", "src");
+        poke(&f.p("corrupt"), 100, b"garbage!");
+        poke(&f.p("corrupt"), 4096 + 100, b"garbage!");
+        f.format("truncated", "src");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.p("truncated"))
+            .and_then(|t| t.set_len(3 * 4096))
+            .expect("truncate");
+        // Saved configurations for `start`: malformed, and naming a destination that is gone.
+        let uuid = f.format("cfg-bad", "src");
+        std::fs::write(f.config(&uuid), "{ not json").expect("config");
+        let uuid = f.format("cfg-gone", "src");
+        let cfg = serde_json::json!({
+            "source": f.p("src"), "dest": f.p("gone"), "metadata": f.p("cfg-gone"),
+            "region_size": 4096, "ignore_source_mismatch": false, "no_hydration": false,
+            "no_discard_passdown": false, "rate": 0, "depth": 128, "number": -1,
+            "force": false, "foreground": false
+        });
+        std::fs::write(f.config(&uuid), cfg.to_string()).expect("config");
+        // Read-only inputs: immutable even for root.
+        for name in ["ro-meta", "ro-dst"] {
+            let p = file(&f.inputs(), name, m, 0);
+            let o = Command::new("chattr")
+                .arg("+i")
+                .arg(&p)
+                .output()
+                .unwrap_or_else(|e| panic!("chattr (e2fsprogs) is needed by this test: {e}"));
+            assert!(o.status.success(), "chattr +i: {}", stderr(&o));
+            f.immutable.push(p);
+        }
+        f
+    }
+
+    fn inputs(&self) -> PathBuf {
+        self.dir.path().join("in")
+    }
+
+    fn p(&self, name: &str) -> PathBuf {
+        self.inputs().join(name)
+    }
+
+    fn config(&self, uuid: &str) -> PathBuf {
+        self.dir.path().join("state").join(format!("{uuid}.json"))
+    }
+
+    /// Formats input `meta` for `source` onto `dst` and returns the clone's uuid.
+    fn format(&self, meta: &str, source: &str) -> String {
+        let o = run_in(
+            self.dir.path(),
+            &format_args(&self.p(meta), &self.p(source), &self.p("dst")),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        out.split("clone ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap_or_else(|| panic!("no uuid in '{out}'"))
+            .to_string()
+    }
+}
+
+/// One row: the command line (`{name}` is replaced by the path of input `name`), what its
+/// message must contain (the same substitution), and what it must not.
+struct Case {
+    args: &'static str,
+    want: &'static [&'static str],
+    forbid: &'static [&'static str],
+}
+
+const fn case(
+    args: &'static str,
+    want: &'static [&'static str],
+    forbid: &'static [&'static str],
+) -> Case {
+    Case { args, want, forbid }
+}
+
+/// `create` of a clone of `src` onto `dst` with blank metadata `meta`, and more options.
+macro_rules! clone {
+    ($($extra:literal)?) => {
+        concat!("create --source {src} --dest {dst} --metadata {meta}", $(" ", $extra)?)
+    };
+}
+
+const NO_FORCE: &[&str] = &["--force"];
+
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    // create: missing, too small, read-only, the same device twice.
+    case("create --source {gone} --dest {dst} --metadata {meta}", &["--source", "{gone}", "no such file"], &[]),
+    case("create --source {src} --dest {gone} --metadata {meta}", &["--dest", "{gone}", "no such file"], &[]),
+    case("create --source {src} --dest {dst} --metadata {gone}", &["--metadata", "{gone}", "no such file"], &[]),
+    case("create --source {src} --dest {small} --metadata {meta}", &["--dest", "{small}", "at least as large"], &[]),
+    case("create --source {empty} --dest {dst} --metadata {meta}", &["--source", "{empty}", "positive multiple of 512"], &[]),
+    case("create --source {odd} --dest {dst} --metadata {meta}", &["--source", "{odd}", "positive multiple of 512"], &[]),
+    case("create --source {src} --dest {dst} --metadata {ro-meta}", &["--metadata", "{ro-meta}", "not writable", "chattr -i"], &[]),
+    case("create --source {src} --dest {ro-dst} --metadata {meta}", &["--dest", "{ro-dst}", "not writable"], &[]),
+    case("create --source {src} --dest {src} --metadata {meta}", &["--dest {src}", "--source {src}", "three different devices"], &[]),
+    case("create --source {src} --dest {dst} --metadata {dst}", &["--metadata {dst}", "--dest", "three different devices"], &[]),
+    case("create --source {src} --dest {dst} --metadata {dst-link}", &["--metadata {dst-link}", "three different devices"], &[]),
+    case("create --source {src} --dest {dst} --metadata {adir}", &["--metadata {adir}", "a directory", "a block device"], &[]),
+    case("create --source {adir} --dest {dst} --metadata {meta}", &["--source {adir}", "a directory"], &[]),
+    case("create --source {src} --dest {dst} --metadata {tiny}", &["{tiny}", "too small", "at least"], &[]),
+    // create: what the metadata holds.
+    case("create --source {src} --dest {dst} --metadata {fs.img}", &["--metadata {fs.img}", "ext4 file system", "--force"], &[]),
+    case("create --source {src} --dest {dst} --metadata {xfs.img}", &["--metadata {xfs.img}", "xfs file system", "--force"], &[]),
+    case("create --source {src} --dest {dst} --metadata {iso.img}", &["--metadata {iso.img}", "iso9660", "--force"], &[]),
+    case("create --source {src} --dest {dst} --metadata {data.img}", &["--metadata {data.img}", "not blank", "byte 20000", "--force"], &[]),
+    case("create --source {src} --dest {dst} --metadata {other-clone}", &["{other-clone}", "another clone", "--force"], &[]),
+    case("create --source {src} --dest {dst} --metadata {this} --force", &["{this}", "this clone's own metadata", "without --force", "--force-reformat-this-clone"], &[]),
+    case("create --source {src} --dest {dst} --metadata {corrupt}", &["ublk-clone check {corrupt}", "ublk-clone dump {corrupt}"], NO_FORCE),
+    case("create --source {src} --dest {dst} --metadata {truncated}", &["{truncated}", "ublk-clone check {truncated}"], NO_FORCE),
+    case("create --source {src} --dest {dst} --metadata {this} --region-size 64K", &["{this}", "4096-byte regions", "omit the region size"], NO_FORCE),
+    case("create --source {src} --dest {dst2} --metadata {this}", &["{this}", "destination size mismatch", "reattach the original destination"], NO_FORCE),
+    // create: bad sizes, suffixes and numbers.
+    case(clone!("--region-size 3K"), &["--region-size", "power of two"], &[]),
+    case(clone!("--region-size 2G"), &["--region-size", "between 4K and 1G"], &[]),
+    case(clone!("--region-size 0"), &["--region-size", "power of two"], &[]),
+    case(clone!("--region-size 12Q"), &["--region-size", "12Q", "unknown suffix", "e.g. 64K"], &[]),
+    case(clone!("--rate 1.5M"), &["--rate", "1.5M"], &[]),
+    case(clone!("--depth 0"), &["--depth", "between 1 and 4096"], &[]),
+    case(clone!("--queues 0"), &["--queues", "at least one queue"], &[]),
+    case(clone!("--log-writes {nodir}/x.log"), &["--log-writes", "{nodir}/x.log", "directory does not exist"], &[]),
+    case(clone!("--log-writes {old.log}"), &["--log-writes", "{old.log}", "remove it or choose another file"], &[]),
+    case(clone!("--log-writes {new.log} --log-writes-size 100K"), &["--log-writes-size", "at least 1M"], &[]),
+    // start.
+    case("start --metadata {gone}", &["--metadata", "{gone}", "cannot open"], &[]),
+    case("start --metadata {meta}", &["--metadata {meta}", "does not hold ublk-clone metadata", "ublk-clone create"], &[]),
+    case("start --metadata {this}", &["no saved configuration", "ublk-clone create"], &[]),
+    case("start --metadata {cfg-bad}", &["malformed clone configuration", "ublk-clone create"], &[]),
+    case("start --metadata {cfg-gone}", &["--dest {gone}", "reattach it", "ublk-clone create"], &[]),
+    // stop, status, set, mark: no such device, no daemon.
+    case("stop 4242", &["/dev/ublkb4242", "no ublk-clone daemon", "ublk-clone list"], &[]),
+    case("stop sda", &["'sda' is not a ublk-clone device", "/dev/ublkbN"], &[]),
+    case("status /dev/ublkb4242", &["/dev/ublkb4242", "ublk-clone list"], &[]),
+    case("set 4242 --rate 1M", &["/dev/ublkb4242", "ublk-clone list"], &[]),
+    case("set 4242 --rate 12Q", &["--rate", "12Q", "unknown suffix"], &[]),
+    case("set 4242 --hydration maybe", &["--hydration", "maybe", "true"], &[]),
+    case("mark 4242 checkpoint", &["/dev/ublkb4242", "ublk-clone list"], &[]),
+    // format.
+    case("format --metadata {meta} --source {gone} --dest {dst}", &["--source", "{gone}", "cannot open"], &[]),
+    case("format --metadata {meta} --source {src} --dest {small}", &["{small}", "smaller than the source"], &[]),
+    case("format --metadata {fs.img} --source {src} --dest {dst}", &["--metadata {fs.img}", "ext4 file system", "--force"], &[]),
+    case("format --metadata {data.img} --source {src} --dest {dst}", &["--metadata {data.img}", "not blank", "--force"], &[]),
+    case("format --metadata {other-clone} --source {src} --dest {dst}", &["{other-clone}", "another clone", "--force"], &[]),
+    case("format --metadata {this} --source {src} --dest {dst} --force", &["{this}", "this clone's own metadata", "--force-reformat-this-clone"], &[]),
+    case("format --metadata {corrupt} --source {src} --dest {dst}", &["ublk-clone check {corrupt}"], NO_FORCE),
+    case("format --metadata {dst} --source {src} --dest {dst}", &["--metadata {dst}", "three different devices"], &[]),
+    case("format --metadata {ro-meta} --source {src} --dest {dst}", &["--metadata {ro-meta}", "not writable"], &[]),
+    case("format --metadata {tiny} --source {src} --dest {dst}", &["{tiny}", "too small"], &[]),
+    case("format --metadata {meta} --source {src} --dest {dst} --region-size 3K", &["region size", "power of two"], &[]),
+    // check, dump, reset-mode.
+    case("check {gone}", &["{gone}", "cannot open"], &[]),
+    case("check {fs.img}", &["{fs.img} holds an ext4 file system", "not ublk-clone metadata"], &[]),
+    case("check {meta}", &["{meta} holds no ublk-clone metadata", "ublk-clone format"], &[]),
+    case("check {corrupt}", &["{corrupt}", "checksum"], NO_FORCE),
+    case("dump {gone}", &["{gone}", "cannot open"], &[]),
+    case("dump {meta}", &["{meta}", "does not hold ublk-clone metadata", "ublk-clone format"], &[]),
+    case("dump {truncated}", &["{truncated}", "ublk-clone check {truncated}"], NO_FORCE),
+    case("reset-mode {gone}", &["{gone}", "cannot open"], &[]),
+    case("reset-mode {meta}", &["{meta}", "does not hold ublk-clone metadata"], &[]),
+    case("reset-mode {ro-meta}", &["{ro-meta}", "not writable"], &[]),
+    case("reset-mode {corrupt}", &["{corrupt}", "ublk-clone check {corrupt}"], NO_FORCE),
+];
+
+/// Replaces every `{name}` with the path of input `name`.
+fn expand(f: &Fixture, text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let close = open + rest[open..].find('}').expect("unclosed {");
+        out.push_str(&rest[..open]);
+        out.push_str(s(&f.p(&rest[open + 1..close])));
+        rest = &rest[close + 1..];
+    }
+    out + rest
+}
+
+#[test]
+fn bad_input_contract_table() {
+    assert!(CASES.len() >= 30, "the contract asks for at least 30 rows");
+    let f = Fixture::new();
+    let mut failures = Vec::new();
+    for c in CASES {
+        let line = expand(&f, c.args);
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let before = snapshot(&f.inputs());
+        let o = run_in(f.dir.path(), &args);
+        let text = stderr(&o);
+        let mut why = Vec::new();
+        if o.status.success() {
+            why.push("exit status 0".to_string());
+        }
+        for w in c.want {
+            let w = expand(&f, w);
+            if !text.contains(&w) {
+                why.push(format!("does not mention '{w}'"));
+            }
+        }
+        for w in c
+            .forbid
+            .iter()
+            .chain(&["ublk_drv", "Usage: ublk-clone create"])
+        {
+            if text.contains(w) {
+                why.push(format!("mentions '{w}'"));
+            }
+        }
+        if snapshot(&f.inputs()) != before {
+            why.push("changed an input file".into());
+        }
+        if !why.is_empty() {
+            failures.push(format!("`{line}`: {}\n    {}", why.join("; "), text.trim()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows broke the contract:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n")
+    );
+}
+
 /// `create` on the host: the daemon saves the configuration once it has opened the devices,
 /// then fails without ublk (or, with ublk, runs and is stopped again).
 fn create_and_stop(root: &Path, args: &[&str]) {
