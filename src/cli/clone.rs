@@ -6,6 +6,7 @@ use super::size::parse_size;
 use crate::engine::{Engine, EngineConfig, Status};
 use crate::io::file::{Access, FileDev};
 use crate::io::BlockDev;
+use crate::metadata::overwrite::{self, Overwrite};
 use crate::metadata::{Expect, FormatParams, Metadata, MetadataMode};
 use crate::ublk::{self, DeviceOptions};
 use anyhow::{bail, Context, Result};
@@ -63,9 +64,15 @@ pub struct CreateArgs {
     /// Requested device number (default: the kernel picks).
     #[arg(long, default_value_t = -1)]
     pub number: i32,
-    /// Overwrite metadata that belongs to another clone.
+    /// Overwrite metadata that is not blank: another clone's, damaged metadata, a file system
+    /// or other data. Never this clone's own metadata (see --force-reformat-this-clone).
     #[arg(long)]
     pub force: bool,
+    /// Reformat even this clone's own metadata (recorded for this source), starting the clone
+    /// over from the source: every write made to the clone is lost.
+    #[arg(long)]
+    #[serde(default)]
+    pub force_reformat_this_clone: bool,
     /// Run the daemon in the foreground instead of in the background.
     #[arg(long)]
     pub foreground: bool,
@@ -105,9 +112,12 @@ impl CreateArgs {
             arg.push(val);
             v.push(arg);
         };
-        kv("--source", self.source.clone().into());
-        kv("--dest", self.dest.clone().into());
-        kv("--metadata", self.metadata.clone().into());
+        // Absolute, so the daemon's record and saved configuration name the devices whatever
+        // directory it runs in (symbolic links kept: see `config`).
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        kv("--source", abs(&self.source).into());
+        kv("--dest", abs(&self.dest).into());
+        kv("--metadata", abs(&self.metadata).into());
         if let Some(r) = self.region_size {
             kv("--region-size", r.to_string().into());
         }
@@ -124,7 +134,7 @@ impl CreateArgs {
         kv("--depth", self.depth.to_string().into());
         kv("--number", self.number.to_string().into());
         if let Some(log) = &self.log_writes {
-            kv("--log-writes", log.clone().into());
+            kv("--log-writes", abs(log).into());
             kv("--log-writes-size", self.log_writes_size.to_string().into());
         }
         for (flag, on) in [
@@ -156,7 +166,16 @@ impl CreateArgs {
         if let Some(log) = &self.log_writes {
             self.validate_log(log)?;
         }
-        Ok(())
+        super::devices::check_distinct(&[
+            ("--source", &self.source),
+            ("--dest", &self.dest),
+            ("--metadata", &self.metadata),
+        ])?;
+        super::devices::check_usable(&[
+            ("--source", &self.source, false),
+            ("--dest", &self.dest, true),
+            ("--metadata", &self.metadata, true),
+        ])
     }
 
     /// A log is never overwritten: a regular file must be new or empty.
@@ -341,52 +360,60 @@ fn start_recording(
     Ok((Arc::new(d), Arc::new(m), rec))
 }
 
-/// Blank metadata is formatted; metadata of this clone is resumed; anything else is refused
-/// unless `--force`.
+/// Blank metadata is formatted; metadata of this clone (this source) is resumed; anything else
+/// is refused unless `--force` (see [`overwrite`] for the whole rule). Nothing is written before
+/// the decision.
 fn open_or_format(
     a: &CreateArgs,
     meta: Arc<dyn BlockDev>,
     source: &FileDev,
     dest: &FileDev,
 ) -> Result<Metadata> {
-    let mut head = vec![0u8; (2 * 4096).min(meta.size()) as usize];
-    meta.read_at(&mut head, 0)?;
-    let blank = head.iter().all(|b| *b == 0);
-    let meta_dyn = meta;
-    let fmt = |force: bool| -> Result<()> {
-        let rs = a.region_size.unwrap_or(DEFAULT_REGION_SIZE);
-        let params = FormatParams::from_devices(source, dest, rs)
-            .with_context(|| format!("cannot fingerprint the source {}", a.source.display()))?;
-        Metadata::format(meta_dyn.clone(), &params, force)?;
-        Ok(())
-    };
-    if blank || a.force {
-        fmt(a.force)?;
-    }
+    let what = format!("--metadata {}", a.metadata.display());
     let mut expect = Expect::from_devices(source, dest)
         .with_context(|| format!("cannot fingerprint the source {}", a.source.display()))?;
     expect.region_size = a.region_size;
     expect.ignore_source_mismatch = a.ignore_source_mismatch;
-    let (md, report) = Metadata::open(meta_dyn, &expect).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\n--metadata {} holds metadata that does not match this source and destination; \
-             pass --force to reformat it (this forgets which regions were hydrated)",
-            a.metadata.display()
-        )
-    })?;
+    let rs = a.region_size.unwrap_or(DEFAULT_REGION_SIZE);
+    let format_bytes = crate::metadata::required_size(rs, source.size()).unwrap_or(0);
+    let overwrite = Overwrite::from_flags(a.force, a.force_reformat_this_clone);
+    let contents = overwrite::probe(&*meta, &expect, format_bytes)?;
+    // This clone's metadata is resumed; only the explicit flag reformats it (with --force,
+    // `may_format` says why not).
+    let resume = contents.is_this_clone() && overwrite != Overwrite::ThisClone;
+    if !resume || overwrite == Overwrite::Force {
+        contents.may_format(&what, &a.metadata.display().to_string(), overwrite)?;
+    }
+    if !resume {
+        let params = FormatParams::from_devices(source, dest, rs)
+            .with_context(|| format!("cannot fingerprint the source {}", a.source.display()))?;
+        // Forced: the decision above is the one that counts (an old clone's superblocks are
+        // erased first).
+        Metadata::format(meta.clone(), &params, true)?;
+    }
+    let (md, report) = Metadata::open(meta, &expect)?;
     for w in &report.warnings {
         log::warn!("{}: {w}", a.metadata.display());
     }
     if report.mode != MetadataMode::ReadWrite {
-        bail!(
-            "--metadata {}: the clone is in {} mode after an earlier failure ({}); \
-             check the devices, then run `ublk-clone reset-mode {}` to accept possible loss of \
-             writes after the last commit (or reformat with --force)",
+        // Started in its persisted mode (dm-clone's ro): reads work, so the data can be
+        // copied off; writes that need a region bit and every FLUSH fail.
+        let msg = format!(
+            "--metadata {}: the clone is in {} mode after an earlier failure ({}); it starts \
+             {}: reads work, FLUSH and writes that need hydration fail. Copy the data off, or \
+             check the devices and run `ublk-clone reset-mode {}` (with the clone stopped) to \
+             accept the possible loss of writes after the last commit",
             a.metadata.display(),
             report.mode,
             report.mode_reason,
+            if report.mode == MetadataMode::Fail {
+                "failing every I/O"
+            } else {
+                "read-only"
+            },
             a.metadata.display()
         );
+        log::warn!("{msg}");
     }
     Ok(md)
 }
@@ -410,9 +437,10 @@ pub fn run_create(a: &CreateArgs) -> Result<()> {
     }
     // Validate and format here, so errors reach the user with a non-zero exit.
     drop(open_devices(a, false)?);
-    std::fs::create_dir_all(control::RUN_DIR)
-        .with_context(|| format!("cannot create {}", control::RUN_DIR))?;
-    let log_path = PathBuf::from(control::RUN_DIR).join("daemon.log");
+    let run_dir = control::run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let log_path = run_dir.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -490,7 +518,7 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     let o = open_devices(a, true)?;
-    save_config(a, &o.md)?;
+    super::config::save(a, &o.md, &o.source, &o.dest)?;
     let size = o.source.size();
     let region_size = o.md.region_size();
     let cfg = engine_config(a, size, region_size);
@@ -518,8 +546,9 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         depth: a.depth,
         io_buf_bytes: 512 << 10,
     };
-    std::fs::create_dir_all(control::RUN_DIR)
-        .with_context(|| format!("cannot create {}", control::RUN_DIR))?;
+    let run_dir = control::run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let ctl_engine = engine.clone();
     let args = a.clone();
     let served = ublk::serve(
@@ -586,30 +615,6 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
     Ok(())
 }
 
-/// Where the configuration of the clone with `uuid` is kept, so `start` can resume it.
-pub fn config_path(uuid: &uuid::Uuid) -> PathBuf {
-    PathBuf::from(CONFIG_DIR).join(format!("{uuid}.json"))
-}
-
-pub const CONFIG_DIR: &str = "/var/lib/ublk-clone";
-
-fn save_config(a: &CreateArgs, md: &Metadata) -> Result<()> {
-    let mut cfg = a.clone();
-    // Paths are stored absolute; one-shot flags are not kept.
-    for p in [&mut cfg.source, &mut cfg.dest, &mut cfg.metadata] {
-        *p = std::fs::canonicalize(&*p).with_context(|| format!("{}", p.display()))?;
-    }
-    cfg.force = false;
-    cfg.foreground = false;
-    cfg.log_writes = None;
-    cfg.number = -1;
-    cfg.region_size = Some(md.region_size());
-    std::fs::create_dir_all(CONFIG_DIR).with_context(|| format!("cannot create {CONFIG_DIR}"))?;
-    let path = config_path(&md.uuid());
-    std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)
-        .with_context(|| format!("cannot write the clone configuration {}", path.display()))
-}
-
 #[derive(Args, Debug)]
 pub struct StartArgs {
     /// Metadata device or file of an existing clone: its saved configuration is used.
@@ -621,27 +626,26 @@ pub struct StartArgs {
 }
 
 /// `ublk-clone start`: restarts a stopped clone from its metadata and saved configuration.
+/// The recorded devices are checked against what their paths name now before any of them is
+/// opened (see [`super::config`]).
 pub fn run_start(a: &StartArgs) -> Result<()> {
-    let dev: Arc<dyn BlockDev> = Arc::new(
-        FileDev::open(&a.metadata, Access::ReadOnly, false)
-            .with_context(|| format!("cannot open {}", a.metadata.display()))?,
-    );
+    let dev: Arc<dyn BlockDev> =
+        Arc::new(FileDev::open(&a.metadata, Access::ReadOnly, false).context("--metadata")?);
     let (md, _) = Metadata::read_only_open(dev).with_context(|| {
         format!(
-            "--metadata {}: not a ublk-clone metadata device",
+            "--metadata {}: not the metadata of a ublk-clone clone; `start` resumes a clone \
+             made by `ublk-clone create`",
             a.metadata.display()
         )
     })?;
-    let path = config_path(&md.uuid());
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "no saved configuration {} for clone {} (it is written when a device starts); use `ublk-clone create` with the devices",
-            path.display(),
-            md.uuid()
-        )
-    })?;
-    let mut args: CreateArgs =
-        serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
+    let uuid = md.uuid();
+    drop(md);
+    let (mut cfg, path) = super::config::load(&uuid)?;
+    // The metadata the user named is the one whose uuid chose this configuration.
+    cfg.args.metadata = std::path::absolute(&a.metadata)
+        .with_context(|| format!("--metadata {}", a.metadata.display()))?;
+    cfg.verify(&path, &uuid)?;
+    let mut args = cfg.args;
     args.foreground = a.foreground;
     run_create(&args)
 }

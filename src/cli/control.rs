@@ -1,7 +1,7 @@
 //! The daemon's control socket: one JSON request line, one JSON response line.
 //!
-//! Runtime files live in [`RUN_DIR`]: `<id>.json` (the daemon record: pid, device, devices and
-//! options) and `<id>.sock`.
+//! Runtime files live in [`run_dir`] ([`RUN_DIR`], or `$UBLK_CLONE_RUN_DIR` for tests):
+//! `<id>.json` (the daemon record: pid, device, devices and options) and `<id>.sock`.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,15 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 pub const RUN_DIR: &str = "/run/ublk-clone";
+
+/// Where daemon records, control sockets and the daemon log live: [`RUN_DIR`], unless
+/// `UBLK_CLONE_RUN_DIR` names another directory (tests, which must not touch the host's).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("UBLK_CLONE_RUN_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -83,11 +92,11 @@ pub struct DaemonRecord {
 }
 
 pub fn record_path(id: u32) -> PathBuf {
-    PathBuf::from(RUN_DIR).join(format!("{id}.json"))
+    run_dir().join(format!("{id}.json"))
 }
 
 pub fn socket_path(id: u32) -> PathBuf {
-    PathBuf::from(RUN_DIR).join(format!("{id}.sock"))
+    run_dir().join(format!("{id}.sock"))
 }
 
 /// Accepts `/dev/ublkbN`, `ublkbN` or `N`.
@@ -125,7 +134,7 @@ pub fn request(id: u32, req: &Request) -> Result<Response> {
 
 pub fn list_records() -> Vec<DaemonRecord> {
     let mut v = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(RUN_DIR) {
+    if let Ok(rd) = std::fs::read_dir(run_dir()) {
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "json") {

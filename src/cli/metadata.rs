@@ -4,10 +4,12 @@
 //! `check` ([`metadata::CheckReport::exit_code`]): 0 healthy (with notes for what opening
 //! repairs by design), 1 damage found, 2 the metadata could not be read.
 
+use super::devices;
 use super::size::parse_size;
 use crate::io::file::{Access, FileDev};
 use crate::io::BlockDev;
-use crate::metadata::{self, FormatParams, Metadata};
+use crate::metadata::overwrite::{self, Contents, Overwrite};
+use crate::metadata::{self, Expect, FormatParams, Metadata};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -31,9 +33,15 @@ pub struct FormatArgs {
     /// Region size: a power of two from 4K to 1G.
     #[arg(long, value_parser = parse_size, default_value = "64K")]
     pub region_size: u64,
-    /// Overwrite existing clone metadata.
+    /// Overwrite a device that is not blank: another clone's metadata, damaged metadata, a
+    /// file system or other data. Never this clone's own metadata (same source): see
+    /// --force-reformat-this-clone.
     #[arg(long)]
     pub force: bool,
+    /// Reformat even this clone's own metadata, starting the clone over from the source: every
+    /// write made to the clone is lost.
+    #[arg(long)]
+    pub force_reformat_this_clone: bool,
 }
 
 #[derive(Args, Debug)]
@@ -51,21 +59,48 @@ pub struct DumpArgs {
     pub metadata: PathBuf,
 }
 
-fn open_ro(path: &Path) -> Result<FileDev> {
-    FileDev::open(path, Access::ReadOnly, false)
-        .with_context(|| format!("cannot open {}", path.display()))
+fn open_ro(flag: &str, path: &Path) -> Result<FileDev> {
+    // The error names the path.
+    FileDev::open(path, Access::ReadOnly, false).with_context(|| flag.to_string())
 }
 
+/// `ublk-clone format`: takes the locks `create` takes, then formats only what
+/// [`overwrite`] allows (blank, or not this clone's with `--force`).
 pub fn run_format(args: &FormatArgs) -> Result<ExitCode> {
-    let source = open_ro(&args.source)?;
-    let dest = open_ro(&args.dest)?;
+    devices::check_distinct(&[
+        ("--source", &args.source),
+        ("--dest", &args.dest),
+        ("--metadata", &args.metadata),
+    ])?;
+    devices::check_usable(&[
+        ("--source", &args.source, false),
+        ("--dest", &args.dest, false),
+        ("--metadata", &args.metadata, true),
+    ])?;
+    let source = open_ro("--source", &args.source)?;
+    let dest = open_ro("--dest", &args.dest)?;
+    let meta = FileDev::open(&args.metadata, Access::ReadWrite, false).context("--metadata")?;
+    devices::lock(&source, false, "--source", &args.source)?;
+    devices::lock(&dest, true, "--dest", &args.dest)?;
+    devices::lock(&meta, true, "--metadata", &args.metadata)?;
     let params = FormatParams::from_devices(&source, &dest, args.region_size)
         .with_context(|| format!("cannot fingerprint the source {}", args.source.display()))?;
-    let meta: Arc<dyn BlockDev> = Arc::new(
-        FileDev::open(&args.metadata, Access::ReadWrite, false)
-            .with_context(|| format!("cannot open {}", args.metadata.display()))?,
-    );
-    let sb = Metadata::format(meta, &params, args.force)?;
+    let this = Expect {
+        source_size: Some(params.source_size),
+        source_fingerprint: Some(params.source_fingerprint),
+        ..Expect::default()
+    };
+    let format_bytes = metadata::required_size(args.region_size, params.source_size).unwrap_or(0);
+    let what = format!("--metadata {}", args.metadata.display());
+    overwrite::probe(&meta, &this, format_bytes)?.may_format(
+        &what,
+        &args.metadata.display().to_string(),
+        Overwrite::from_flags(args.force, args.force_reformat_this_clone),
+    )?;
+    let meta: Arc<dyn BlockDev> = Arc::new(meta);
+    // Forced: the decision above is the one that counts (an old clone's superblocks are
+    // erased first).
+    let sb = Metadata::format(meta, &params, true)?;
     println!(
         "formatted {}: clone {}, {} regions of {} bytes, {} metadata bytes",
         args.metadata.display(),
@@ -81,10 +116,8 @@ pub fn run_check(args: &CheckArgs) -> Result<ExitCode> {
     let dev = match FileDev::open(&args.metadata, Access::ReadOnly, false) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!(
-                "ublk-clone check: cannot open {}: {e}",
-                args.metadata.display()
-            );
+            // The error names the path.
+            eprintln!("ublk-clone check: {e}");
             return Ok(ExitCode::from(2));
         }
     };
@@ -94,11 +127,26 @@ pub fn run_check(args: &CheckArgs) -> Result<ExitCode> {
     } else {
         print!("{report}");
     }
+    if report.live_superblock.is_none() && !report.unreadable {
+        // No clone superblock at all: say what the device holds instead, if we know.
+        match overwrite::probe(&dev, &Expect::default(), 0) {
+            Ok(Contents::Foreign(sig)) => eprintln!(
+                "{} holds {sig}, not ublk-clone metadata; check that this is the metadata device",
+                args.metadata.display()
+            ),
+            Ok(Contents::Blank | Contents::Data { .. }) => eprintln!(
+                "{} holds no ublk-clone metadata; check that this is the metadata device \
+                 (`ublk-clone format` makes one)",
+                args.metadata.display()
+            ),
+            _ => {}
+        }
+    }
     Ok(ExitCode::from(report.exit_code()))
 }
 
 pub fn run_dump(args: &DumpArgs) -> Result<ExitCode> {
-    let dev: Arc<dyn BlockDev> = Arc::new(open_ro(&args.metadata)?);
+    let dev: Arc<dyn BlockDev> = Arc::new(open_ro("metadata", &args.metadata)?);
     let out = metadata::dump(dev)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
@@ -114,11 +162,13 @@ pub struct ResetModeArgs {
 /// after the last successful commit may have been lost when the failure happened; the user
 /// takes responsibility for that by running this.
 pub fn run_reset_mode(args: &ResetModeArgs) -> Result<ExitCode> {
-    let dev: Arc<dyn BlockDev> = Arc::new(
-        FileDev::open(&args.metadata, Access::ReadWrite, false)
-            .with_context(|| format!("cannot open {}", args.metadata.display()))?,
-    );
-    let (md, report) = Metadata::open(dev, &metadata::Expect::default())?;
+    devices::check_usable(&[("metadata", &args.metadata, true)])?;
+    let dev = FileDev::open(&args.metadata, Access::ReadWrite, false).context("metadata")?;
+    // A live daemon holds this lock: its in-core mode would overwrite ours at its next commit.
+    devices::lock(&dev, true, "metadata", &args.metadata)?;
+    let dev: Arc<dyn BlockDev> = Arc::new(dev);
+    // Looked at without writing first: a healthy clone is left exactly as it is.
+    let (_, report) = Metadata::read_only_open(dev.clone())?;
     if report.mode == metadata::MetadataMode::ReadWrite {
         println!(
             "{}: already in read-write mode; nothing to do",
@@ -126,6 +176,7 @@ pub fn run_reset_mode(args: &ResetModeArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let (md, report) = Metadata::open(dev, &metadata::Expect::default())?;
     md.persist_mode(
         metadata::MetadataMode::ReadWrite,
         &format!("reset by the operator after: {}", report.mode_reason),

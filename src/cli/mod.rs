@@ -2,7 +2,9 @@
 //! parses arguments, makes one library call and reports with `anyhow` context.
 
 pub mod clone;
+pub mod config;
 pub mod control;
+pub mod devices;
 pub mod metadata;
 pub mod size;
 pub mod stop;

@@ -6,7 +6,10 @@
 //! - [`mem::MemDev`]: an in-memory device with a volatile write cache model and fault
 //!   injection, for host tests;
 //! - [`record::RecordingDev`]: wraps any device and records every write, discard and flush in
-//!   one shared, ordered log, from which crash states are built.
+//!   one shared, ordered log, from which crash states are built;
+//! - [`signature`]: what a device holds before it is overwritten (file-system, partition-table,
+//!   RAID, LVM, LUKS and swap magic numbers) and whether it is blank;
+//! - [`identity::DeviceIdentity`]: recognises a device again under any path.
 //!
 //! The metadata commit protocol, the background hydrator and the tests all use this trait. The
 //! ublk queues' hot path uses io_uring on the same file descriptors instead (see `ublk`).
@@ -15,8 +18,10 @@
 //! discard that completed before `flush()` was called is durable.
 
 pub mod file;
+pub mod identity;
 pub mod mem;
 pub mod record;
+pub mod signature;
 
 use std::io;
 

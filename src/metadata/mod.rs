@@ -15,6 +15,7 @@ pub mod checksum;
 pub mod commit;
 pub mod dump;
 pub mod error;
+pub mod overwrite;
 mod scan;
 pub mod superblock;
 #[cfg(test)]

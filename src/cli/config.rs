@@ -1,0 +1,199 @@
+//! The saved configuration of a clone, `<state dir>/<uuid>.json`, which `start` resumes from.
+//!
+//! It records the options `create` was given, with the device paths as the user gave them
+//! (made absolute but not symlink-resolved, so `/dev/disk/by-id/X` keeps naming the same disk
+//! when `/dev/sdc` becomes `/dev/sdd`), and the identity of the source and destination
+//! ([`DeviceIdentity`]). Invariant: `start` checks every recorded identity against what the
+//! paths name now, and refuses a mismatch before any device is opened.
+//!
+//! The state directory is [`STATE_DIR`], or `$UBLK_CLONE_STATE_DIR` (tests). Files written
+//! before identities were recorded still load; for them only what `create` checks (sizes and
+//! the source fingerprint) is checked.
+
+use super::clone::CreateArgs;
+use crate::io::file::FileDev;
+use crate::io::identity::DeviceIdentity;
+use crate::metadata::Metadata;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const STATE_DIR: &str = "/var/lib/ublk-clone";
+
+/// [`STATE_DIR`], unless `UBLK_CLONE_STATE_DIR` names another directory.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("UBLK_CLONE_STATE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(STATE_DIR))
+}
+
+/// Where the configuration of the clone with `uuid` is kept.
+pub fn config_path(uuid: &uuid::Uuid) -> PathBuf {
+    state_dir().join(format!("{uuid}.json"))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedConfig {
+    #[serde(flatten)]
+    pub args: CreateArgs,
+    /// The source when the clone last started (absent in older files).
+    #[serde(default)]
+    pub source_identity: Option<DeviceIdentity>,
+    /// The destination when the clone last started (absent in older files).
+    #[serde(default)]
+    pub dest_identity: Option<DeviceIdentity>,
+}
+
+/// Saves the configuration of a clone that has just opened its devices: `a`'s options without
+/// the one-shot flags, and the identities of the opened source and destination.
+pub fn save(a: &CreateArgs, md: &Metadata, source: &FileDev, dest: &FileDev) -> Result<()> {
+    let mut args = a.clone();
+    for p in [&mut args.source, &mut args.dest, &mut args.metadata] {
+        *p = std::path::absolute(&*p).with_context(|| format!("{}", p.display()))?;
+    }
+    args.force = false;
+    args.force_reformat_this_clone = false;
+    args.foreground = false;
+    args.log_writes = None;
+    args.number = -1;
+    args.region_size = Some(md.region_size());
+    let identity = |d: &FileDev| {
+        DeviceIdentity::of_file(d.file())
+            .with_context(|| format!("{}: cannot stat", d.path().display()))
+    };
+    let cfg = SavedConfig {
+        args,
+        source_identity: Some(identity(source)?),
+        dest_identity: Some(identity(dest)?),
+    };
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = config_path(&md.uuid());
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)
+        .with_context(|| format!("cannot write the clone configuration {}", path.display()))
+}
+
+/// Loads the configuration of clone `uuid`.
+pub fn load(uuid: &uuid::Uuid) -> Result<(SavedConfig, PathBuf)> {
+    let path = config_path(uuid);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no saved configuration {} for clone {uuid} (it is written when a device starts); \
+             use `ublk-clone create` with the devices",
+            path.display()
+        )
+    })?;
+    let cfg = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "malformed clone configuration {}; use `ublk-clone create` with the devices",
+            path.display()
+        )
+    })?;
+    Ok((cfg, path))
+}
+
+impl SavedConfig {
+    /// Checks that the recorded paths still name the recorded source and destination. Only
+    /// stats the paths. `path` is this configuration's file, `uuid` its clone.
+    pub fn verify(&self, path: &Path, uuid: &uuid::Uuid) -> Result<()> {
+        let a = &self.args;
+        let resume_hint = format!(
+            "if the data moved to another device, resume with `ublk-clone create --source \
+             SOURCE --dest DEST --metadata {}`, which records the devices anew",
+            a.metadata.display()
+        );
+        for (flag, which, p, saved) in [
+            ("--source", "source", &a.source, &self.source_identity),
+            ("--dest", "destination", &a.dest, &self.dest_identity),
+        ] {
+            let found = match DeviceIdentity::of_path(p) {
+                Ok(id) => id,
+                Err(e) => bail!(
+                    "{flag} {}: {e}: clone {uuid} was created with this {which} (saved in {}); \
+                     reattach it, or {resume_hint}",
+                    p.display(),
+                    path.display()
+                ),
+            };
+            match saved {
+                Some(expected) if *expected != found => bail!(
+                    "{flag} {}: not the {which} clone {uuid} was created with: expected \
+                     {expected}, found {found} (saved in {}); reattach the original {which}, \
+                     or {resume_hint}",
+                    p.display(),
+                    path.display()
+                ),
+                Some(_) => {}
+                None => log::warn!(
+                    "{}: no identity recorded for {flag} {} (written by an older version); \
+                     checking only its size{}",
+                    path.display(),
+                    p.display(),
+                    if flag == "--source" {
+                        " and fingerprint"
+                    } else {
+                        ""
+                    }
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configurations_without_identities_still_load() {
+        // A file written before identities were recorded (canonical paths, no identity).
+        let old = r#"{
+            "source": "/dev/sdb", "dest": "/dev/sdc", "metadata": "/dev/sdd",
+            "region_size": 65536, "ignore_source_mismatch": false, "no_hydration": false,
+            "no_discard_passdown": false, "hydration_threshold": null, "batch_size": null,
+            "rate": 0, "queues": null, "depth": 128, "number": -1, "force": false,
+            "foreground": false
+        }"#;
+        let cfg: SavedConfig = serde_json::from_str(old).expect("old file loads");
+        assert_eq!(cfg.args.dest, PathBuf::from("/dev/sdc"));
+        assert!(cfg.source_identity.is_none() && cfg.dest_identity.is_none());
+        assert!(!cfg.args.force_reformat_this_clone);
+    }
+
+    #[test]
+    fn verify_refuses_a_swapped_file() -> Result<()> {
+        let t = tempfile::tempdir()?;
+        let (src, dst, other) = (t.path().join("s"), t.path().join("d"), t.path().join("o"));
+        for p in [&src, &dst, &other] {
+            std::fs::write(p, [0u8; 4096])?;
+        }
+        let text = format!(
+            r#"{{"source": {:?}, "dest": {:?}, "metadata": "/m", "rate": 0, "depth": 1,
+                "number": -1, "force": false, "foreground": false,
+                "ignore_source_mismatch": false, "no_hydration": false,
+                "no_discard_passdown": false}}"#,
+            src, dst
+        );
+        let mut cfg: SavedConfig = serde_json::from_str(&text)?;
+        cfg.source_identity = Some(DeviceIdentity::of_path(&src)?);
+        cfg.dest_identity = Some(DeviceIdentity::of_path(&dst)?);
+        let uuid = uuid::Uuid::nil();
+        cfg.verify(Path::new("cfg.json"), &uuid)?;
+        std::fs::rename(&other, &dst)?;
+        let e = cfg
+            .verify(Path::new("cfg.json"), &uuid)
+            .expect_err("swapped destination");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("--dest {}", dst.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("expected regular file"), "{msg}");
+        std::fs::remove_file(&src)?;
+        let e = cfg.verify(Path::new("cfg.json"), &uuid).expect_err("gone");
+        assert!(e.to_string().starts_with("--source"), "{e}");
+        Ok(())
+    }
+}
