@@ -139,9 +139,7 @@ impl Engine {
             let epoch = {
                 let mut st = self.commit_state.lock();
                 loop {
-                    if st.requested > st.started
-                        || self.mode_unpersisted.load(Ordering::Acquire)
-                    {
+                    if st.requested > st.started || self.mode_unpersisted.load(Ordering::Acquire) {
                         break;
                     }
                     let due = st
@@ -195,8 +193,8 @@ impl Engine {
         // The shadow writes and the destination flush are independent: overlap them.
         let (shadows, dest) = std::thread::scope(|s| {
             let shadows = s.spawn(|| frozen.write_shadows());
-            let dest = self
-                .sequenced_flush(|| metadata::flush_destination(self.dest.as_ref(), &frozen));
+            let dest =
+                self.sequenced_flush(|| metadata::flush_destination(self.dest.as_ref(), &frozen));
             (shadows.join(), dest)
         });
         let dest = dest?;
@@ -285,7 +283,10 @@ impl Engine {
                     .store(n == self.geo.nr_regions, Ordering::Release);
             }
             Err(e) => {
-                let reason = format!("{}; reloading the committed bitmap failed: {e}", self.mode.lock().1);
+                let reason = format!(
+                    "{}; reloading the committed bitmap failed: {e}",
+                    self.mode.lock().1
+                );
                 log::error!("switching to fail mode: {reason}");
                 *self.mode.lock() = (Mode::Fail, reason);
             }

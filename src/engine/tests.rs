@@ -344,6 +344,9 @@ fn destination_flush_failure_is_sticky_read_only() {
         block_on(r.engine.write(&r.path, 0, &[1; 4096], false)),
         Ok(())
     );
+    // Region 0's bit committed: read-only mode keeps it (bits set after the last commit
+    // are dropped, see the next tests).
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
     r.dest.set_fault(Some(Arc::new(|op: &Op| {
         (*op == Op::Flush).then(|| io::Error::other("cache died"))
     })));
@@ -692,4 +695,188 @@ fn fast_path_flush_failure_is_sticky_and_persisted() {
         "reason: {}",
         report.mode_reason
     );
+}
+
+/// A data path whose destination flush, once it has run, waits for `gate` before it
+/// returns: the FLUSH that issued it is held between its device flush and its reaction.
+struct GatedFlushPath {
+    inner: SyncPath,
+    gate: smol::channel::Receiver<()>,
+}
+
+impl DataPath for GatedFlushPath {
+    async fn read(&self, side: Side, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read(side, buf, offset).await
+    }
+    async fn write_dest(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_dest(buf, offset).await
+    }
+    async fn discard_dest(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard_dest(offset, len).await
+    }
+    async fn zero_dest(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.inner.zero_dest(offset, len, unmap).await
+    }
+    async fn flush_dest(&self) -> io::Result<()> {
+        let res = self.inner.flush_dest().await;
+        let _ = self.gate.recv().await;
+        res
+    }
+}
+
+/// Fails the next `n` flushes of `dev`, which then lose the device's unflushed writes.
+fn fail_flushes_losing_cache(dev: &MemDev, n: u64) {
+    let left = Arc::new(AtomicU64::new(n));
+    dev.set_failed_flush_loses_cache(true);
+    dev.set_fault(Some(Arc::new(move |op: &Op| {
+        (*op == Op::Flush
+            && left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1))
+                .is_ok())
+        .then(|| io::Error::other("the cache died"))
+    })));
+}
+
+/// Issue 9, finding 1 (seed 004): two FLUSHes on two queues. The first one's destination
+/// flush fails and loses the cache, and before it has reacted the second one's flush
+/// succeeds (nothing left to flush). The second must not acknowledge: the data written before
+/// it arrived is gone.
+#[test]
+fn a_flush_that_loses_the_cache_fails_a_concurrent_flush_on_another_path() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    // Region 0 hydrated and committed: later FLUSHes take the fast path.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 4096], false)),
+        Ok(())
+    );
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    // An acknowledged write, not flushed yet.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[2; 4096], false)),
+        Ok(())
+    );
+    fail_flushes_losing_cache(&r.dest, 1);
+    let (tx, rx) = smol::channel::bounded(1);
+    let first = GatedFlushPath {
+        inner: SyncPath {
+            source: r.source.clone(),
+            dest: r.dest.clone(),
+        },
+        gate: rx,
+    };
+    let (a, b) = block_on(async {
+        let release = async {
+            futures_lite::future::yield_now().await;
+            let _ = tx.send(()).await;
+        };
+        let (ab, ()) = futures_lite::future::zip(
+            futures_lite::future::zip(r.engine.flush(&first), r.engine.flush(&r.path)),
+            release,
+        )
+        .await;
+        ab
+    });
+    assert_eq!(r.dest.snapshot()[..4096], [1; 4096], "the write was lost");
+    assert_eq!(a.map_err(|e| e.errno), Err(libc::EIO), "the failed flush");
+    assert_eq!(
+        b.map_err(|e| e.errno),
+        Err(libc::EIO),
+        "the second FLUSH acknowledged data the first one's flush lost"
+    );
+    assert_eq!(r.engine.mode(), Mode::ReadOnly);
+}
+
+/// Issue 9, finding 2: after a failed destination flush, a region hydrated since the last
+/// commit may hold data the flush lost; read-only mode falls back to the committed bitmap
+/// (as dm-clone does), so it is read from the source again.
+#[test]
+fn read_only_mode_reads_regions_hydrated_after_the_last_commit_from_the_source() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    let src = pattern(16 * 4096, 1);
+    // Region 1: hydrated and committed.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 4096, &[7; 4096], false)),
+        Ok(())
+    );
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    // Region 2: hydrated by copy-on-write, not committed.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 2 * 4096 + 512, &[9; 512], false)),
+        Ok(())
+    );
+    assert_eq!(r.engine.status().hydrated, 2);
+    fail_flushes_losing_cache(&r.dest, 1);
+    assert_eq!(
+        block_on(r.engine.flush(&r.path)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(r.engine.mode(), Mode::ReadOnly);
+    r.dest.set_fault(None);
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(block_on(r.engine.read(&r.path, 2 * 4096, &mut buf)), Ok(()));
+    assert!(
+        buf == src[2 * 4096..3 * 4096],
+        "region 2 was read from the destination, which lost it (first bytes {:?})",
+        &buf[..8]
+    );
+    assert_eq!(block_on(r.engine.read(&r.path, 4096, &mut buf)), Ok(()));
+    assert_eq!(
+        buf,
+        vec![7; 4096],
+        "committed region 1 still reads from the destination"
+    );
+    assert_eq!(
+        r.engine.status().hydrated,
+        1,
+        "back to the committed bitmap"
+    );
+    // No bit can be set any more: a write that needs region 2 hydrated fails.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 2 * 4096, &[3; 512], false)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+}
+
+/// Issue 9, finding 13: a clone whose metadata records read-only mode starts in it: reads
+/// work (its data can be copied off), FLUSH and writes that need a bit fail.
+#[test]
+fn a_clone_whose_metadata_is_read_only_starts_read_only() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 4096, &[7; 4096], false)),
+        Ok(())
+    );
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    fail_flushes_losing_cache(&r.dest, 1);
+    assert!(block_on(r.engine.flush(&r.path)).is_err());
+    r.dest.set_fault(None);
+    assert!(r.engine.shutdown().is_ok());
+    let meta = Arc::new(MemDev::from_image("meta-after", r.meta.durable()));
+    let md = Arc::new(open_md(&meta, &r.source, &r.dest, 4096));
+    let engine = match Engine::start(
+        md,
+        r.source.clone(),
+        r.dest.clone(),
+        EngineConfig::new(16 * 4096, 4096),
+    ) {
+        Ok(e) => e,
+        Err(e) => panic!("a read-only clone must start: {e}"),
+    };
+    assert_eq!(engine.mode(), Mode::ReadOnly);
+    assert!(engine.status().mode_reason.contains("the cache died"));
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(block_on(engine.read(&r.path, 4096, &mut buf)), Ok(()));
+    assert_eq!(buf, vec![7; 4096]);
+    assert_eq!(block_on(engine.read(&r.path, 0, &mut buf)), Ok(()));
+    assert!(buf == pattern(16 * 4096, 1)[..4096]);
+    assert_eq!(
+        block_on(engine.flush(&r.path)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(
+        block_on(engine.write(&r.path, 0, &[1; 512], false)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    assert_eq!(engine.status().hydrated, 1);
+    assert!(engine.shutdown().is_ok());
 }

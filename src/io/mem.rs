@@ -28,6 +28,9 @@ struct Inner {
     /// Writes (offset, data) completed since the last flush, in completion order.
     unflushed: Vec<(u64, Vec<u8>)>,
     fault: Option<FaultHook>,
+    /// A flush that the fault hook fails also loses every unflushed write (a device whose
+    /// volatile cache died): reads then see the durable image.
+    failed_flush_loses_cache: bool,
     flushes: u64,
     writes: u64,
 }
@@ -53,6 +56,7 @@ impl MemDev {
                 current: image,
                 unflushed: Vec::new(),
                 fault: None,
+                failed_flush_loses_cache: false,
                 flushes: 0,
                 writes: 0,
             }),
@@ -61,6 +65,12 @@ impl MemDev {
 
     pub fn set_fault(&self, hook: Option<FaultHook>) {
         self.inner.lock().fault = hook;
+    }
+
+    /// From now on a flush failed by the fault hook drops the unflushed writes, as a device
+    /// whose cache died would ("flush fails and drops unflushed writes").
+    pub fn set_failed_flush_loses_cache(&self, on: bool) {
+        self.inner.lock().failed_flush_loses_cache = on;
     }
 
     /// What reads return now.
@@ -150,7 +160,13 @@ impl BlockDev for MemDev {
 
     fn flush(&self) -> io::Result<()> {
         let mut inner = self.inner.lock();
-        self.fault(&inner, Op::Flush)?;
+        if let Err(e) = self.fault(&inner, Op::Flush) {
+            if inner.failed_flush_loses_cache {
+                inner.current = inner.durable.clone();
+                inner.unflushed.clear();
+            }
+            return Err(e);
+        }
         inner.durable = inner.current.clone();
         inner.unflushed.clear();
         inner.flushes += 1;

@@ -306,7 +306,8 @@ impl Metadata {
             })?;
             let first = index * WORDS_PER_BITMAP_BLOCK as u64;
             for i in 0..WORDS_PER_BITMAP_BLOCK {
-                let w = bitmap::payload_word(&block, i) & valid_mask(core.nr_regions, first + i as u64);
+                let w =
+                    bitmap::payload_word(&block, i) & valid_mask(core.nr_regions, first + i as u64);
                 words[first as usize + i].store(w, Ordering::SeqCst);
             }
         }

@@ -387,16 +387,15 @@ impl<'a> Queue<'a> {
         };
         let me = self.clone();
         exe.spawn(async move {
-                let n = me.buf(tag).len();
-                // SAFETY: the buffer belongs to `tag`, which has one request in flight: nothing
-                // else reads or writes it until this request is committed below.
-                let buf = unsafe {
-                    std::slice::from_raw_parts_mut(me.bufs[tag as usize].as_mut_ptr(), n)
-                };
-                let res = handle_one(&me.engine, &me.path, &me.q, tag, buf).await;
-                me.complete(tag, res);
-            })
-            .detach();
+            let n = me.buf(tag).len();
+            // SAFETY: the buffer belongs to `tag`, which has one request in flight: nothing
+            // else reads or writes it until this request is committed below.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(me.bufs[tag as usize].as_mut_ptr(), n) };
+            let res = handle_one(&me.engine, &me.path, &me.q, tag, buf).await;
+            me.complete(tag, res);
+        })
+        .detach();
     }
 
     fn on_cqe(self: &Rc<Self>, user_data: u64, cqe: &io_uring::cqueue::Entry) {
