@@ -7,20 +7,42 @@
 //! - a source read error is retried a bounded number of times with backoff; then the region is
 //!   marked failed (reads of it return EIO), reported in the status, and the sweep goes on.
 //!
-//! Invariant: a region is copied only while its region lock is held and only if its bit is
+//! - a destination write that fails is retried with exponential backoff; after
+//!   `DEST_WRITE_RETRIES` failures in a row the clone degrades to read-only (it never spins);
+//! - once only failed regions are left, the sweep stops scanning the bitmap until something
+//!   changes (a region gets hydrated by a write or discard, the knobs change, a restart).
+//!
+//! Invariants: a region is copied only while its region lock is held and only if its bit is
 //! clear under the lock; the bit is set after the destination write completed and before the
-//! lock is released (see `regions`).
+//! lock is released (see `regions`). No region lock is held while waiting for the rate limit
+//! or a backoff: a user write to those regions never waits for them.
 
 use super::{Engine, Mode};
 use crate::io::AlignedBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Token bucket for the hydration rate limit.
+/// Token bucket for the hydration rate limit: a copy is charged after it was made, and the
+/// next batch is picked only once the bucket is out of debt (`wait_for_rate`).
 pub(super) struct RateLimiter {
     pub tokens: f64,
     pub last: Instant,
 }
+
+impl RateLimiter {
+    fn refill(&mut self, rate: u64) {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * rate as f64;
+        // At most one second of burst.
+        self.tokens = (self.tokens + refill).min(rate as f64);
+        self.last = now;
+    }
+}
+
+/// Destination write failures in a row before background hydration degrades the clone.
+const DEST_WRITE_RETRIES: u32 = 5;
+/// First backoff after a failed destination write; doubles with each further failure.
+const DEST_WRITE_BACKOFF: Duration = Duration::from_millis(20);
 
 impl Engine {
     pub(super) fn hydration_worker(&self) {
@@ -38,6 +60,23 @@ impl Engine {
                     || self.hydrate_stop.load(Ordering::Acquire) || self.hydration_runnable(),
                     Duration::from_millis(500),
                 );
+                continue;
+            }
+            if self.only_failed_regions_left() {
+                // Nothing to copy: wait for a change instead of rescanning the bitmap.
+                let hydrated = self.md.nr_hydrated();
+                self.hydrate_wake.wait_until_blocking(
+                    || {
+                        self.hydrate_stop.load(Ordering::Acquire)
+                            || self.md.nr_hydrated() != hydrated
+                            || self.knobs() != knobs
+                    },
+                    Duration::from_secs(5),
+                );
+                continue;
+            }
+            // The rate limit is waited for before any region is locked.
+            if !self.wait_for_rate() {
                 continue;
             }
             let batch = knobs.batch_size.max(1).min(knobs.threshold);
@@ -66,19 +105,51 @@ impl Engine {
                 );
                 continue;
             };
-            let progressed = self.hydrate_next_batch(reserved);
+            self.stats.hydration_scans.fetch_add(1, Ordering::Relaxed);
+            let outcome = self.hydrate_next_batch(reserved);
             self.hydrations_in_flight
                 .fetch_sub(reserved, Ordering::AcqRel);
             self.hydrate_wake.notify();
-            if !progressed {
-                self.check_fully_hydrated();
-                // Everything left is locked by writers or failed: wait a little.
-                self.hydrate_wake.wait_until_blocking(
-                    || self.hydrate_stop.load(Ordering::Acquire),
-                    Duration::from_millis(50),
-                );
+            match outcome {
+                Batch::Copied => self.dest_write_failures.store(0, Ordering::Release),
+                Batch::NothingToPick => {
+                    self.check_fully_hydrated();
+                    // Everything left is locked by writers (which hydrate it) or failed: wait
+                    // until a writer makes progress.
+                    let hydrated = self.md.nr_hydrated();
+                    self.hydrate_wake.wait_until_blocking(
+                        || {
+                            self.hydrate_stop.load(Ordering::Acquire)
+                                || self.md.nr_hydrated() != hydrated
+                        },
+                        Duration::from_millis(500),
+                    );
+                }
+                Batch::WriteFailed(e) => self.after_dest_write_failure(&e),
             }
         }
+    }
+
+    /// Whether every region that is not hydrated is a failed one.
+    fn only_failed_regions_left(&self) -> bool {
+        self.has_failed.load(Ordering::Acquire)
+            && self.md.nr_hydrated() + self.failed.lock().len() as u64 >= self.geo.nr_regions
+    }
+
+    /// A background copy could not be written to the destination: back off (no region
+    /// lock held), and after `DEST_WRITE_RETRIES` failures in a row degrade to read-only.
+    fn after_dest_write_failure(&self, e: &str) {
+        let n = self.dest_write_failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= DEST_WRITE_RETRIES {
+            self.degrade(
+                Mode::ReadOnly,
+                &format!("background hydration: {n} destination writes failed in a row: {e}"),
+            );
+            return;
+        }
+        let backoff = DEST_WRITE_BACKOFF * (1 << (n - 1));
+        self.hydrate_wake
+            .wait_until_blocking(|| self.hydrate_stop.load(Ordering::Acquire), backoff);
     }
 
     fn hydration_runnable(&self) -> bool {
@@ -90,8 +161,7 @@ impl Engine {
     }
 
     /// Picks up to `max` contiguous unhydrated, unlocked regions (hints first) and copies them.
-    /// Returns false when no region could be picked.
-    fn hydrate_next_batch(&self, max: u64) -> bool {
+    fn hydrate_next_batch(&self, max: u64) -> Batch {
         let nr = self.geo.nr_regions;
         let mut first = None;
         while let Some(r) = self.hints.lock().pop_front() {
@@ -127,7 +197,7 @@ impl Engine {
                 }
             }
             if guards.is_empty() {
-                return false;
+                return Batch::NothingToPick;
             }
         }
         // Extend to contiguous regions.
@@ -153,19 +223,19 @@ impl Engine {
             guards.truncate(pos);
         }
         let Some(head) = guards.first().map(|g| g.region()) else {
-            return true;
+            return Batch::Copied;
         };
         let count = guards.len() as u64;
-        self.copy_regions(head, count);
+        let outcome = self.copy_regions(head, count);
         drop(guards);
-        true
+        outcome
     }
 
     /// Copies regions `[head, head+count)` (locks held by the caller); on a persistent
     /// source error splits the batch to isolate failing regions.
-    fn copy_regions(&self, head: u64, count: u64) {
+    fn copy_regions(&self, head: u64, count: u64) -> Batch {
         let (off, len) = self.geo.regions_span(head, count);
-        self.rate_limit(len);
+        self.charge_rate(len);
         let mut buf = AlignedBuf::zeroed(len as usize);
         let mut attempt = 0;
         let read = loop {
@@ -183,18 +253,21 @@ impl Engine {
         };
         if let Err(e) = read {
             if count > 1 {
+                let mut outcome = Batch::Copied;
                 for r in head..head + count {
-                    self.copy_regions(r, 1);
+                    if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
+                        outcome = Batch::WriteFailed(e);
+                    }
                 }
-            } else {
-                log::error!("hydration of region {head} failed: {e}; marking it failed");
-                self.failed.lock().insert(head);
-                self.has_failed.store(true, Ordering::Release);
+                return outcome;
             }
-            return;
+            log::error!("hydration of region {head} failed: {e}; marking it failed");
+            self.failed.lock().insert(head);
+            self.has_failed.store(true, Ordering::Release);
+            return Batch::Copied;
         }
         if self.mode() != Mode::ReadWrite {
-            return;
+            return Batch::Copied;
         }
         #[cfg(test)]
         if self.config.bugs.bit_before_copy {
@@ -213,40 +286,67 @@ impl Engine {
                 head + count
             );
             self.stats.dest_write_errors.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Batch::WriteFailed(e.to_string());
         }
         // The copy completed: only now may the bits be set.
         if let Err(e) = self.md.set_range_hydrated(head, count) {
             log::error!("recording regions {head}..{} hydrated: {e}", head + count);
-            return;
+            return Batch::Copied;
         }
         self.stats.bytes_hydrated.fetch_add(len, Ordering::Relaxed);
         self.stats
             .regions_hydrated_bg
             .fetch_add(count, Ordering::Relaxed);
         self.check_fully_hydrated();
+        Batch::Copied
     }
 
-    fn rate_limit(&self, bytes: u64) {
+    /// Waits, holding no region lock, until the rate limit allows another copy. Returns
+    /// false when hydration is stopping. The wait is cut into short steps so that a changed
+    /// `--rate` takes effect at once.
+    fn wait_for_rate(&self) -> bool {
+        loop {
+            if self.hydrate_stop.load(Ordering::Acquire) {
+                return false;
+            }
+            let rate = self.knobs().rate_bytes_per_sec;
+            if rate == 0 {
+                return true;
+            }
+            let wait = {
+                let mut rl = self.rate.lock();
+                rl.refill(rate);
+                if rl.tokens >= 0.0 {
+                    return true;
+                }
+                Duration::from_secs_f64(-rl.tokens / rate as f64)
+            };
+            let rate_changed = || self.knobs().rate_bytes_per_sec != rate;
+            self.hydrate_wake.wait_until_blocking(
+                || self.hydrate_stop.load(Ordering::Acquire) || rate_changed(),
+                wait.min(Duration::from_millis(500)),
+            );
+        }
+    }
+
+    /// Charges a copy of `bytes` to the rate limit (never waits).
+    fn charge_rate(&self, bytes: u64) {
         let rate = self.knobs().rate_bytes_per_sec;
         if rate == 0 {
             return;
         }
-        let sleep = {
-            let mut rl = self.rate.lock();
-            let now = Instant::now();
-            let refill = now.duration_since(rl.last).as_secs_f64() * rate as f64;
-            rl.tokens = (rl.tokens + refill).min(rate as f64);
-            rl.last = now;
-            rl.tokens -= bytes as f64;
-            if rl.tokens < 0.0 {
-                Duration::from_secs_f64(-rl.tokens / rate as f64)
-            } else {
-                Duration::ZERO
-            }
-        };
-        if !sleep.is_zero() {
-            std::thread::sleep(sleep);
-        }
+        let mut rl = self.rate.lock();
+        rl.refill(rate);
+        rl.tokens -= bytes as f64;
     }
+}
+
+/// What one background batch did.
+pub(super) enum Batch {
+    /// Copied (or found nothing left to copy in what it picked, or isolated failed regions).
+    Copied,
+    /// No unhydrated region could be picked: all locked by writers, or failed.
+    NothingToPick,
+    /// The destination write failed.
+    WriteFailed(String),
 }

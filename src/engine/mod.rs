@@ -192,6 +192,8 @@ pub(crate) struct Stats {
     pub regions_hydrated_bg: AtomicU64,
     pub regions_hydrated_write: AtomicU64,
     pub dest_write_errors: AtomicU64,
+    /// Background batches picked (each one a look at the bitmap).
+    pub hydration_scans: AtomicU64,
 }
 
 /// What `status` reports.
@@ -243,6 +245,8 @@ pub struct Engine {
     failed: Mutex<BTreeSet<u64>>,
     has_failed: AtomicBool,
     rate: Mutex<hydrate::RateLimiter>,
+    /// Background destination writes that failed in a row.
+    dest_write_failures: std::sync::atomic::AtomicU32,
     rate_sample: Mutex<(Instant, u64, u64)>,
     stats: Stats,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -332,6 +336,7 @@ impl Engine {
                 last: Instant::now(),
             }),
             rate_sample: Mutex::new((Instant::now(), 0, 0)),
+            dest_write_failures: std::sync::atomic::AtomicU32::new(0),
             stats: Stats::default(),
             threads: Mutex::new(Vec::new()),
             config,
@@ -824,7 +829,9 @@ impl Engine {
         let (edges, rs, re) = self.split_edges(offset, len);
         for (a, b) in edges {
             if !self.all_hydrated(a, b) {
-                let zeroes = vec![0u8; (b - a) as usize];
+                // Aligned: if the region is hydrated meanwhile, this buffer goes to the
+                // destination as it is, and O_DIRECT refuses unaligned buffers (EINVAL).
+                let zeroes = AlignedBuf::zeroed((b - a) as usize);
                 self.write_inner(p, a, &zeroes).await?;
             } else if self.config.discard_passdown {
                 p.discard_dest(a, b - a)

@@ -84,6 +84,15 @@ impl RegionLocks {
         self.map.lock().contains_key(&region)
     }
 
+    /// How many wait for the lock of `region` (besides its holder).
+    #[cfg(test)]
+    pub fn waiters(&self, region: u64) -> u64 {
+        self.map
+            .lock()
+            .get(&region)
+            .map_or(0, |e| e.next - e.serving - 1)
+    }
+
     fn unlock(&self, region: u64) {
         let waiters = {
             let mut map = self.map.lock();

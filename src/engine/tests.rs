@@ -880,3 +880,233 @@ fn a_clone_whose_metadata_is_read_only_starts_read_only() {
     assert_eq!(engine.status().hydrated, 1);
     assert!(engine.shutdown().is_ok());
 }
+
+/// A data path over real files opened with O_DIRECT and no bounce buffer, as the ublk
+/// queues' io_uring path is: an unaligned buffer fails with EINVAL. The kernel's own memory
+/// alignment rule depends on the device under the file system (as little as 4 bytes here);
+/// this path enforces the strictest one a destination can have (4096 bytes: a 4Kn device),
+/// which the engine promises for every buffer it hands down.
+struct DirectFilePath {
+    source: std::fs::File,
+    dest: std::fs::File,
+}
+
+fn dio_aligned(buf: &[u8]) -> io::Result<()> {
+    if buf.as_ptr() as usize % 4096 != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
+impl DataPath for DirectFilePath {
+    async fn read(&self, side: Side, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        dio_aligned(buf)?;
+        match side {
+            Side::Source => self.source.read_exact_at(buf, offset),
+            Side::Dest => self.dest.read_exact_at(buf, offset),
+        }
+    }
+    async fn write_dest(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        dio_aligned(buf)?;
+        self.dest.write_all_at(buf, offset)
+    }
+    async fn discard_dest(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    async fn zero_dest(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.dest
+            .write_all_at(&crate::io::ZEROES[..len as usize], offset)
+    }
+    async fn flush_dest(&self) -> io::Result<()> {
+        self.dest.sync_data()
+    }
+}
+
+/// Issue 9, finding 5: a partial discard edge over a region that a hydration copy finishes
+/// while the discard waits for its lock goes to the destination as it is; with O_DIRECT an
+/// unaligned buffer there is EINVAL (fstrim gets EIO).
+#[test]
+fn discard_edge_on_an_o_direct_destination_uses_an_aligned_buffer() {
+    use crate::io::file::{Access, FileDev};
+    use std::os::unix::fs::OpenOptionsExt;
+    let size = 16 * 4096u64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sp, dp) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::write(&sp, pattern(size, 1)).expect("source");
+    std::fs::write(&dp, vec![0u8; size as usize]).expect("dest");
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(p)
+            .expect("O_DIRECT open")
+    };
+    let path = DirectFilePath {
+        source: open(&sp),
+        dest: open(&dp),
+    };
+    // The test only means something where O_DIRECT enforces alignment.
+    let unaligned = vec![0u8; 4096 + 1];
+    assert_eq!(
+        block_on(path.write_dest(&unaligned[1..], 0))
+            .map_err(|e| e.raw_os_error())
+            .err(),
+        Some(Some(libc::EINVAL)),
+        "this file system does not enforce O_DIRECT alignment"
+    );
+    let source = Arc::new(FileDev::open(&sp, Access::ReadOnly, true).expect("source"));
+    let dest = Arc::new(FileDev::open(&dp, Access::ReadWrite, true).expect("dest"));
+    let meta = Arc::new(MemDev::new("meta", 1 << 20));
+    let m: Arc<dyn BlockDev> = meta.clone();
+    let params = crate::metadata::FormatParams::from_devices(source.as_ref(), dest.as_ref(), 4096)
+        .expect("fingerprint");
+    Metadata::format(m.clone(), &params, false).expect("format");
+    let expect =
+        crate::metadata::Expect::from_devices(source.as_ref(), dest.as_ref()).expect("expect");
+    let md = Arc::new(Metadata::open(m, &expect).expect("open").0);
+    let mut cfg = EngineConfig::new(size, 4096);
+    no_hydration(&mut cfg);
+    let engine = Engine::start(md, source, dest, cfg).expect("engine");
+    // Region 3 is being hydrated: its lock is held.
+    let guard = block_on(engine.locks.lock(3));
+    let (res, ()) = block_on(futures_lite::future::zip(
+        // Discard from the middle of region 3 into region 4: a partial edge on region 3.
+        engine.discard(&path, 3 * 4096 + 1024, 4096 + 3072),
+        async {
+            while engine.locks.waiters(3) == 0 {
+                futures_lite::future::yield_now().await;
+            }
+            // The copy finishes: data on the destination, bit set, lock released.
+            use std::os::unix::fs::FileExt;
+            let region = crate::io::AlignedBuf::zeroed(4096);
+            path.dest.write_all_at(&region, 3 * 4096).expect("copy");
+            engine.md.set_hydrated(3).expect("bit");
+            drop(guard);
+        },
+    ));
+    assert_eq!(res, Ok(()), "discard of a partial edge");
+    assert!(engine.shutdown().is_ok());
+}
+
+/// Waits up to `secs` for `cond` (a liveness bound, not a timing assertion).
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// Issue 9, finding 4: the rate limiter must not wait while holding region locks. With a
+/// rate of 1 byte/s, a batch of 16 KiB owes hours; a user write to a region of that batch
+/// must still complete at once.
+#[test]
+fn the_rate_limit_is_waited_for_without_region_locks() {
+    let r = rig(64 * 4096, 4096, |c| {
+        c.knobs.rate_bytes_per_sec = 1;
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 4;
+        c.hydration_workers = 1;
+    });
+    // The first batch (regions 0..4) has been picked: locked, or already copied.
+    assert!(eventually(10, || r.engine.locks.is_locked(1)
+        || r.engine.status().hydrated > 0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (engine, path) = (
+        r.engine.clone(),
+        SyncPath {
+            source: r.source.clone(),
+            dest: r.dest.clone(),
+        },
+    );
+    // Not scoped: if the write hangs, the test fails instead of hanging with it.
+    std::thread::spawn(move || {
+        let _ = tx.send(block_on(engine.write(&path, 4096 + 512, &[5; 512], false)));
+    });
+    let res = rx.recv_timeout(Duration::from_secs(20));
+    assert!(
+        matches!(res, Ok(Ok(()))),
+        "a write to a region of the rate-limited batch did not complete: {res:?}"
+    );
+    // The wait for the rate limit also ends at shutdown.
+    assert!(r.engine.shutdown().is_ok());
+}
+
+/// Issue 9, finding 12: a destination that refuses every hydration write: bounded retries
+/// with backoff, then read-only mode (not an endless loop of copies).
+#[test]
+fn failing_hydration_writes_back_off_and_degrade() {
+    let r = rig(64 * 4096, 4096, |c| {
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 4;
+        c.hydration_workers = 1;
+        c.knobs.hydration_enabled = false;
+    });
+    let attempts = Arc::new(AtomicU64::new(0));
+    let a = attempts.clone();
+    r.dest.set_fault(Some(Arc::new(move |op: &Op| {
+        matches!(op, Op::Write { .. }).then(|| {
+            a.fetch_add(1, Ordering::SeqCst);
+            io::Error::other("no space")
+        })
+    })));
+    let mut k = r.engine.knobs();
+    k.hydration_enabled = true;
+    r.engine.set_knobs(k);
+    assert!(
+        eventually(20, || r.engine.mode() == Mode::ReadOnly),
+        "still {:?} after {} failed hydration writes",
+        r.engine.mode(),
+        attempts.load(Ordering::SeqCst)
+    );
+    let n = attempts.load(Ordering::SeqCst);
+    assert!(n <= 5, "{n} hydration writes for 5 retries");
+    assert!(r.engine.status().mode_reason.contains("no space"));
+    r.dest.set_fault(None);
+    assert!(r.engine.shutdown().is_ok());
+}
+
+/// Issue 9, finding 12: once only failed regions are left, the sweep stops scanning the
+/// bitmap (it used to rescan it every 50 ms).
+#[test]
+fn only_failed_regions_left_stops_the_sweep() {
+    let r = rig(32 * 4096, 4096, |c| {
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 8;
+        c.knobs.hydration_enabled = false;
+    });
+    r.source.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Read { offset, len } if *offset <= 5 * 4096 && 5 * 4096 < offset + len)
+            .then(|| io::Error::other("bad sector"))
+    })));
+    let mut k = r.engine.knobs();
+    k.hydration_enabled = true;
+    r.engine.set_knobs(k);
+    assert!(
+        eventually(20, || {
+            let s = r.engine.status();
+            s.hydrated == 31 && s.failed_regions == vec![5]
+        }),
+        "{:?}",
+        r.engine.status()
+    );
+    // Let the workers settle into their wait, then count batches over a while.
+    assert!(eventually(5, || r.engine.status().hydrating == 0));
+    std::thread::sleep(Duration::from_millis(100));
+    let before = r.engine.stats.hydration_scans.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(600));
+    let after = r.engine.stats.hydration_scans.load(Ordering::Relaxed);
+    assert_eq!(
+        after - before,
+        0,
+        "bitmap scans while only a failed region is left"
+    );
+    assert!(r.engine.shutdown().is_ok());
+}
