@@ -46,7 +46,28 @@ pub fn run_stop(a: &StopArgs) -> Result<()> {
         return Ok(());
     };
     wait_exited(rec.pid).with_context(|| format!("{}", dev.display()))?;
-    wait_released(&rec).with_context(|| format!("{}", dev.display()))
+    wait_released(&rec).with_context(|| format!("{}", dev.display()))?;
+    settle_udev();
+    Ok(())
+}
+
+/// Waits for udev to finish with the devices the daemon closed. udev watches block devices
+/// (inotify) and probes each one a writer closes: it opens it again for a moment, which is
+/// enough to make `dmsetup remove` or `losetup -d` right after `stop` fail "busy". udevd
+/// answers `udevadm settle`'s ping only after it has handled pending inotify events, so the
+/// synthetic change events of our closes are queued before settle looks at the queue.
+fn settle_udev() {
+    if !Path::new("/run/udev/control").exists() {
+        return;
+    }
+    match std::process::Command::new("udevadm")
+        .args(["settle", "--timeout=30"])
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => log::warn!("udevadm settle: {s}"),
+        Err(e) => log::warn!("cannot run udevadm settle: {e}"),
+    }
 }
 
 /// Who uses the block device `dev`, if anyone: a claim (a mount, device-mapper, md), a

@@ -17,8 +17,8 @@
 //! lock is released (see `regions`). No region lock is held while waiting for the rate limit
 //! or a backoff: a user write to those regions never waits for them.
 
+use super::budget::COPY_CHUNK;
 use super::{Engine, Mode};
-use crate::io::AlignedBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -236,39 +236,6 @@ impl Engine {
     fn copy_regions(&self, head: u64, count: u64) -> Batch {
         let (off, len) = self.geo.regions_span(head, count);
         self.charge_rate(len);
-        let mut buf = AlignedBuf::zeroed(len as usize);
-        let mut attempt = 0;
-        let read = loop {
-            match self.source.read_at(&mut buf, off) {
-                Ok(()) => break Ok(()),
-                Err(e) if count > 1 => break Err(e),
-                Err(e) => {
-                    if attempt >= self.config.source_retries {
-                        break Err(e);
-                    }
-                    std::thread::sleep(self.config.retry_backoff * (1 << attempt.min(10)));
-                    attempt += 1;
-                }
-            }
-        };
-        if let Err(e) = read {
-            if count > 1 {
-                let mut outcome = Batch::Copied;
-                for r in head..head + count {
-                    if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
-                        outcome = Batch::WriteFailed(e);
-                    }
-                }
-                return outcome;
-            }
-            log::error!("hydration of region {head} failed: {e}; marking it failed");
-            self.failed.lock().insert(head);
-            self.has_failed.store(true, Ordering::Release);
-            return Batch::Copied;
-        }
-        if self.mode() != Mode::ReadWrite {
-            return Batch::Copied;
-        }
         #[cfg(test)]
         if self.config.bugs.bit_before_copy {
             // BUG (test only): the bits become durable before the copy is written. The wait is
@@ -280,13 +247,54 @@ impl Engine {
                 Duration::from_millis(200),
             );
         }
-        if let Err(e) = self.dest.write_at(&buf, off) {
-            log::error!(
-                "hydration write of regions {head}..{} failed: {e}",
-                head + count
-            );
-            self.stats.dest_write_errors.fetch_add(1, Ordering::Relaxed);
-            return Batch::WriteFailed(e.to_string());
+        // A chunk at a time from the copy budget (a batch of large regions never sits in
+        // memory whole).
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(COPY_CHUNK as u64) as usize;
+            let mut buf = self.copy_budget.take_blocking(n);
+            let mut attempt = 0;
+            let read = loop {
+                match self.source.read_at(&mut buf, pos) {
+                    Ok(()) => break Ok(()),
+                    Err(e) if count > 1 => break Err(e),
+                    Err(e) => {
+                        if attempt >= self.config.source_retries {
+                            break Err(e);
+                        }
+                        std::thread::sleep(self.config.retry_backoff * (1 << attempt.min(10)));
+                        attempt += 1;
+                    }
+                }
+            };
+            if let Err(e) = read {
+                drop(buf);
+                if count > 1 {
+                    let mut outcome = Batch::Copied;
+                    for r in head..head + count {
+                        if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
+                            outcome = Batch::WriteFailed(e);
+                        }
+                    }
+                    return outcome;
+                }
+                log::error!("hydration of region {head} failed: {e}; marking it failed");
+                self.failed.lock().insert(head);
+                self.has_failed.store(true, Ordering::Release);
+                return Batch::Copied;
+            }
+            if self.mode() != Mode::ReadWrite {
+                return Batch::Copied;
+            }
+            if let Err(e) = self.dest.write_at(&buf, pos) {
+                log::error!(
+                    "hydration write of regions {head}..{} failed: {e}",
+                    head + count
+                );
+                self.stats.dest_write_errors.fetch_add(1, Ordering::Relaxed);
+                return Batch::WriteFailed(e.to_string());
+            }
+            pos += n as u64;
         }
         // The copy completed: only now may the bits be set.
         if let Err(e) = self.md.set_range_hydrated(head, count) {

@@ -13,6 +13,7 @@
 //! - FLUSH and FUA complete only after a destination flush that started after they arrived;
 //!   once a commit has failed, every FLUSH and FUA fails (sticky degraded mode).
 
+pub mod budget;
 mod commit;
 pub mod flush;
 mod hydrate;
@@ -118,6 +119,8 @@ pub struct EngineConfig {
     pub source_retries: u32,
     pub retry_backoff: Duration,
     pub hydration_workers: usize,
+    /// Memory for copy buffers (copy-on-write and background hydration), in bytes.
+    pub copy_budget: u64,
     pub knobs: Knobs,
     /// Deliberate protocol violations, for the crash oracle's own tests only.
     #[cfg(test)]
@@ -150,6 +153,7 @@ impl EngineConfig {
             source_retries: 3,
             retry_backoff: Duration::from_millis(10),
             hydration_workers: 2,
+            copy_budget: 64 << 20,
             knobs: Knobs::defaults_for(region_size),
             #[cfg(test)]
             bugs: Bugs::default(),
@@ -230,6 +234,8 @@ pub struct Engine {
     mode_unpersisted: AtomicBool,
     /// Every destination flush goes through it (seed 004).
     flushes: flush::FlushSequencer,
+    /// Every copy buffer comes from it.
+    copy_budget: budget::CopyBudget,
     /// In read-only or fail mode: the in-core bitmap is the committed one again and sealed
     /// (reads of regions hydrated after the last commit go to the source).
     bitmap_reverted: AtomicBool,
@@ -304,6 +310,7 @@ impl Engine {
             md.seal();
         }
         let flushes = flush::FlushSequencer::new(&kickers);
+        let copy_budget = budget::CopyBudget::new(config.copy_budget, &kickers);
         let engine = Arc::new(Engine {
             knobs: Mutex::new(config.knobs.clone()),
             geo,
@@ -317,6 +324,7 @@ impl Engine {
             mode: Mutex::new((mode, md_reason)),
             mode_unpersisted: AtomicBool::new(false),
             flushes,
+            copy_budget,
             bitmap_reverted: AtomicBool::new(mode != Mode::ReadWrite),
             // The periodic commit runs a commit period after start, not at once.
             commit_state: Mutex::new(commit::CommitState {
@@ -662,7 +670,14 @@ impl Engine {
                 // Whole regions overwritten: no copy needed.
                 return p.write_dest(data, offset).await;
             }
-            let mut buf = AlignedBuf::zeroed((stop - start) as usize);
+            if stop - start > budget::COPY_CHUNK as u64 {
+                // Large regions: the uncovered head and tail are copied a chunk at a time,
+                // then the data is written; the bits are set only after all of it.
+                self.copy_source_range(p, start, offset).await?;
+                self.copy_source_range(p, end, stop).await?;
+                return p.write_dest(data, offset).await;
+            }
+            let mut buf = self.copy_budget.take((stop - start) as usize).await;
             if start < offset {
                 p.read(Side::Source, &mut buf[..(offset - start) as usize], start)
                     .await?;
@@ -683,6 +698,20 @@ impl Engine {
         self.set_written(&guards)?;
         drop(guards);
         self.check_fully_hydrated();
+        Ok(())
+    }
+
+    /// Copies `[a, b)` from the source to the destination, a budgeted chunk at a time (the
+    /// caller holds the region locks).
+    async fn copy_source_range<P: DataPath>(&self, p: &P, a: u64, b: u64) -> std::io::Result<()> {
+        let mut pos = a;
+        while pos < b {
+            let n = (b - pos).min(budget::COPY_CHUNK as u64) as usize;
+            let mut buf = self.copy_budget.take(n).await;
+            p.read(Side::Source, &mut buf[..], pos).await?;
+            p.write_dest(&buf, pos).await?;
+            pos += n as u64;
+        }
         Ok(())
     }
 

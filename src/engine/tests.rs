@@ -1110,3 +1110,77 @@ fn only_failed_regions_left_stops_the_sweep() {
     );
     assert!(r.engine.shutdown().is_ok());
 }
+
+/// Issue 9, finding 7: copy-on-write into large cold regions must not allocate whole-region
+/// buffers per request. 24 concurrent 4 KiB writes into 24 cold 16 MiB regions: no single
+/// source or destination I/O (hence no buffer) is larger than a copy chunk, the copy budget
+/// is never exceeded, and the data is right.
+#[test]
+fn copy_on_write_into_large_regions_is_chunked_and_budgeted() {
+    const RS: u64 = 16 << 20;
+    let size = 24 * RS;
+    let r = rig(size, RS, |c| {
+        no_hydration(c);
+        c.copy_budget = 2 * budget::COPY_CHUNK as u64;
+    });
+    let largest = Arc::new(AtomicU64::new(0));
+    for dev in [&r.source, &r.dest] {
+        let l = largest.clone();
+        dev.set_fault(Some(Arc::new(move |op: &Op| {
+            if let Op::Read { len, .. } | Op::Write { len, .. } = op {
+                l.fetch_max(*len, Ordering::SeqCst);
+            }
+            None
+        })));
+    }
+    let peak = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Acquire) {
+                peak.fetch_max(r.engine.copy_budget.in_use(), Ordering::SeqCst);
+                std::thread::yield_now();
+            }
+        });
+        let writers: Vec<_> = (0..24u64)
+            .map(|i| {
+                let r = &r;
+                s.spawn(move || {
+                    // In the middle of region i: a head and a tail to copy.
+                    block_on(
+                        r.engine
+                            .write(&r.path, i * RS + RS / 2, &[i as u8 + 1; 4096], false),
+                    )
+                })
+            })
+            .collect();
+        for w in writers {
+            assert_eq!(w.join().ok(), Some(Ok(())));
+        }
+        done.store(true, Ordering::Release);
+    });
+    let src = pattern(size, 1);
+    let snap = r.dest.snapshot();
+    for i in 0..24u64 {
+        let at = (i * RS + RS / 2) as usize;
+        assert!(snap[at..at + 4096].iter().all(|b| *b == i as u8 + 1));
+        let head = (i * RS) as usize;
+        assert!(snap[head..at] == src[head..at], "head of region {i}");
+        let tail = ((i + 1) * RS) as usize;
+        assert!(
+            snap[at + 4096..tail] == src[at + 4096..tail],
+            "tail of region {i}"
+        );
+    }
+    assert_eq!(r.engine.status().hydrated, 24);
+    let largest = largest.load(Ordering::SeqCst);
+    assert!(
+        largest <= budget::COPY_CHUNK as u64,
+        "a {largest}-byte I/O: whole-region buffers"
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        peak <= 2 * budget::COPY_CHUNK as u64,
+        "budget exceeded: {peak}"
+    );
+}
