@@ -19,7 +19,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-pkgs=(libclang-dev linux-libc-dev fio e2fsprogs xfsprogs util-linux kmod busybox-static)
+pkgs=(libclang-dev linux-libc-dev fio e2fsprogs xfsprogs util-linux fdisk kmod busybox-static)
 # QEMU comes from bookworm-backports: the image's qemu-utils is the backports one and breaks
 # bookworm's own qemu-system-common.
 bpo_pkgs=(qemu-system-x86)

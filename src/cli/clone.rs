@@ -266,6 +266,15 @@ fn open_devices(a: &CreateArgs, record: bool) -> Result<Opened> {
             a.source.display()
         );
     }
+    let writers = crate::io::holders::openers(&a.source, true);
+    if !writers.is_empty() {
+        bail!(
+            "--source {}: open for writing by {}, so it can change under the clone; close it \
+             first",
+            a.source.display(),
+            writers.join(", ")
+        );
+    }
     if a.number >= 0 && Path::new(&format!("/dev/ublkc{}", a.number)).exists() {
         bail!(
             "--number {}: /dev/ublkb{} already exists (busy); pick another number or omit --number",

@@ -101,8 +101,9 @@ fn in_use(dev: &Path) -> Result<Option<String>> {
                 .into(),
         ));
     }
-    if let Some(p) = opener(rdev) {
-        return Ok(Some(format!("open by {p}")));
+    let openers = crate::io::holders::openers(dev, false);
+    if !openers.is_empty() {
+        return Ok(Some(format!("open by {}", openers.join(", "))));
     }
     Ok(None)
 }
@@ -115,30 +116,6 @@ fn mount_point(rdev: u64) -> Option<String> {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(2) == Some(&want.as_str())).then(|| f.get(4).unwrap_or(&"?").to_string())
     })
-}
-
-/// A process (other than this one) with the block device `rdev` open: "pid N (comm)".
-fn opener(rdev: u64) -> Option<String> {
-    let me = std::process::id().to_string();
-    for p in std::fs::read_dir("/proc").ok()?.flatten() {
-        let pid = p.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(m) = std::fs::metadata(fd.path()) else {
-                continue;
-            };
-            if m.file_type().is_block_device() && m.rdev() == rdev {
-                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-                return Some(format!("pid {pid} ({})", comm.trim()));
-            }
-        }
-    }
-    None
 }
 
 /// Waits until the daemon's process is gone: no such pid, or only its zombie group leader is

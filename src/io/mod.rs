@@ -18,6 +18,7 @@
 //! discard that completed before `flush()` was called is durable.
 
 pub mod file;
+pub mod holders;
 pub mod identity;
 pub mod mem;
 pub mod record;

@@ -246,6 +246,88 @@ test_clone_daemon_log_writes() {
     "$(dirname "$BIN")/ublk-clone-replay" || fail "clone_logwrites.sh (daemon recorder) reported failures"
 }
 
+
+test_stop_releases_devices() {
+  # Issue 9: `stop X && dmsetup remove D` failed "busy" (udev probes a device its writer just
+  # closed; the daemon's rings released their files after the process had exited). Dest and
+  # metadata on dm-linear over loop devices, five stop+remove cycles; then a loop device
+  # detached right after stop must really be gone.
+  mk_images 32
+  modprobe loop; modprobe dm_mod 2>/dev/null || true
+  truncate -s 32M "$WORK/d.img"; truncate -s 8M "$WORK/m.img"
+  local ld lm i
+  ld=$(losetup -f --show "$WORK/d.img"); lm=$(losetup -f --show "$WORK/m.img")
+  udevadm settle
+  for i in 1 2 3 4 5; do
+    dmsetup create ubc-d --table "0 $((32 * 2048)) linear $ld 0" || fail "dmsetup create"
+    dmsetup create ubc-m --table "0 $((8 * 2048)) linear $lm 0" || fail "dmsetup create"
+    udevadm settle
+    dd if=/dev/zero of=/dev/mapper/ubc-m bs=1M count=8 oflag=direct status=none
+    udevadm settle
+    dev=$("$BIN" create --source "$WORK/src" --dest /dev/mapper/ubc-d --metadata /dev/mapper/ubc-m \
+      --region-size 64K --no-hydration 2>>"$LOG") || fail "create on dm-linear (cycle $i)"
+    dd if=/dev/urandom of="$dev" bs=64K count=32 oflag=direct status=none
+    "$BIN" stop "$dev" || fail "stop (cycle $i)"
+    dmsetup remove ubc-d || fail "dmsetup remove of the destination right after stop: busy (cycle $i)"
+    dmsetup remove ubc-m || fail "dmsetup remove of the metadata right after stop: busy (cycle $i)"
+  done
+  dd if=/dev/zero of="$lm" bs=1M count=8 oflag=direct status=none
+  udevadm settle
+  dev=$("$BIN" create --source "$WORK/src" --dest "$ld" --metadata "$lm" --no-hydration 2>>"$LOG") \
+    || fail "create on loop devices"
+  dd if=/dev/urandom of="$dev" bs=64K count=32 oflag=direct status=none
+  "$BIN" stop "$dev" || fail "stop"
+  losetup -d "$ld" "$lm" || fail "losetup -d"
+  losetup "$ld" >/dev/null 2>&1 && fail "$ld still attached after losetup -d right after stop"
+  losetup "$lm" >/dev/null 2>&1 && fail "$lm still attached after losetup -d right after stop"
+  true
+}
+
+test_exclusive_devices() {
+  # Issue 9, findings 8 and 12: devices in use elsewhere are refused; stop refuses a clone
+  # that is mounted or open.
+  mk_images 32
+  modprobe loop
+  local mnt=$WORK/mnt ld lm lp ls pid
+  mkdir -p "$mnt"
+  truncate -s 48M "$WORK/d.img"; truncate -s 8M "$WORK/m.img"
+  ld=$(losetup -f --show "$WORK/d.img"); lm=$(losetup -f --show "$WORK/m.img")
+  udevadm settle
+  # A mounted destination.
+  mkfs.ext4 -q -F "$ld"; mount "$ld" "$mnt"
+  expect_error "mounted destination" "busy" "$BIN" create --source "$WORK/src" --dest "$ld" --metadata "$lm" --force
+  umount "$mnt"
+  # A mounted source.
+  cp "$WORK/src" "$WORK/s.img"; ls=$(losetup -f --show "$WORK/s.img"); udevadm settle
+  mkfs.ext4 -q -F "$ls"; mount -o ro "$ls" "$mnt"
+  expect_error "mounted source" "busy" "$BIN" create --source "$ls" --dest "$ld" --metadata "$lm" --force
+  umount "$mnt"
+  # A source another process has open for writing.
+  exec 7<>"$ls"
+  expect_error "source open for writing" "open for writing" "$BIN" create --source "$ls" --dest "$ld" --metadata "$lm" --force
+  exec 7>&-
+  losetup -d "$ls"
+  # A whole disk as the destination and its own partition as the metadata.
+  printf 'label: dos\nstart=2048, size=16384\n' | sfdisk -q "$WORK/d.img" || fail "sfdisk"
+  losetup -d "$ld"; ld=$(losetup -P -f --show "$WORK/d.img"); udevadm settle
+  lp=${ld}p1
+  [ -b "$lp" ] || fail "no partition device $lp"
+  dd if=/dev/zero of="$lp" bs=1M count=8 oflag=direct status=none
+  expect_error "metadata on a partition of the destination" "busy" "$BIN" create --source "$WORK/src" --dest "$ld" --metadata "$lp"
+  # stop refuses a mounted clone and an open one.
+  dd if=/dev/zero of="$lm" bs=1M count=8 oflag=direct status=none
+  dev=$("$BIN" create --source "$WORK/src" --dest "$WORK/dst" --metadata "$lm" --no-hydration 2>>"$LOG") \
+    || fail "create"
+  mkfs.ext4 -q -F "$dev"; mount "$dev" "$mnt"
+  expect_error "stop of a mounted clone" "mounted on" "$BIN" stop "$dev"
+  umount "$mnt"
+  exec 8<"$dev"
+  expect_error "stop of an open clone" "open by" "$BIN" stop "$dev"
+  exec 8<&-
+  "$BIN" stop "$dev" || fail "stop after umount and close"
+  losetup -d "$ld" "$lm"
+}
+
 #---------------------------------------------------------------------------------------------
 
 echo "ublk-clone VM suite on $(uname -r), $(nproc) CPUs; log: $LOG"
@@ -253,7 +335,8 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         cli_bad_input kernel_dm_log_writes_replay clone_on_kernel_log_writes \
+         cli_bad_input stop_releases_devices exclusive_devices \
+         kernel_dm_log_writes_replay clone_on_kernel_log_writes \
          clone_daemon_log_writes; do
   run_test "$t"
 done
