@@ -114,11 +114,17 @@ pub fn request(id: u32, req: &Request) -> Result<Response> {
             path.display()
         )
     })?;
+    // A wedged daemon must not hang the CLI.
+    let timeout = Some(std::time::Duration::from_secs(30));
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;
     let mut resp = String::new();
-    BufReader::new(s).read_line(&mut resp)?;
+    BufReader::new(s).read_line(&mut resp).with_context(|| {
+        format!("/dev/ublkb{id}: the daemon did not answer within 30 s (see its log)")
+    })?;
     if resp.is_empty() {
         bail!("/dev/ublkb{id}: the daemon closed the control connection without answering");
     }

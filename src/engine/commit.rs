@@ -263,6 +263,9 @@ impl Engine {
         }
         log::error!("switching to {} mode: {reason}", mode.name());
         *cur = (mode, reason.to_string());
+        // No bit may be set from now on (a write in flight that would set one fails); the
+        // commit thread then reverts the bitmap to the committed one.
+        self.md.seal();
         self.mode_unpersisted.store(true, Ordering::Release);
         self.commit_cv.notify_one();
     }
@@ -279,8 +282,10 @@ impl Engine {
                     "read-only: back to the committed bitmap ({n} regions hydrated); regions \
                      hydrated since the last commit are read from the source again"
                 );
+                let _g = self.fully_hydrated_lock.lock();
                 self.fully_hydrated
                     .store(n == self.geo.nr_regions, Ordering::Release);
+                self.bitmap_reverted.store(true, Ordering::Release);
             }
             Err(e) => {
                 let reason = format!(
@@ -292,6 +297,9 @@ impl Engine {
             }
         }
         self.bitmap_reverted.store(true, Ordering::Release);
+        // Reads and writes waiting for the committed view go on now, before the mode is
+        // written to the metadata (which may be slow or hang on a failing device).
+        self.commit_done.notify();
     }
 
     /// Records the current mode in the metadata (commit thread only: it must not race a

@@ -36,9 +36,24 @@ pub struct FlushSequencer {
     ended: Signal,
 }
 
-/// A destination flush in progress: end it with [`FlushSequencer::end`].
+/// A destination flush in progress: end it with [`FlushSequencer::end`]. One dropped without
+/// being ended (its task was cancelled) counts as failed: nobody knows what its flush did, and
+/// every later settle would otherwise wait for it forever.
 #[must_use = "a begun flush must be ended"]
-pub struct FlushTicket(u64);
+pub struct FlushTicket<'a> {
+    seq: &'a FlushSequencer,
+    gen: u64,
+    ended: bool,
+}
+
+impl Drop for FlushTicket<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.seq
+                .record_end(self.gen, Err("a destination flush was abandoned".into()));
+        }
+    }
+}
 
 impl FlushSequencer {
     pub fn new(kickers: &Arc<Kickers>) -> FlushSequencer {
@@ -49,22 +64,31 @@ impl FlushSequencer {
     }
 
     /// Call right before issuing a destination flush.
-    pub fn begin(&self) -> FlushTicket {
+    pub fn begin(&self) -> FlushTicket<'_> {
         let mut st = self.state.lock();
         st.begun += 1;
-        FlushTicket(st.begun)
+        FlushTicket {
+            seq: self,
+            gen: st.begun,
+            ended: false,
+        }
     }
 
     /// Records how the flush of `ticket` ended. Returns the generation its caller must wait
     /// for (every flush begun so far) before trusting a success.
-    pub fn end(&self, ticket: FlushTicket, result: Result<(), String>) -> u64 {
+    pub fn end(&self, mut ticket: FlushTicket<'_>, result: Result<(), String>) -> u64 {
+        ticket.ended = true;
+        self.record_end(ticket.gen, result)
+    }
+
+    fn record_end(&self, gen: u64, result: Result<(), String>) -> u64 {
         let horizon = {
             let mut st = self.state.lock();
             if let Err(e) = result {
                 st.failed.get_or_insert(e);
             }
-            if ticket.0 == st.ended_through + 1 {
-                st.ended_through = ticket.0;
+            if gen == st.ended_through + 1 {
+                st.ended_through = gen;
                 loop {
                     let next = st.ended_through + 1;
                     if !st.ended_above.remove(&next) {
@@ -73,7 +97,7 @@ impl FlushSequencer {
                     st.ended_through = next;
                 }
             } else {
-                st.ended_above.insert(ticket.0);
+                st.ended_above.insert(gen);
             }
             st.begun
         };
@@ -124,6 +148,9 @@ mod tests {
         assert_eq!(seq.settle_blocking(hb), Err("EIO".into()));
         assert_eq!(seq.settle_blocking(ha), Err("EIO".into()));
         // Sticky: a later flush that succeeds still reports the failure.
+        let abandoned = seq.begin();
+        drop(abandoned);
+        assert_eq!(seq.state.lock().ended_through, 3, "an abandoned flush ends");
         let c = seq.begin();
         let hc = seq.end(c, Ok(()));
         assert_eq!(seq.settle_blocking(hc), Err("EIO".into()));

@@ -132,8 +132,18 @@ impl Engine {
 
     /// Whether every region that is not hydrated is a failed one.
     fn only_failed_regions_left(&self) -> bool {
-        self.has_failed.load(Ordering::Acquire)
-            && self.md.nr_hydrated() + self.failed.lock().len() as u64 >= self.geo.nr_regions
+        if !self.has_failed.load(Ordering::Acquire) {
+            return false;
+        }
+        // Only failed regions that are still unhydrated count: a write or discard may have
+        // hydrated a failed region since.
+        let failed = self
+            .failed
+            .lock()
+            .iter()
+            .filter(|r| !self.md.is_hydrated(**r))
+            .count() as u64;
+        self.md.nr_hydrated() + failed >= self.geo.nr_regions
     }
 
     /// A background copy could not be written to the destination: back off (no region

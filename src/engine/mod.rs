@@ -23,7 +23,7 @@ pub mod wake;
 
 pub use path::{DataPath, Side, SyncPath};
 
-use crate::io::{AlignedBuf, BlockDev};
+use crate::io::BlockDev;
 use crate::metadata::Metadata;
 use parking_lot::{Condvar, Mutex};
 use regions::RegionLocks;
@@ -246,6 +246,8 @@ pub struct Engine {
     hydrate_stop: AtomicBool,
     hydrations_in_flight: AtomicU64,
     fully_hydrated: AtomicBool,
+    /// Serialises setting `fully_hydrated` with the revert's final store.
+    fully_hydrated_lock: Mutex<()>,
     cursor: Mutex<u64>,
     hints: Mutex<VecDeque<u64>>,
     failed: Mutex<BTreeSet<u64>>,
@@ -335,6 +337,7 @@ impl Engine {
             hydrate_stop: AtomicBool::new(false),
             hydrations_in_flight: AtomicU64::new(0),
             fully_hydrated: AtomicBool::new(false),
+            fully_hydrated_lock: Mutex::new(()),
             cursor: Mutex::new(0),
             hints: Mutex::new(VecDeque::new()),
             failed: Mutex::new(BTreeSet::new()),
@@ -424,7 +427,13 @@ impl Engine {
     }
 
     fn check_fully_hydrated(&self) {
-        if !self.fully_hydrated.load(Ordering::Acquire)
+        if self.fully_hydrated.load(Ordering::Acquire) {
+            return;
+        }
+        // Under the same lock as the revert's store, which is final: a check that started
+        // before a failure cannot set the flag after the revert cleared it.
+        let _g = self.fully_hydrated_lock.lock();
+        if !self.bitmap_reverted.load(Ordering::Acquire)
             && self.md.nr_hydrated() == self.geo.nr_regions
         {
             self.fully_hydrated.store(true, Ordering::Release);
@@ -585,7 +594,9 @@ impl Engine {
         fua: bool,
     ) -> Result<(), IoError> {
         self.validate(offset, data.len() as u64)?;
-        match self.mode() {
+        self.await_committed_view().await;
+        let mode = self.mode();
+        match mode {
             Mode::Fail => return Err(IoError::eio("device is in fail mode")),
             Mode::ReadOnly if fua => {
                 return Err(IoError::eio(
@@ -598,6 +609,14 @@ impl Engine {
             return Ok(());
         }
         self.write_inner(p, offset, data).await?;
+        if mode == Mode::ReadWrite && self.mode() != Mode::ReadWrite {
+            // The clone failed while this write was in flight: its region may have been
+            // hydrated after the last commit, and the revert to the committed bitmap makes it
+            // invisible. Say so rather than acknowledge it.
+            return Err(IoError::eio(
+                "the device failed during this write (read-only now); the write may be lost",
+            ));
+        }
         if fua {
             self.flush(p).await?;
         }
@@ -745,6 +764,7 @@ impl Engine {
         fua: bool,
     ) -> Result<(), IoError> {
         self.validate(offset, len)?;
+        self.await_committed_view().await;
         match self.mode() {
             Mode::Fail => return Err(IoError::eio("device is in fail mode")),
             Mode::ReadOnly if fua => {
@@ -764,8 +784,7 @@ impl Engine {
                     .await
                     .map_err(|e| IoError::eio(e.to_string()))?;
             } else {
-                let zeroes = AlignedBuf::zeroed((b - a) as usize);
-                self.write_inner(p, a, &zeroes).await?;
+                self.zero_edge(p, a, b).await?;
             }
         }
         // Whole regions, a bounded number of region locks at a time, in ascending order.
@@ -798,6 +817,22 @@ impl Engine {
         self.check_fully_hydrated();
         if fua {
             self.flush(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes zeroes over the partially covered edge `[a, b)` through the copy path, a piece
+    /// of the shared aligned ZEROES at a time (no buffer of the edge's size: with large
+    /// regions an edge can be nearly a whole region). Aligned matters: if the region is
+    /// hydrated meanwhile, the buffer goes to the destination as it is, and O_DIRECT refuses
+    /// unaligned buffers (EINVAL).
+    async fn zero_edge<P: DataPath>(&self, p: &P, a: u64, b: u64) -> Result<(), IoError> {
+        let zeroes = crate::io::ZEROES.as_slice();
+        let mut pos = a;
+        while pos < b {
+            let n = (b - pos).min(zeroes.len() as u64);
+            self.write_inner(p, pos, &zeroes[..n as usize]).await?;
+            pos += n;
         }
         Ok(())
     }
@@ -847,6 +882,7 @@ impl Engine {
     /// part of a discarded range reads back stale source data.
     pub async fn discard<P: DataPath>(&self, p: &P, offset: u64, len: u64) -> Result<(), IoError> {
         self.validate(offset, len)?;
+        self.await_committed_view().await;
         match self.mode() {
             Mode::Fail => return Err(IoError::eio("device is in fail mode")),
             Mode::ReadOnly => return Ok(()),
@@ -858,10 +894,7 @@ impl Engine {
         let (edges, rs, re) = self.split_edges(offset, len);
         for (a, b) in edges {
             if !self.all_hydrated(a, b) {
-                // Aligned: if the region is hydrated meanwhile, this buffer goes to the
-                // destination as it is, and O_DIRECT refuses unaligned buffers (EINVAL).
-                let zeroes = AlignedBuf::zeroed((b - a) as usize);
-                self.write_inner(p, a, &zeroes).await?;
+                self.zero_edge(p, a, b).await?;
             } else if self.config.discard_passdown {
                 p.discard_dest(a, b - a)
                     .await

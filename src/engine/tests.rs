@@ -1184,3 +1184,69 @@ fn copy_on_write_into_large_regions_is_chunked_and_budgeted() {
         "budget exceeded: {peak}"
     );
 }
+
+/// Review of issue 9: a failed region that a discard later hydrates must not be counted as
+/// "only failed regions left" (hydration used to stall one region short).
+#[test]
+fn a_failed_region_hydrated_later_does_not_stall_hydration() {
+    let r = rig(32 * 4096, 4096, |c| {
+        c.knobs.batch_size = 1;
+        c.knobs.threshold = 1;
+        c.hydration_workers = 1;
+        c.knobs.hydration_enabled = false;
+    });
+    r.source.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Read { offset, len } if *offset <= 5 * 4096 && 5 * 4096 < offset + len)
+            .then(|| io::Error::other("bad sector"))
+    })));
+    // Region 31 is held (a writer, say) so hydration cannot finish before the discard.
+    let guard = block_on(r.engine.locks.lock(31));
+    let mut k = r.engine.knobs();
+    k.hydration_enabled = true;
+    r.engine.set_knobs(k);
+    assert!(eventually(20, || r.engine.status().failed_regions
+        == vec![5]
+        && r.engine.status().hydrated == 30));
+    // The failed region is discarded (marked hydrated), then region 31 is released.
+    assert_eq!(block_on(r.engine.discard(&r.path, 5 * 4096, 4096)), Ok(()));
+    drop(guard);
+    r.engine.hydrate_wake.notify();
+    assert!(
+        eventually(20, || r.engine.is_fully_hydrated()),
+        "hydration stalled: {:?}",
+        r.engine.status()
+    );
+    assert!(r.engine.shutdown().is_ok());
+}
+
+/// Review of issue 9: a partial discard edge of a large cold region is zeroed a piece at a
+/// time, not through a buffer of the edge's size.
+#[test]
+fn discard_edges_of_large_regions_use_bounded_buffers() {
+    const RS: u64 = 16 << 20;
+    let r = rig(4 * RS, RS, no_hydration);
+    let largest = Arc::new(AtomicU64::new(0));
+    for dev in [&r.source, &r.dest] {
+        let l = largest.clone();
+        dev.set_fault(Some(Arc::new(move |op: &Op| {
+            if let Op::Read { len, .. } | Op::Write { len, .. } = op {
+                l.fetch_max(*len, Ordering::SeqCst);
+            }
+            None
+        })));
+    }
+    // From 4 KiB into region 0 to the middle of region 2: two partial edges of ~16 MiB / 8 MiB.
+    assert_eq!(
+        block_on(r.engine.discard(&r.path, 4096, 2 * RS + RS / 2 - 4096)),
+        Ok(())
+    );
+    let snap = r.dest.snapshot();
+    assert!(snap[4096..(RS as usize)].iter().all(|b| *b == 0));
+    assert!(snap[(2 * RS) as usize..(2 * RS + RS / 2) as usize]
+        .iter()
+        .all(|b| *b == 0));
+    let src = pattern(4 * RS, 1);
+    assert!(snap[..4096] == src[..4096], "head of region 0 kept");
+    let largest = largest.load(Ordering::SeqCst);
+    assert!(largest <= budget::COPY_CHUNK as u64, "a {largest}-byte I/O");
+}

@@ -273,8 +273,9 @@ impl Metadata {
         }
         let _guard = CommitGuard(&self.core.committing);
         let core = &self.core;
-        let state = core.state.lock();
+        // Lock order: `words` before `state`, as `release_bitmap_if_complete`.
         let words = core.words.write();
+        let state = core.state.lock();
         core.sealed.store(true, Ordering::Release);
         if core.released.load(Ordering::Acquire) {
             // Released only once everything was hydrated and committed.

@@ -962,7 +962,10 @@ impl Metadata {
 
     /// Bytes of memory used by the in-core bitmap and dirty set.
     pub fn in_core_bytes(&self) -> u64 {
-        (self.core.words.read().len() + self.core.dirty.len()) as u64 * 8
-            + self.core.state.lock().live.len() as u64 * std::mem::size_of::<LiveSlot>() as u64
+        // One lock at a time: the commit thread takes `state` then `words`.
+        let words = self.core.words.read().len();
+        let live = self.core.state.lock().live.len();
+        (words + self.core.dirty.len()) as u64 * 8
+            + live as u64 * std::mem::size_of::<LiveSlot>() as u64
     }
 }

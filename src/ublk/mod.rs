@@ -499,9 +499,15 @@ fn serve_queue(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16,
         match res {
             Ok(_) => {}
             Err(UblkError::QueueIsDown) => break,
+            // A signal interrupted the wait (SIGTERM/SIGINT have handlers): wait again.
+            Err(UblkError::IOError(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 log::error!("queue {qid}: {e}");
-                break;
+                // Requests may still be in flight with SQEs writing into the queue's buffers:
+                // never free them (a leak on a dying queue, not a use after free).
+                std::mem::forget(exe);
+                std::mem::forget(queue);
+                return;
             }
         }
     }
