@@ -5,7 +5,7 @@ use super::metadata::DEFAULT_REGION_SIZE;
 use super::size::parse_size;
 use crate::engine::{Engine, EngineConfig, Status};
 use crate::io::file::{Access, FileDev};
-use crate::io::BlockDev;
+use crate::io::{BlockDev, BlockSizes};
 use crate::metadata::overwrite::{self, Overwrite};
 use crate::metadata::{Expect, FormatParams, Metadata, MetadataMode};
 use crate::ublk::{self, DeviceOptions};
@@ -97,8 +97,6 @@ fn default_log_size() -> u64 {
     1 << 30
 }
 
-/// Sector size of logs recorded by the daemon: ublk I/O is 512-byte aligned.
-const LOG_SECTORSIZE: u32 = 512;
 /// Mark logged after the snapshot of the metadata that starts a daemon's log.
 pub const LOG_START_MARK: &str = "ublk-clone-start";
 
@@ -227,6 +225,8 @@ impl CreateArgs {
 struct Opened {
     source: Arc<FileDev>,
     dest: Arc<FileDev>,
+    /// The clone's block sizes (the larger of the source's and the destination's).
+    block_sizes: BlockSizes,
     /// The destination as the engine sees it (through the recorder when recording).
     dest_dyn: Arc<dyn BlockDev>,
     md: Arc<crate::metadata::Metadata>,
@@ -297,22 +297,55 @@ fn open_devices(a: &CreateArgs, record: bool) -> Result<Opened> {
             source.size()
         );
     }
+    // 4Kn devices (issue 9, finding 6). The region size of resumed metadata is checked again
+    // once it is known.
+    let block_sizes = super::devices::clone_block_sizes(
+        (&source, &a.source),
+        (&dest, &a.dest),
+        a.region_size.unwrap_or(DEFAULT_REGION_SIZE),
+        if a.region_size.is_some() {
+            "--region-size"
+        } else {
+            "the default region size"
+        },
+    )?;
+    super::devices::check_metadata_block_size(&meta, &a.metadata)?;
     let (dest_dyn, meta_dyn, recording): (Arc<dyn BlockDev>, Arc<dyn BlockDev>, _) =
         match (&a.log_writes, record) {
             (Some(log), true) => {
-                let (d, m, rec) = start_recording(a, log, dest.clone(), meta.clone())?;
+                let sectorsize = log_sectorsize(block_sizes);
+                let (d, m, rec) = start_recording(a, log, dest.clone(), meta.clone(), sectorsize)?;
                 (d, m, Some(rec))
             }
             _ => (dest.clone(), meta.clone(), None),
         };
     let md = open_or_format(a, meta_dyn, source.as_ref(), dest.as_ref())?;
+    super::devices::clone_block_sizes(
+        (&source, &a.source),
+        (&dest, &a.dest),
+        md.region_size(),
+        &format!(
+            "the region size recorded in --metadata {}",
+            a.metadata.display()
+        ),
+    )?;
     Ok(Opened {
         source,
         dest,
+        block_sizes,
         dest_dyn,
         md: Arc::new(md),
         recording,
     })
+}
+
+/// Sector size of the daemon's dm-log-writes log: the clone's logical block size, as the kernel
+/// target uses its device's (every I/O of the destination is aligned to it, and every
+/// metadata I/O to 4096), at most the format's largest.
+fn log_sectorsize(block_sizes: BlockSizes) -> u32 {
+    block_sizes
+        .logical
+        .min(crate::logwrites::format::MAX_SECTORSIZE)
 }
 
 /// The destination and metadata as seen through the recorder, and the recording.
@@ -328,6 +361,7 @@ fn start_recording(
     log: &Path,
     dest: Arc<FileDev>,
     meta: Arc<FileDev>,
+    sectorsize: u32,
 ) -> Result<RecordedDevices> {
     use crate::logwrites::{LogWriter, LogWritesDev};
     use std::os::unix::fs::FileTypeExt;
@@ -336,9 +370,9 @@ fn start_recording(
         let dev = FileDev::open(log, Access::ReadWrite, false)
             .with_context(|| format!("--log-writes {}", log.display()))?;
         dev.lock(true)?;
-        LogWriter::create(Box::new(dev), LOG_SECTORSIZE)
+        LogWriter::create(Box::new(dev), sectorsize)
     } else {
-        LogWriter::create_file(log, a.log_writes_size, LOG_SECTORSIZE)
+        LogWriter::create_file(log, a.log_writes_size, sectorsize)
     }
     .with_context(|| format!("--log-writes {}: cannot start the log", log.display()))?;
     let meta_dyn: Arc<dyn BlockDev> = meta.clone();
@@ -530,7 +564,8 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
     super::config::save(a, &o.md, &o.source, &o.dest)?;
     let size = o.source.size();
     let region_size = o.md.region_size();
-    let cfg = engine_config(a, size, region_size);
+    let mut cfg = engine_config(a, size, region_size);
+    cfg.block_size = o.block_sizes.logical as u64;
     let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest_dyn.clone(), cfg)
         .map_err(anyhow::Error::msg)?;
     let recording = o.recording.clone();
@@ -554,6 +589,7 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         queues,
         depth: a.depth,
         io_buf_bytes: 512 << 10,
+        physical_block_size: o.block_sizes.physical,
     };
     let run_dir = control::run_dir();
     std::fs::create_dir_all(&run_dir)
@@ -758,11 +794,9 @@ fn mark(rec: Option<&CtlRecording>, name: &str) -> Response {
             "not recording: marks need a daemon started with `create --log-writes FILE`".into(),
         );
     };
-    if name.is_empty() || name.len() > LOG_SECTORSIZE as usize - 33 {
-        return Response::err(format!(
-            "mark '{name}': must be 1 to {} bytes",
-            LOG_SECTORSIZE - 33
-        ));
+    let max = r.space.sectorsize() as usize - 33;
+    if name.is_empty() || name.len() > max {
+        return Response::err(format!("mark '{name}': must be 1 to {max} bytes"));
     }
     match r.space.mark(name) {
         Ok(()) => Response {

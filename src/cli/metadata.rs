@@ -83,6 +83,13 @@ pub fn run_format(args: &FormatArgs) -> Result<ExitCode> {
     devices::lock(&source, false, "--source", &args.source)?;
     devices::lock(&dest, true, "--dest", &args.dest)?;
     devices::lock(&meta, true, "--metadata", &args.metadata)?;
+    devices::clone_block_sizes(
+        (&source, &args.source),
+        (&dest, &args.dest),
+        args.region_size,
+        "--region-size",
+    )?;
+    devices::check_metadata_block_size(&meta, &args.metadata)?;
     let params = FormatParams::from_devices(&source, &dest, args.region_size)
         .with_context(|| format!("cannot fingerprint the source {}", args.source.display()))?;
     let this = Expect {

@@ -114,6 +114,10 @@ impl Knobs {
 pub struct EngineConfig {
     /// Size of the clone device in bytes (the source size).
     pub size: u64,
+    /// Logical block size of the clone in bytes: the larger of the source's and the
+    /// destination's, so that every I/O the engine passes on is aligned for both (with
+    /// O_DIRECT a 4Kn device refuses anything smaller). I/O not aligned to it is refused.
+    pub block_size: u64,
     pub discard_passdown: bool,
     pub commit_period: Duration,
     pub source_retries: u32,
@@ -148,6 +152,7 @@ impl EngineConfig {
     pub fn new(size: u64, region_size: u64) -> EngineConfig {
         EngineConfig {
             size,
+            block_size: crate::io::SECTOR_SIZE,
             discard_passdown: true,
             commit_period: Duration::from_secs(1),
             source_retries: 3,
@@ -275,6 +280,25 @@ impl Engine {
         let region_size = md.region_size();
         if !region_size.is_power_of_two() {
             return Err(format!("region size {region_size} is not a power of two"));
+        }
+        let block_size = config.block_size;
+        if !block_size.is_power_of_two() || block_size < crate::io::SECTOR_SIZE {
+            return Err(format!(
+                "logical block size {block_size} is not a power of two of at least 512"
+            ));
+        }
+        // A region is copied and locked whole: it must hold whole logical blocks.
+        if region_size < block_size {
+            return Err(format!(
+                "region size {region_size} is smaller than the {block_size}-byte logical block \
+                 size of the source or destination"
+            ));
+        }
+        if config.size % block_size != 0 {
+            return Err(format!(
+                "device size {} is not a multiple of the {block_size}-byte logical block size",
+                config.size
+            ));
         }
         let geo = Geometry {
             size: config.size,
@@ -405,6 +429,11 @@ impl Engine {
         self.geo
     }
 
+    /// The clone's logical block size: every I/O must be aligned to it.
+    pub fn block_size(&self) -> u64 {
+        self.config.block_size
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode.lock().0
     }
@@ -444,10 +473,15 @@ impl Engine {
         self.fully_hydrated.load(Ordering::Acquire) || self.md.is_hydrated(r)
     }
 
+    /// Refuses I/O beyond the device or not aligned to its logical block size. (The kernel
+    /// never sends such a request to a device that advertises that size; this keeps a
+    /// misaligned one from reaching a 4Kn source or destination.)
     fn validate(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        if offset % crate::io::SECTOR_SIZE != 0 || len % crate::io::SECTOR_SIZE != 0 {
+        let bs = self.config.block_size;
+        if offset % bs != 0 || len % bs != 0 {
             return Err(IoError::einval(format!(
-                "unaligned I/O at offset {offset} length {len} (must be 512-byte aligned)"
+                "unaligned I/O at offset {offset} length {len}: the clone's logical block size \
+                 is {bs} bytes, and offset and length must be multiples of it"
             )));
         }
         match offset.checked_add(len) {

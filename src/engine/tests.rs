@@ -1250,3 +1250,79 @@ fn discard_edges_of_large_regions_use_bounded_buffers() {
     let largest = largest.load(Ordering::SeqCst);
     assert!(largest <= budget::COPY_CHUNK as u64, "a {largest}-byte I/O");
 }
+
+/// Issue 9, finding 6: a clone over a 4Kn source or destination has 4096-byte logical blocks;
+/// anything not aligned to them is refused (EINVAL) before it reaches a device, on every path.
+#[test]
+fn io_not_aligned_to_a_4096_byte_logical_block_is_rejected() {
+    let r = rig(16 * 4096, 8192, |c| {
+        no_hydration(c);
+        c.block_size = 4096;
+    });
+    assert_eq!(r.engine.block_size(), 4096);
+    let einval = Err(libc::EINVAL);
+    let mut buf = vec![0u8; 8192];
+    for (off, len) in [
+        (512u64, 512usize),
+        (0, 512),
+        (4096, 4096 + 512),
+        (2048, 4096),
+    ] {
+        let res = block_on(r.engine.read(&r.path, off, &mut buf[..len]));
+        assert_eq!(res.clone().map_err(|e| e.errno), einval, "read {off}+{len}");
+        let msg = res.err().map(|e| e.msg).unwrap_or_default();
+        assert!(
+            msg.contains("4096"),
+            "the message names the block size: {msg}"
+        );
+        let res = block_on(r.engine.write(&r.path, off, &buf[..len], false));
+        assert_eq!(res.map_err(|e| e.errno), einval, "write {off}+{len}");
+        let res = block_on(r.engine.write_zeroes(&r.path, off, len as u64, true, false));
+        assert_eq!(res.map_err(|e| e.errno), einval, "write zeroes {off}+{len}");
+        let res = block_on(r.engine.discard(&r.path, off, len as u64));
+        assert_eq!(res.map_err(|e| e.errno), einval, "discard {off}+{len}");
+        assert_eq!(r.engine.direct_route(off, len as u64, false), None);
+    }
+    assert_eq!(r.dest.write_count(), 0, "nothing reached the destination");
+    assert_eq!(r.engine.status().hydrated, 0);
+    // Whole logical blocks work, also inside a region (copy-on-write of the rest).
+    assert_eq!(
+        block_on(r.engine.read(&r.path, 4096, &mut buf[..4096])),
+        Ok(())
+    );
+    assert!(buf[..4096] == pattern(16 * 4096, 1)[4096..8192]);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 4096, &[9; 4096], false)),
+        Ok(())
+    );
+    assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
+    assert!(buf[..4096] == pattern(16 * 4096, 1)[..4096]);
+    assert!(buf[4096..] == [9; 4096]);
+    assert_eq!(r.engine.status().hydrated, 1);
+    assert!(r.engine.shutdown().is_ok());
+}
+
+/// The block size must fit the regions and the device: a region smaller than a logical block,
+/// or a device size that is not a whole number of blocks, is refused at start.
+#[test]
+fn start_refuses_a_block_size_the_regions_or_the_size_do_not_fit() {
+    for (size, region, block, what) in [
+        (16 * 4096, 4096, 8192, "smaller than"),
+        (16 * 4096 + 512, 4096, 4096, "not a multiple"),
+        (16 * 4096, 4096, 1000, "power of two"),
+    ] {
+        let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
+        let dest = Arc::new(MemDev::new("dest", size));
+        let meta = Arc::new(MemDev::new("meta", 1 << 20));
+        let md = Arc::new(open_md(&meta, &source, &dest, region));
+        let mut cfg = EngineConfig::new(size, region);
+        cfg.block_size = block;
+        match Engine::start(md, source, dest, cfg) {
+            Ok(e) => {
+                let _ = e.shutdown();
+                panic!("started with block size {block}, region {region}, size {size}");
+            }
+            Err(e) => assert!(e.contains(what), "{e}"),
+        }
+    }
+}

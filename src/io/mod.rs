@@ -26,8 +26,38 @@ pub mod signature;
 
 use std::io;
 
-/// Sector size used for offsets and alignment checks everywhere in the project.
+/// The unit of the kernel's and the ublk protocol's sector numbers. Not the alignment I/O
+/// needs: that is a device's logical block size ([`BlockSizes`]), 4096 on a 4Kn device.
 pub const SECTOR_SIZE: u64 = 512;
+
+/// A device's block sizes in bytes, as the kernel reports them (BLKSSZGET, BLKPBSZGET).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// The smallest unit the device can be addressed in; with O_DIRECT every I/O must be
+    /// aligned to it in offset and length (4096 on a 4Kn device).
+    pub logical: u32,
+    /// The unit the device writes internally: smaller writes are read-modify-write.
+    pub physical: u32,
+}
+
+impl BlockSizes {
+    /// A classic 512-byte-sector device (and what a regular file is taken for).
+    pub const SECTOR: BlockSizes = BlockSizes {
+        logical: 512,
+        physical: 512,
+    };
+
+    /// What a device stacked on both `self` and `other` must advertise so that no request it
+    /// accepts is too small or misaligned for either (device-mapper's stacking rule): the
+    /// larger logical and the larger physical size, the physical never below the logical.
+    pub fn stack(self, other: BlockSizes) -> BlockSizes {
+        let logical = self.logical.max(other.logical);
+        BlockSizes {
+            logical,
+            physical: self.physical.max(other.physical).max(logical),
+        }
+    }
+}
 
 /// A device addressed by byte offset. All methods transfer the whole buffer or fail.
 pub trait BlockDev: Send + Sync {
@@ -166,5 +196,33 @@ impl std::ops::Deref for AlignedBuf {
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         self.as_mut_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockSizes;
+
+    #[test]
+    fn stacked_block_sizes_are_the_larger_of_both() {
+        let n512 = BlockSizes::SECTOR;
+        let e512 = BlockSizes {
+            logical: 512,
+            physical: 4096,
+        };
+        let n4k = BlockSizes {
+            logical: 4096,
+            physical: 4096,
+        };
+        assert_eq!(n512.stack(n512), n512);
+        assert_eq!(n512.stack(e512), e512);
+        assert_eq!(e512.stack(n4k), n4k);
+        assert_eq!(n4k.stack(n512), n4k);
+        // The physical size never falls below the logical one.
+        let odd = BlockSizes {
+            logical: 4096,
+            physical: 512,
+        };
+        assert_eq!(odd.stack(n512), n4k);
     }
 }

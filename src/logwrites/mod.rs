@@ -71,7 +71,7 @@ pub enum LogError {
         offset: u64,
         needed: u64,
     },
-    #[error("{dev}: I/O at byte {offset}, length {len}, is not aligned to the log's sectorsize {sectorsize}; log with a sectorsize the device's I/O is aligned to (512)")]
+    #[error("{dev}: I/O at byte {offset}, length {len}, is not aligned to the log's sectorsize {sectorsize}; log with a sectorsize the device's I/O is aligned to (its logical block size or less)")]
     Unaligned {
         dev: String,
         offset: u64,

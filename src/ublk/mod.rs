@@ -12,6 +12,10 @@
 //! A FLUSH on any queue is handled by the engine's group commit, whose destination flush covers
 //! writes completed on every queue (seed 003). `UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA` are
 //! advertised so the kernel sends FLUSH and FUA at all.
+//!
+//! The device advertises the engine's logical block size (the larger of the source's and the
+//! destination's), so the kernel never sends a request that the backend's O_DIRECT I/O to a
+//! 4Kn source or destination could not serve.
 
 use crate::engine::{DataPath, Engine, Side};
 use crate::io::BlockDev;
@@ -48,6 +52,8 @@ pub struct DeviceOptions {
     pub queues: u16,
     pub depth: u16,
     pub io_buf_bytes: u32,
+    /// Physical block size to advertise (at least the engine's logical block size and 4096).
+    pub physical_block_size: u32,
 }
 
 /// What the kernel granted, read back after the device was added.
@@ -525,6 +531,18 @@ fn serve_queue(engine: Arc<Engine>, recording: Option<Arc<Recording>>, qid: u16,
     drop(queue);
 }
 
+/// The `logical_bs_shift` and `physical_bs_shift` to advertise for a `logical`-byte logical
+/// block size and a `physical`-byte physical one: the physical (which is also the minimum I/O
+/// size) never below the logical nor below 4096, libublk's default.
+fn block_shifts(logical: u64, physical: u32) -> (u8, u8) {
+    let logical = logical.max(crate::io::SECTOR_SIZE).next_power_of_two();
+    let physical = (physical as u64).next_power_of_two().max(logical).max(4096);
+    (
+        logical.trailing_zeros() as u8,
+        physical.trailing_zeros() as u8,
+    )
+}
+
 /// Adds the device, serves it until it is stopped, and returns after the queues exited.
 /// `on_started` runs once the device is live (print its path, start the control socket, ...).
 pub fn serve(
@@ -551,11 +569,16 @@ pub fn serve(
     let geo = engine.geometry();
     let region_sectors = (geo.region_size >> 9) as u32;
     let depth = opts.depth;
+    let (logical_shift, physical_shift) =
+        block_shifts(engine.block_size(), opts.physical_block_size);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.set_default_params(geo.size);
         let p = &mut dev.tgt.params;
         p.basic.attrs = libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA;
-        p.basic.io_opt_shift = geo.region_shift.max(12) as u8;
+        p.basic.logical_bs_shift = logical_shift;
+        p.basic.physical_bs_shift = physical_shift;
+        p.basic.io_min_shift = physical_shift;
+        p.basic.io_opt_shift = geo.region_shift.max(physical_shift as u32) as u8;
         p.types |= libublk::sys::UBLK_PARAM_TYPE_DISCARD;
         p.discard = libublk::sys::ublk_param_discard {
             discard_alignment: 0,
@@ -596,4 +619,21 @@ pub fn serve(
     ctrl.run_target(tgt_init, q_fn, dev_fn)
         .map_err(|e| anyhow::anyhow!("ublk device failed: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_shifts;
+
+    #[test]
+    fn advertised_block_sizes_follow_the_devices() {
+        // 512-byte sectors: libublk's defaults (512 logical, 4096 physical and minimum I/O).
+        assert_eq!(block_shifts(512, 512), (9, 12));
+        assert_eq!(block_shifts(512, 4096), (9, 12));
+        // A 4Kn source or destination: 4096-byte logical blocks.
+        assert_eq!(block_shifts(4096, 4096), (12, 12));
+        assert_eq!(block_shifts(4096, 512), (12, 12));
+        // A larger physical block is passed on.
+        assert_eq!(block_shifts(512, 16384), (9, 14));
+    }
 }

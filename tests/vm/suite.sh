@@ -328,6 +328,121 @@ test_exclusive_devices() {
   losetup -d "$ld" "$lm"
 }
 
+# Finding 6: a source and a destination with 4096-byte logical blocks (4Kn), as loop devices.
+# The clone must advertise 4096-byte logical blocks, so the kernel never sends it a request
+# that the daemon's O_DIRECT I/O to these devices could not serve.
+test_4kn_devices() {
+  modprobe loop 2>/dev/null || true
+  mk_images 16
+  local dlog=/run/ublk-clone/daemon.log dlog0=0
+  if [ -f "$dlog" ]; then dlog0=$(wc -l <"$dlog"); fi
+  # Not `local`: the EXIT trap runs after the function returned.
+  src4="" dst4="" dev="" t4k=$WORK/4kn
+  cleanup_4kn() {
+    mountpoint -q "$WORK/mnt" 2>/dev/null && umount "$WORK/mnt"
+    [ -n "$dev" ] && "$BIN" stop "$dev" >/dev/null 2>&1
+    for l in "$src4" "$dst4"; do [ -n "$l" ] && losetup -d "$l" 2>/dev/null; done
+    mountpoint -q "$t4k" && umount -l "$t4k"
+    return 0
+  }
+  trap cleanup_4kn EXIT
+  # The loop devices' files in guest memory (faster than the shared /tmp).
+  mkdir -p "$t4k" && mount -t tmpfs -o size=64M tmpfs "$t4k"
+  cp "$WORK/src" "$t4k/src" && truncate -s 16M "$t4k/dst"
+  src4=$(losetup -f --show -b 4096 --direct-io=on "$t4k/src") || fail "losetup of the source failed"
+  dst4=$(losetup -f --show -b 4096 --direct-io=on "$t4k/dst") || fail "losetup of the destination failed"
+  udevadm settle
+  for l in "$src4" "$dst4"; do
+    [ "$(blockdev --getss "$l")" = 4096 ] || fail "$l: logical block size $(blockdev --getss "$l"), not 4096"
+  done
+  say "$(date +%T) source $src4, destination $dst4 (4096-byte logical blocks; dio $(cat /sys/block/${dst4#/dev/}/loop/dio))"
+  # A source that is not a whole number of the destination's blocks is refused, nothing written.
+  { head -c $((1 << 20)) "$WORK/src"; head -c 512 /dev/zero; } >"$WORK/odd"
+  expect_error "a 1 MiB + 512 B source onto a 4Kn destination" "not a multiple of the clone's 4096-byte" \
+    "$BIN" create --source "$WORK/odd" --dest "$dst4" --metadata "$WORK/meta"
+  cmp -n $((8 << 20)) "$WORK/meta" /dev/zero || fail "the refused create wrote the metadata"
+  # Hydration off while the block I/O and ext4 run: every write goes through copy-on-write.
+  dev=$("$BIN" create --source "$src4" --dest "$dst4" --metadata "$WORK/meta" --region-size 64K --no-hydration 2>>"$LOG")
+  [ -b "$dev" ] || fail "create on 4Kn devices did not print a block device: '$dev'"
+  local q=/sys/block/${dev#/dev/}/queue
+  # Reads of unhydrated regions (from the source) and a 4 KiB direct write into a cold region.
+  cmp "$dev" "$WORK/src" || fail "the clone's reads differ from the source"
+  head -c 4096 /dev/urandom >"$WORK/w"
+  dd if="$WORK/w" of="$dev" bs=4096 seek=$((5 * 16 + 3)) oflag=direct conv=notrunc,fsync status=none \
+    || fail "a 4096-byte direct write to the clone failed"
+  dd if="$dev" of="$WORK/r" bs=4096 skip=$((5 * 16 + 3)) count=1 iflag=direct status=none \
+    || fail "a 4096-byte direct read of the clone failed"
+  cmp "$WORK/w" "$WORK/r" || fail "the 4096-byte write did not read back"
+  cmp <(dd if="$dev" bs=4096 skip=80 count=3 iflag=direct status=none) <(dd if="$WORK/src" bs=4096 skip=80 count=3 status=none) \
+    || fail "the head of the written region lost its source data"
+  # A 512-byte direct write into another cold region: the kernel must refuse it itself (EINVAL,
+  # smaller than a logical block) rather than pass it to the daemon, whose copy would fail
+  # (EIO) on the 4Kn source and destination.
+  local out
+  out=$(dd if=/dev/zero of="$dev" bs=512 seek=$((7 * 128 + 1)) count=1 oflag=direct conv=notrunc 2>&1) \
+    && fail "a 512-byte direct write to a 4Kn clone succeeded"
+  echo "$out" | grep -q "Invalid argument" || fail "a 512-byte direct write failed with '$out', not EINVAL from the kernel"
+  local lbs; lbs=$(cat $q/logical_block_size)
+  [ "$lbs" = 4096 ] || fail "$dev advertises $lbs-byte logical blocks, not 4096"
+  [ "$(cat $q/physical_block_size)" -ge 4096 ] || fail "physical block size $(cat $q/physical_block_size) < 4096"
+  [ "$(cat $q/minimum_io_size)" -ge 4096 ] || fail "minimum I/O size $(cat $q/minimum_io_size) < 4096"
+  # WRITE_ZEROES of two blocks inside region 9: zeroes there, the rest of the region from the source.
+  blkdiscard -z -o $((9 * 65536 + 4096)) -l 8192 "$dev" || fail "blkdiscard -z of 4096-byte blocks failed"
+  cmp -n 8192 <(dd if="$dev" bs=4096 skip=$((9 * 16 + 1)) count=2 iflag=direct status=none) /dev/zero \
+    || fail "the zeroed blocks do not read back zeroes"
+  cmp <(dd if="$dev" bs=4096 skip=$((9 * 16 + 3)) count=13 iflag=direct status=none) <(dd if="$WORK/src" bs=4096 skip=$((9 * 16 + 3)) count=13 status=none) \
+    || fail "WRITE_ZEROES clobbered the rest of its region"
+  say "$(date +%T) block I/O checked"
+  # A file system on the clone (no discard at mkfs, so its writes copy regions on write).
+  mkfs.ext4 -q -F -E nodiscard "$dev" >/dev/null || fail "mkfs.ext4 on the clone failed"
+  mkdir -p "$WORK/mnt"
+  mount "$dev" "$WORK/mnt" || fail "mount failed"
+  cp -r /usr/share/doc/bash "$WORK/mnt/"
+  head -c 4M /dev/urandom >"$WORK/mnt/big"
+  local sha; sha=$(sha256sum <"$WORK/mnt/big")
+  sync
+  umount "$WORK/mnt"
+  e2fsck -fn "$dev" || fail "e2fsck found problems on the clone"
+  mount "$dev" "$WORK/mnt" || fail "remount failed"
+  [ "$(sha256sum <"$WORK/mnt/big")" = "$sha" ] || fail "file content changed across remount"
+  umount "$WORK/mnt"
+  [ "$(status_json "$dev" | json_field mode)" = ReadWrite ] || fail "the clone left read-write mode: $(status_json "$dev")"
+  local h; h=$(status_json "$dev" | json_field hydrated)
+  say "$(date +%T) ext4 checked; $h of 256 regions hydrated"
+  [ "$h" -lt 256 ] || fail "every region was hydrated with hydration off"
+  "$BIN" set "$dev" --hydration true
+  wait_hydrated "$dev" 300
+  dd if="$dev" of="$WORK/shown" bs=1M iflag=direct status=none
+  stop "$dev" || fail "stop failed"
+  dev=""
+  # Every region is hydrated: the destination holds exactly what the clone showed.
+  cmp -n $((16 << 20)) <(dd if="$dst4" bs=1M count=16 iflag=direct status=none) "$WORK/shown" \
+    || fail "the destination differs from what the clone showed"
+  e2fsck -fn "$dst4" || fail "e2fsck found problems on the destination"
+  say "$(date +%T) destination checked"
+  # The daemon's own dm-log-writes recorder logs in the clone's 4096-byte sectors.
+  dev=$("$BIN" start --metadata "$WORK/meta" 2>>"$LOG") || fail "start on 4Kn devices failed"
+  stop "$dev"
+  dev=""
+  "$BIN" create --source "$src4" --dest "$dst4" --metadata "$WORK/meta" --log-writes "$WORK/lw.log" \
+    --log-writes-size 16M >"$WORK/devname" 2>>"$LOG" || fail "create --log-writes on 4Kn devices failed"
+  dev=$(cat "$WORK/devname")
+  dd if=/dev/urandom of="$dev" bs=4096 count=4 seek=9 oflag=direct conv=notrunc,fsync status=none \
+    || fail "a write to the recording clone failed"
+  "$BIN" mark "$dev" 4kn-mark >>"$LOG" || fail "mark failed"
+  stop "$dev"
+  dev=""
+  "$(dirname "$BIN")/ublk-clone-replay" --log "$WORK/lw.log" | tee -a "$LOG" | grep -q "sectorsize=4096" \
+    || fail "the daemon's log does not use 4096-byte sectors"
+  "$(dirname "$BIN")/ublk-clone-replay" --log "$WORK/lw.log" --find --end-mark 4kn-mark >>"$LOG" \
+    || fail "the mark is not in the log"
+  # No request failed in the daemon (the old code logged "Invalid argument" for 512-byte I/O).
+  if tail -n +$((dlog0 + 1)) "$dlog" | grep -E "ERROR|WARN"; then
+    fail "the daemon logged errors on 4Kn devices"
+  fi
+  say "$(date +%T) done"
+}
+
 #---------------------------------------------------------------------------------------------
 
 echo "ublk-clone VM suite on $(uname -r), $(nproc) CPUs; log: $LOG"
@@ -335,7 +450,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         cli_bad_input stop_releases_devices exclusive_devices \
+         cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          kernel_dm_log_writes_replay clone_on_kernel_log_writes \
          clone_daemon_log_writes; do
   run_test "$t"
