@@ -73,6 +73,11 @@ pub struct CreateArgs {
     #[arg(long)]
     #[serde(default)]
     pub force_reformat_this_clone: bool,
+    /// Resume this clone on a destination other than the one it last ran on, because the
+    /// destination's contents were copied there (the hydrated regions must be on it).
+    #[arg(long)]
+    #[serde(default)]
+    pub dest_moved: bool,
     /// Run the daemon in the foreground instead of in the background.
     #[arg(long)]
     pub foreground: bool,
@@ -141,6 +146,7 @@ impl CreateArgs {
             ("--buffered-io", self.buffered_io),
             // Not --force: the caller already formatted; the daemon resumes that metadata.
             ("--ignore-source-mismatch", self.ignore_source_mismatch),
+            ("--dest-moved", self.dest_moved),
         ] {
             if on {
                 v.push(flag.into());
@@ -434,6 +440,11 @@ fn open_or_format(
         // erased first).
         Metadata::format(meta.clone(), &params, true)?;
     }
+    if resume && !a.dest_moved {
+        // Before the read-write open, which may repair (write) the metadata.
+        let (ro, _) = Metadata::read_only_open(meta.clone())?;
+        check_same_destination(a, &ro.uuid(), dest)?;
+    }
     let (md, report) = Metadata::open(meta, &expect)?;
     for w in &report.warnings {
         log::warn!("{}: {w}", a.metadata.display());
@@ -459,6 +470,31 @@ fn open_or_format(
         log::warn!("{msg}");
     }
     Ok(md)
+}
+
+/// A resumed clone's hydrated regions are on the destination it last ran on: resuming it on
+/// another device (disks renamed after a reboot, a typo) would read garbage for them and
+/// hydrate over that device. Checked against the identity saved when it last started.
+fn check_same_destination(a: &CreateArgs, uuid: &uuid::Uuid, dest: &FileDev) -> Result<()> {
+    let Ok((saved, path)) = super::config::load(uuid) else {
+        return Ok(());
+    };
+    let Some(expected) = saved.dest_identity else {
+        return Ok(());
+    };
+    let found = crate::io::identity::DeviceIdentity::of_file(dest.file())
+        .with_context(|| format!("--dest {}: cannot stat", a.dest.display()))?;
+    if expected != found {
+        bail!(
+            "--dest {}: clone {} last ran on another destination (expected {expected}, found \
+             {found}; recorded in {}). Its hydrated regions are there: give that destination, \
+             or pass --dest-moved if its contents were copied to this device",
+            a.dest.display(),
+            uuid,
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn engine_config(a: &CreateArgs, size: u64, region_size: u64) -> EngineConfig {

@@ -54,6 +54,7 @@ pub fn save(a: &CreateArgs, md: &Metadata, source: &FileDev, dest: &FileDev) -> 
     }
     args.force = false;
     args.force_reformat_this_clone = false;
+    args.dest_moved = false;
     args.foreground = false;
     args.log_writes = None;
     args.number = -1;
