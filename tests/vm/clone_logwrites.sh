@@ -13,23 +13,32 @@
 # sector 0 and its metadata at metadata_base = dest size rounded up to 1 MiB (the layout of
 # docs/log-writes.md). The KERNEL's log-writes target sits on it (/dev/mapper/$LW), and two
 # dm-linear devices over it are the clone's --dest and --metadata, so one log keeps the relative
-# order of destination writes and metadata commits. On the clone (hydration on, rate-limited so
-# background copies interleave with user I/O): mkfs.ext4, mark "mkfs", a small file workload
-# with fsync/sync/deletes, umount, `ublk-clone stop`, then the devices are removed (end mark).
+# order of destination writes and metadata commits. The source is a golden image: an ext4 file
+# system made on the source file (golden/untouched.bin, a file the workload never writes, and
+# golden/edit.bin, one it overwrites in place), never formatted on the clone, so the workload's
+# writes into it are copy-on-write hydrations. Background hydration runs throughout, slowly
+# (RATE, one region per copy) so that the clone is only partially hydrated at every crash point.
+# On the clone: mark "workload", mount, a small file workload with fsync/sync/deletes and
+# in-place overwrites of a golden file, umount, `ublk-clone stop`, then the devices are removed
+# (end mark).
 #
 # Crash points: the clone makes data durable with fdatasync on its destination and metadata
 # (never with FUA writes), so the logged device sees empty FLUSH requests; the kernel logs each
 # one as a FLUSH entry after the writes completed before it was issued. Every FLUSH or FUA entry
-# after mark "mkfs" is a crash point (all of them, or CAP of them evenly spread, always
+# after mark "workload" is a crash point (all of them, or CAP of them evenly spread, always
 # including the last). For each, with our replayer, the log prefix 0..=k is replayed onto a
 # zeroed image of the logged device (incrementally, as logwrites.sh does), and on a copy:
 #  1. `ublk-clone check` on the metadata range: exit 0 and no problems (notes allowed: bitmap
 #     shadow slots or a torn superblock copy left by an interrupted commit, which the open
 #     ignores and rewrites). Anything else fails.
-#  2. `ublk-clone create --no-hydration` on the two ranges (losetup --offset/--sizelimit), with
+#  2. `ublk-clone dump` on the metadata range: the state must be partially hydrated (hydrated <
+#     regions), else the crash point tests nothing of copy-on-write; its generation is counted
+#     (at least two distinct generations over the checked states).
+#  3. `ublk-clone create --no-hydration` on the two ranges (losetup --offset/--sizelimit), with
 #     the same source file: it must start (it resumes the clone's metadata).
-#  3. mount the clone device (the kernel replays the ext4 journal, as after a real crash),
-#     umount, `e2fsck -fn` on the clone device must exit 0; `ublk-clone stop`.
+#  4. mount the clone device (the kernel replays the ext4 journal, as after a real crash),
+#     golden/untouched.bin must read back as on the source, umount, `e2fsck -fn` on the clone
+#     device must exit 0; `ublk-clone stop`.
 # Also: the whole log replayed must equal the logged device byte for byte.
 # Prints one line per state and "N passed, M failed"; exits 1 on any failure, including "no
 # crash point found" and "the clone could not be created" while recording. On failure the
@@ -42,7 +51,8 @@ SRC_MB=${SRC_MB:-64}        # source = destination size
 META_MB=4
 LOG_MB=512
 RECORDER=${RECORDER:-kernel}
-RATE=${RATE:-4M}            # background hydration rate while recording
+RATE=${RATE:-1M}            # background hydration rate while recording: 16 regions/s, so about
+                            # 64 s for all 1024 regions; the recording takes 5-10 s
 pass=0
 fail=0
 ok() { echo "ok   $*"; pass=$((pass + 1)); }
@@ -132,7 +142,16 @@ TOTAL_BYTES=$((META_BASE + META_BYTES))
 t0=$SECONDS
 
 #--- Recording ---------------------------------------------------------------------------------
-head -c "$DEST_BYTES" /dev/urandom >"$W/src"  # random: a region read from the source by mistake shows
+# The golden source: random file contents, so a region read from the wrong side shows.
+mkdir -p "$W/gold/golden"
+head -c 4M /dev/urandom >"$W/gold/golden/untouched.bin"
+head -c 2M /dev/urandom >"$W/gold/golden/edit.bin"
+cp -r /usr/share/doc/coreutils "$W/gold/golden/doc" 2>/dev/null || cp -r /usr/share/doc/bash "$W/gold/golden/doc"
+untouched_sha=$(sha256sum <"$W/gold/golden/untouched.bin")
+truncate -s "$DEST_BYTES" "$W/src"
+mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -d "$W/gold" "$W/src" >/dev/null ||
+    { bad "mkfs.ext4 -d of the golden source image"; finish; }
+rm -rf "$W/gold"
 mark() { # mark NAME: a mark in the log, from the kernel target or from the daemon
     if [ "$RECORDER" = kernel ]; then dmsetup message "$LW" 0 mark "$1"; else "$BIN" mark "$dev" "$1" >/dev/null; fi
 }
@@ -150,7 +169,7 @@ if [ "$RECORDER" = kernel ]; then
     # Blank metadata is formatted by create; make sure the range is zero (it is, a fresh sparse file).
     udevadm settle 2>/dev/null
     cmp -s -n "$META_BYTES" "/dev/mapper/$MDEV" /dev/zero || { bad "metadata range is not zero"; finish; }
-    if ! create "/dev/mapper/$DDEV" "/dev/mapper/$MDEV" --region-size 64K --rate "$RATE"; then
+    if ! create "/dev/mapper/$DDEV" "/dev/mapper/$MDEV" --region-size 64K --rate "$RATE" --batch-size 1; then
         bad "ublk-clone create on the logged devices failed (see above)"
         keep record "$W/create.err"
         finish
@@ -158,7 +177,7 @@ if [ "$RECORDER" = kernel ]; then
 else
     truncate -s "$DEST_BYTES" "$W/dst"
     truncate -s "$META_BYTES" "$W/meta"
-    if ! create "$W/dst" "$W/meta" --region-size 64K --rate "$RATE" \
+    if ! create "$W/dst" "$W/meta" --region-size 64K --rate "$RATE" --batch-size 1 \
         --log-writes "$W/log.img" --log-writes-size ${LOG_MB}M; then
         bad "ublk-clone create --log-writes failed (see above)"
         keep record "$W/create.err"
@@ -167,11 +186,10 @@ else
 fi
 dev=$CLONEDEV
 echo "     recording ($RECORDER): clone $dev, hydration rate $RATE"
-if ! { mark start &&
-    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev" &&
-    mark mkfs &&
+if ! { mark workload &&
     mount "$dev" "$W/mnt" &&
     dd if=/dev/urandom of="$W/mnt/big" bs=1M count=4 status=none conv=fsync &&
+    dd if=/dev/urandom of="$W/mnt/golden/edit.bin" bs=4k count=8 seek=37 status=none conv=notrunc,fsync &&
     cp -r /usr/share/doc/bash "$W/mnt/doc" &&
     mkdir -p "$W/mnt/d1/d2" &&
     for i in $(seq 1 40); do echo "file $i" >"$W/mnt/d1/d2/f$i"; done &&
@@ -179,6 +197,7 @@ if ! { mark start &&
     dd if=/dev/urandom of="$W/mnt/synced" bs=4k count=8 status=none conv=fsync &&
     rm -f "$W/mnt/d1/d2/f1"* "$W/mnt/big" &&
     dd if=/dev/urandom of="$W/mnt/small" bs=4k count=16 status=none &&
+    dd if=/dev/urandom of="$W/mnt/golden/edit.bin" bs=4k count=3 seek=300 status=none conv=notrunc &&
     mv "$W/mnt/doc" "$W/mnt/d1/doc" &&
     sync &&
     mark workload-done &&
@@ -207,16 +226,16 @@ echo "     log: $("$REPLAY" --log "$W/log.img")"
 
 #--- Crash points ------------------------------------------------------------------------------
 "$REPLAY" --log "$W/log.img" --list >"$W/list" || { bad "cannot list the log"; finish; }
-mkfs=$(awk -F'[@ ]' '/MARK "mkfs"/ {print $1; exit}' "$W/list")
-[ -n "$mkfs" ] || { bad "mark mkfs not found in the log"; finish; }
-awk -F'[@ ]' -v m="$mkfs" '$1 > m && $3 ~ /FLUSH|FUA/ {print $1}' "$W/list" >"$W/points"
-n_flush=$(awk -F'[@ ]' -v m="$mkfs" '$1 > m && $3 ~ /FLUSH/' "$W/list" | wc -l)
-n_fua=$(awk -F'[@ ]' -v m="$mkfs" '$1 > m && $3 ~ /FUA/' "$W/list" | wc -l)
+wl=$(awk -F'[@ ]' '/MARK "workload"/ {print $1; exit}' "$W/list")
+[ -n "$wl" ] || { bad "mark workload not found in the log"; finish; }
+awk -F'[@ ]' -v m="$wl" '$1 > m && $3 ~ /FLUSH|FUA/ {print $1}' "$W/list" >"$W/points"
+n_flush=$(awk -F'[@ ]' -v m="$wl" '$1 > m && $3 ~ /FLUSH/' "$W/list" | wc -l)
+n_fua=$(awk -F'[@ ]' -v m="$wl" '$1 > m && $3 ~ /FUA/' "$W/list" | wc -l)
 total=$(wc -l <"$W/points")
-echo "     after mark mkfs (entry $mkfs): $n_flush FLUSH and $n_fua FUA entries"
-[ "$total" -gt 0 ] || { bad "no FLUSH or FUA entry after mark mkfs: nothing to check"; finish; }
+echo "     after mark workload (entry $wl): $n_flush FLUSH and $n_fua FUA entries"
+[ "$total" -gt 0 ] || { bad "no FLUSH or FUA entry after mark workload: nothing to check"; finish; }
 # Cross-check with the replayer's own search for the first one.
-first=$("$REPLAY" --log "$W/log.img" --find --next-flush --start-entry $((mkfs + 1)))
+first=$("$REPLAY" --log "$W/log.img" --find --next-flush --start-entry $((wl + 1)))
 [ "${first%@*}" = "$(head -n 1 "$W/points")" ] || [ "$n_fua" -gt 0 ] ||
     bad "--find --next-flush gives '$first', --list gives entry $(head -n 1 "$W/points")"
 if [ "$total" -le "$CAP" ]; then
@@ -256,6 +275,8 @@ PY
 
 truncate -s "$TOTAL_BYTES" "$W/base.img"
 prev=-1
+max_hydrated=0
+: >"$W/generations"
 shadows=0
 while read -r cur <&3; do
     if ! "$REPLAY" --log "$W/log.img" --replay "$W/base.img" \
@@ -274,6 +295,22 @@ while read -r cur <&3; do
         meta=$(check_meta "$lm") || why="metadata: $meta"
         case $meta in *shadow*) shadows=$((shadows + 1)) ;; esac
     fi
+    # A partially hydrated state (copy-on-write and source reads matter); its generation.
+    if [ -z "$why" ]; then
+        if ! "$BIN" dump "$lm" >"$W/dump.json" 2>"$W/dump.err"; then
+            why="dump failed: $(tr '\n' ' ' <"$W/dump.err")"
+        else
+            gen= hyd= nreg=
+            read -r gen hyd nreg < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["generation"], d["hydrated"], d["nr_regions"])' "$W/dump.json")
+            if [ -z "$nreg" ]; then
+                why="dump output unreadable"
+            else
+                echo "$gen" >>"$W/generations"
+                [ "$hyd" -lt "$nreg" ] || why="fully hydrated ($hyd/$nreg, generation $gen): the state does not test copy-on-write"
+                [ "$hyd" -gt "$max_hydrated" ] && max_hydrated=$hyd
+            fi
+        fi
+    fi
     # udev probes a freshly attached loop device holding a shared flock on it, and create's
     # exclusive lock must not race with that: wait for udev first.
     udevadm settle 2>/dev/null
@@ -285,6 +322,8 @@ while read -r cur <&3; do
         cdev=$CLONEDEV
         if ! mount "$cdev" "$W/chk" 2>"$W/mount.err"; then
             why="mount failed: $(tr '\n' ' ' <"$W/mount.err")"
+        elif [ "$(sha256sum <"$W/chk/golden/untouched.bin")" != "$untouched_sha" ]; then
+            why="golden/untouched.bin differs from the source's"
         elif ! umount "$W/chk"; then
             why="umount failed"
         elif ! e2fsck -fn "$cdev" >"$W/fsck.out" 2>&1; then
@@ -294,7 +333,7 @@ while read -r cur <&3; do
         stop_clone "$cdev" || why="${why:+$why; }stop failed"
     fi
     if [ -z "$why" ]; then
-        ok "entry $cur: check ok ($meta), clone starts, ext4 clean after journal replay"
+        ok "entry $cur: check ok ($meta), generation $gen, $hyd/$nreg hydrated, clone starts, golden file intact, ext4 clean after journal replay"
     else
         bad "entry $cur: $why"
         "$BIN" check "$lm" >"$W/check.txt" 2>&1
@@ -311,6 +350,13 @@ if "$REPLAY" --log "$W/log.img" --replay "$W/base.img" --start-entry $((prev + 1
     ok "whole log replayed equals the logged device"
 else
     bad "whole log replayed differs from the logged device"
+fi
+# The checked states must not all be one commit: count the distinct generations seen.
+gens=$(sort -un "$W/generations" | wc -l)
+if [ "$gens" -ge 2 ]; then
+    ok "checked states span $gens distinct generations ($(sort -n "$W/generations" | head -n 1)..$(sort -n "$W/generations" | tail -n 1)), at most $max_hydrated regions hydrated"
+else
+    bad "checked states span $gens distinct generation(s): $(sort -un "$W/generations" | tr '\n' ' ')"
 fi
 echo "     $shadows state(s) had interrupted-commit shadow slots; total $((SECONDS - t0)) s"
 finish

@@ -443,6 +443,9 @@ test_4kn_devices() {
   say "$(date +%T) done"
 }
 
+# Fault injection with dm-flakey, dm-error and dm-thin: the test_fault_* functions.
+source "$(dirname "$0")/faults.sh"
+
 #---------------------------------------------------------------------------------------------
 
 echo "ublk-clone VM suite on $(uname -r), $(nproc) CPUs; log: $LOG"
@@ -451,8 +454,9 @@ truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
-         kernel_dm_log_writes_replay clone_on_kernel_log_writes \
-         clone_daemon_log_writes; do
+         fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
+         fault_source_bad_blocks fault_dest_enospc \
+         kernel_dm_log_writes_replay clone_on_kernel_log_writes clone_daemon_log_writes; do
   run_test "$t"
 done
 echo "vm-suite: $passed passed, $failed failed"
