@@ -77,6 +77,23 @@ pub struct CommitInfo {
     pub hydrated: u64,
 }
 
+/// The bitmap blocks whose in-core image differs from their live slot: those marked dirty
+/// (the marks are taken) and those `tainted` by a failed commit; sorted, no duplicates.
+fn take_changed_blocks(core: &Core, tainted: &[u64]) -> Vec<u64> {
+    let mut indices: Vec<u64> = Vec::new();
+    for (w, d) in core.dirty.iter().enumerate() {
+        let mut bits = d.swap(0, Ordering::SeqCst);
+        while bits != 0 {
+            indices.push(w as u64 * 64 + bits.trailing_zeros() as u64);
+            bits &= bits - 1;
+        }
+    }
+    indices.extend(tainted.iter().copied());
+    indices.sort_unstable();
+    indices.dedup();
+    indices
+}
+
 /// Clears `Core::committing` when dropped (for superblock writes outside a commit).
 struct CommitGuard<'a>(&'a AtomicBool);
 
@@ -119,17 +136,7 @@ impl Metadata {
         self.start_exclusive("committed")?;
         let core = &self.core;
         let state = core.state.lock();
-        let mut indices: Vec<u64> = Vec::new();
-        for (w, d) in core.dirty.iter().enumerate() {
-            let mut bits = d.swap(0, Ordering::SeqCst);
-            while bits != 0 {
-                indices.push(w as u64 * 64 + bits.trailing_zeros() as u64);
-                bits &= bits - 1;
-            }
-        }
-        indices.extend(state.tainted.iter().copied());
-        indices.sort_unstable();
-        indices.dedup();
+        let indices = take_changed_blocks(core, &state.tainted);
         let generation = state.sb.generation + 1;
         let uuid = state.sb.uuid;
         let mut hydrated = state.sb.hydrated;
@@ -281,17 +288,7 @@ impl Metadata {
             // Released only once everything was hydrated and committed.
             return Ok(core.nr_regions);
         }
-        let mut stale: Vec<u64> = Vec::new();
-        for (w, d) in core.dirty.iter().enumerate() {
-            let mut bits = d.swap(0, Ordering::SeqCst);
-            while bits != 0 {
-                stale.push(w as u64 * 64 + bits.trailing_zeros() as u64);
-                bits &= bits - 1;
-            }
-        }
-        stale.extend(state.tainted.iter().copied());
-        stale.sort_unstable();
-        stale.dedup();
+        let stale = take_changed_blocks(core, &state.tainted);
         let mut block = vec![0u8; BLOCK_SIZE];
         for index in stale {
             let live = state.live[index as usize];
