@@ -33,6 +33,8 @@ pub fn run_stop(a: &StopArgs) -> Result<()> {
     let rec: Option<DaemonRecord> = control::list_records().into_iter().find(|r| r.id == id);
     let dev = PathBuf::from(format!("/dev/ublkb{id}"));
     if !a.force {
+        // udev's own brief probe (after a writer closed the device) is not a user.
+        settle_udev();
         if let Some(user) = in_use(&dev)? {
             bail!(
                 "{}: in use ({user}); unmount or close it first, or pass --force to stop it \
