@@ -77,6 +77,7 @@ impl Engine {
         if let Err(e) = &res {
             // Never retried: a later flush may "succeed" without the lost data (seed 004).
             // Degraded before the sequencer records the end of this flush.
+            self.dest_flush_failed.store(true, Ordering::Release);
             self.degrade(Mode::ReadOnly, &format!("destination flush failed: {e}"));
         }
         let horizon = self
@@ -220,6 +221,7 @@ impl Engine {
         let ticket = self.flushes.begin();
         let res = flush().map_err(|e| format!("destination flush: {e}"));
         if let Err(e) = &res {
+            self.dest_flush_failed.store(true, Ordering::Release);
             self.degrade(Mode::ReadOnly, e);
         }
         let horizon = self
@@ -274,6 +276,13 @@ impl Engine {
     /// race a commit). If the committed bitmap cannot be read back, fail mode.
     fn revert_bitmap(&self) {
         if self.mode() == Mode::ReadWrite || self.bitmap_reverted.load(Ordering::Acquire) {
+            return;
+        }
+        if !self.dest_flush_failed.load(Ordering::Acquire) {
+            // No destination flush failed (a metadata write, or hydration writes, did): the
+            // destination holds what the in-core bits say; they stay, sealed by `degrade`.
+            self.bitmap_reverted.store(true, Ordering::Release);
+            self.commit_done.notify();
             return;
         }
         match self.md.revert_to_committed() {

@@ -241,9 +241,13 @@ pub struct Engine {
     flushes: flush::FlushSequencer,
     /// Every copy buffer comes from it.
     copy_budget: budget::CopyBudget,
-    /// In read-only or fail mode: the in-core bitmap is the committed one again and sealed
-    /// (reads of regions hydrated after the last commit go to the source).
+    /// In read-only or fail mode: the in-core bitmap is settled and sealed: the committed one
+    /// again after a failed destination flush (reads of regions hydrated after the last commit
+    /// go to the source), the in-core one after other failures.
     bitmap_reverted: AtomicBool,
+    /// A destination flush failed: the destination may have lost writes made since the last
+    /// commit, so the bits set since then cannot be trusted (finding 2).
+    dest_flush_failed: AtomicBool,
     commit_state: Mutex<commit::CommitState>,
     commit_cv: Condvar,
     commit_done: Signal,
@@ -352,6 +356,7 @@ impl Engine {
             flushes,
             copy_budget,
             bitmap_reverted: AtomicBool::new(mode != Mode::ReadWrite),
+            dest_flush_failed: AtomicBool::new(false),
             // The periodic commit runs a commit period after start, not at once.
             commit_state: Mutex::new(commit::CommitState {
                 last_commit: Some(Instant::now()),

@@ -1326,3 +1326,42 @@ fn start_refuses_a_block_size_the_regions_or_the_size_do_not_fit() {
         }
     }
 }
+
+/// A clone degraded by failing hydration writes (a full thin pool), not by a failed flush,
+/// keeps its in-core bitmap: regions hydrated since the last commit are on the destination,
+/// and writes to them still work (VM test fault_dest_enospc).
+#[test]
+fn degraded_by_hydration_write_failures_keeps_the_in_core_bitmap() {
+    let r = rig(64 * 4096, 4096, |c| {
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 4;
+        c.hydration_workers = 1;
+        c.commit_period = Duration::from_secs(3600);
+        c.knobs.hydration_enabled = false;
+    });
+    // Regions 0..4 hydrated by writes (not committed), then the destination refuses new data.
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 0, &[1; 4 * 4096], false)),
+        Ok(())
+    );
+    r.dest.set_fault(Some(Arc::new(|op: &Op| {
+        matches!(op, Op::Write { offset, .. } if *offset >= 16 * 4096)
+            .then(|| io::Error::from_raw_os_error(libc::ENOSPC))
+    })));
+    let mut k = r.engine.knobs();
+    k.hydration_enabled = true;
+    r.engine.set_knobs(k);
+    assert!(eventually(20, || r.engine.mode() == Mode::ReadOnly));
+    let hydrated = r.engine.status().hydrated;
+    assert!(hydrated >= 4);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 4096, &[3; 512], false)),
+        Ok(())
+    );
+    let mut buf = [0u8; 512];
+    assert_eq!(block_on(r.engine.read(&r.path, 4096, &mut buf)), Ok(()));
+    assert_eq!(buf, [3; 512]);
+    assert_eq!(r.engine.status().hydrated, hydrated, "bits kept");
+    r.dest.set_fault(None);
+    assert!(r.engine.shutdown().is_ok());
+}
