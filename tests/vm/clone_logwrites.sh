@@ -34,7 +34,7 @@
 #  2. `ublk-clone dump` on the metadata range: the state must be partially hydrated (hydrated <
 #     regions), else the crash point tests nothing of copy-on-write; its generation is counted
 #     (at least two distinct generations over the checked states).
-#  3. `ublk-clone create --no-hydration` on the two ranges (losetup --offset/--sizelimit), with
+#  3. `ublk-clone create --no-hydration --dest-moved` (the replayed copy is a moved destination) on the two ranges (losetup --offset/--sizelimit), with
 #     the same source file: it must start (it resumes the clone's metadata).
 #  4. mount the clone device (the kernel replays the ext4 journal, as after a real crash),
 #     golden/untouched.bin must read back as on the source, umount, `e2fsck -fn` on the clone
@@ -314,7 +314,7 @@ while read -r cur <&3; do
     # udev probes a freshly attached loop device holding a shared flock on it, and create's
     # exclusive lock must not race with that: wait for udev first.
     udevadm settle 2>/dev/null
-    if [ -z "$why" ] && ! create "$ld" "$lm" --no-hydration 2>"$W/create.out"; then
+    if [ -z "$why" ] && ! create "$ld" "$lm" --no-hydration --dest-moved 2>"$W/create.out"; then
         why="create failed: $(tr '\n' ' ' <"$W/create.out")"
         { cat /proc/locks; fuser -v "$ld" "$lm"; ps -eo pid,comm,args | grep -i 'udev\|ublk\|blkid'; } >"$W/locks.txt" 2>&1
     fi
