@@ -1057,9 +1057,7 @@ fn failing_hydration_writes_back_off_and_degrade() {
             io::Error::other("no space")
         })
     })));
-    let mut k = r.engine.knobs();
-    k.hydration_enabled = true;
-    r.engine.set_knobs(k);
+    enable_hydration(&r.engine);
     assert!(
         eventually(20, || r.engine.mode() == Mode::ReadOnly),
         "still {:?} after {} failed hydration writes",
@@ -1086,9 +1084,7 @@ fn only_failed_regions_left_stops_the_sweep() {
         matches!(op, Op::Read { offset, len } if *offset <= 5 * 4096 && 5 * 4096 < offset + len)
             .then(|| io::Error::other("bad sector"))
     })));
-    let mut k = r.engine.knobs();
-    k.hydration_enabled = true;
-    r.engine.set_knobs(k);
+    enable_hydration(&r.engine);
     assert!(
         eventually(20, || {
             let s = r.engine.status();
@@ -1123,16 +1119,7 @@ fn copy_on_write_into_large_regions_is_chunked_and_budgeted() {
         no_hydration(c);
         c.copy_budget = 2 * budget::COPY_CHUNK as u64;
     });
-    let largest = Arc::new(AtomicU64::new(0));
-    for dev in [&r.source, &r.dest] {
-        let l = largest.clone();
-        dev.set_fault(Some(Arc::new(move |op: &Op| {
-            if let Op::Read { len, .. } | Op::Write { len, .. } = op {
-                l.fetch_max(*len, Ordering::SeqCst);
-            }
-            None
-        })));
-    }
+    let largest = record_largest_io(&[&r.source, &r.dest]);
     let peak = AtomicU64::new(0);
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -1201,9 +1188,7 @@ fn a_failed_region_hydrated_later_does_not_stall_hydration() {
     })));
     // Region 31 is held (a writer, say) so hydration cannot finish before the discard.
     let guard = block_on(r.engine.locks.lock(31));
-    let mut k = r.engine.knobs();
-    k.hydration_enabled = true;
-    r.engine.set_knobs(k);
+    enable_hydration(&r.engine);
     assert!(eventually(20, || r.engine.status().failed_regions
         == vec![5]
         && r.engine.status().hydrated == 30));
@@ -1225,16 +1210,7 @@ fn a_failed_region_hydrated_later_does_not_stall_hydration() {
 fn discard_edges_of_large_regions_use_bounded_buffers() {
     const RS: u64 = 16 << 20;
     let r = rig(4 * RS, RS, no_hydration);
-    let largest = Arc::new(AtomicU64::new(0));
-    for dev in [&r.source, &r.dest] {
-        let l = largest.clone();
-        dev.set_fault(Some(Arc::new(move |op: &Op| {
-            if let Op::Read { len, .. } | Op::Write { len, .. } = op {
-                l.fetch_max(*len, Ordering::SeqCst);
-            }
-            None
-        })));
-    }
+    let largest = record_largest_io(&[&r.source, &r.dest]);
     // From 4 KiB into region 0 to the middle of region 2: two partial edges of ~16 MiB / 8 MiB.
     assert_eq!(
         block_on(r.engine.discard(&r.path, 4096, 2 * RS + RS / 2 - 4096)),
@@ -1348,9 +1324,7 @@ fn degraded_by_hydration_write_failures_keeps_the_in_core_bitmap() {
         matches!(op, Op::Write { offset, .. } if *offset >= 16 * 4096)
             .then(|| io::Error::from_raw_os_error(libc::ENOSPC))
     })));
-    let mut k = r.engine.knobs();
-    k.hydration_enabled = true;
-    r.engine.set_knobs(k);
+    enable_hydration(&r.engine);
     assert!(eventually(20, || r.engine.mode() == Mode::ReadOnly));
     let hydrated = r.engine.status().hydrated;
     assert!(hydrated >= 4);
@@ -1364,4 +1338,26 @@ fn degraded_by_hydration_write_failures_keeps_the_in_core_bitmap() {
     assert_eq!(r.engine.status().hydrated, hydrated, "bits kept");
     r.dest.set_fault(None);
     assert!(r.engine.shutdown().is_ok());
+}
+
+/// Turns background hydration on (tests start with it off to arm faults first).
+fn enable_hydration(engine: &Engine) {
+    let mut k = engine.knobs();
+    k.hydration_enabled = true;
+    engine.set_knobs(k);
+}
+
+/// Records the largest read or write any of `devs` sees (the largest buffer behind it).
+fn record_largest_io(devs: &[&Arc<MemDev>]) -> Arc<AtomicU64> {
+    let largest = Arc::new(AtomicU64::new(0));
+    for dev in devs {
+        let l = largest.clone();
+        dev.set_fault(Some(Arc::new(move |op: &Op| {
+            if let Op::Read { len, .. } | Op::Write { len, .. } = op {
+                l.fetch_max(*len, Ordering::SeqCst);
+            }
+            None
+        })));
+    }
+    largest
 }
