@@ -34,6 +34,7 @@ use crate::metadata::{Expect, FormatParams};
 use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
 
 const SECTOR: u64 = 512;
 const DEST: usize = 0;
@@ -264,7 +265,7 @@ fn run_workload(r: &CrashRig, seed: u64, w: &Workload) -> History {
             });
         }
     });
-    assert_eq!(r.engine.shutdown(), Ok(()));
+    assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
     history.into_inner()
 }
 

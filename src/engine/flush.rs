@@ -1,7 +1,7 @@
 //! Flush sequencing: every destination flush, wherever it runs (a queue's fast path, the
 //! commit thread), goes through one [`FlushSequencer`].
 //!
-//! Why (seed 004): all destination flushes share one file description, and a device or the
+//! Why: all destination flushes share one file description, and a device or the
 //! kernel reports a lost write to one flush only (a failed cache flush may drop the device's
 //! volatile cache; with buffered I/O a writeback error is reported to one fsync per file
 //! description). Two FLUSHes on two queues: the first one's flush fails, the second one's
@@ -28,8 +28,13 @@ struct State {
     /// Ended generations above `ended_through` (flushes end out of order).
     ended_above: BTreeSet<u64>,
     /// The first failure, sticky.
-    failed: Option<String>,
+    failed: Option<FlushFailed>,
 }
+
+/// A destination flush failed (sticky: every later settle reports the first failure).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FlushFailed(pub String);
 
 pub struct FlushSequencer {
     state: Mutex<State>,
@@ -49,8 +54,10 @@ pub struct FlushTicket<'a> {
 impl Drop for FlushTicket<'_> {
     fn drop(&mut self) {
         if !self.ended {
-            self.seq
-                .record_end(self.gen, Err("a destination flush was abandoned".into()));
+            self.seq.record_end(
+                self.gen,
+                Err(FlushFailed("a destination flush was abandoned".into())),
+            );
         }
     }
 }
@@ -76,12 +83,12 @@ impl FlushSequencer {
 
     /// Records how the flush of `ticket` ended. Returns the generation its caller must wait
     /// for (every flush begun so far) before trusting a success.
-    pub fn end(&self, mut ticket: FlushTicket<'_>, result: Result<(), String>) -> u64 {
+    pub fn end(&self, mut ticket: FlushTicket<'_>, result: Result<(), FlushFailed>) -> u64 {
         ticket.ended = true;
         self.record_end(ticket.gen, result)
     }
 
-    fn record_end(&self, gen: u64, result: Result<(), String>) -> u64 {
+    fn record_end(&self, gen: u64, result: Result<(), FlushFailed>) -> u64 {
         let horizon = {
             let mut st = self.state.lock();
             if let Err(e) = result {
@@ -107,7 +114,7 @@ impl FlushSequencer {
 
     /// The sticky failure, once every flush begun up to `horizon` has ended: `Ok` only if
     /// no destination flush ever failed.
-    pub async fn settle(&self, horizon: u64) -> Result<(), String> {
+    pub async fn settle(&self, horizon: u64) -> Result<(), FlushFailed> {
         self.ended
             .wait_until(|| self.state.lock().ended_through >= horizon)
             .await;
@@ -115,7 +122,7 @@ impl FlushSequencer {
     }
 
     /// Blocking [`settle`](Self::settle), for engine threads.
-    pub fn settle_blocking(&self, horizon: u64) -> Result<(), String> {
+    pub fn settle_blocking(&self, horizon: u64) -> Result<(), FlushFailed> {
         while !self.ended.wait_until_blocking(
             || self.state.lock().ended_through >= horizon,
             std::time::Duration::from_secs(1),
@@ -124,7 +131,7 @@ impl FlushSequencer {
     }
 
     /// The first destination flush failure, if any.
-    pub fn failure(&self) -> Result<(), String> {
+    pub fn failure(&self) -> Result<(), FlushFailed> {
         match &self.state.lock().failed {
             None => Ok(()),
             Some(e) => Err(e.clone()),
@@ -144,16 +151,16 @@ mod tests {
         let hb = seq.end(b, Ok(()));
         // `b` cannot be trusted while `a` is in flight.
         assert_eq!(seq.state.lock().ended_through, 0);
-        let ha = seq.end(a, Err("EIO".into()));
-        assert_eq!(seq.settle_blocking(hb), Err("EIO".into()));
-        assert_eq!(seq.settle_blocking(ha), Err("EIO".into()));
+        let ha = seq.end(a, Err(FlushFailed("EIO".into())));
+        assert_eq!(seq.settle_blocking(hb), Err(FlushFailed("EIO".into())));
+        assert_eq!(seq.settle_blocking(ha), Err(FlushFailed("EIO".into())));
         // Sticky: a later flush that succeeds still reports the failure.
         let abandoned = seq.begin();
         drop(abandoned);
         assert_eq!(seq.state.lock().ended_through, 3, "an abandoned flush ends");
         let c = seq.begin();
         let hc = seq.end(c, Ok(()));
-        assert_eq!(seq.settle_blocking(hc), Err("EIO".into()));
+        assert_eq!(seq.settle_blocking(hc), Err(FlushFailed("EIO".into())));
     }
 
     #[test]

@@ -1,12 +1,16 @@
-//! Per-region serialisation: FIFO ticket locks keyed by region number.
+//! Per-region serialisation: FIFO ticket locks keyed by region number, and the one place that
+//! locks regions for writing.
 //!
 //! Invariant: a region that is not hydrated is only ever written (by a hydration copy, a user
-//! write or a discard marking it hydrated) by the holder of its lock, and its hydrated bit is
-//! set before the lock is released. So a hydration copy read from the source can never land
-//! over newer user data (seed 000): a user write to a region being hydrated waits for the lock,
-//! then finds the region hydrated and writes to the destination after the copy. Writes waiting
-//! on the same region are served in arrival order (tickets), which keeps their order.
-//! Lock order is ascending region number everywhere, so multi-region holders cannot deadlock.
+//! write, a zeroing or a discard marking it hydrated) by the holder of its lock, and its
+//! hydrated bit is set before the lock is released. So a hydration copy read from the source
+//! can never land over newer user data: a user write to a region being hydrated waits for the
+//! lock, then finds the region hydrated and writes to the destination after the copy. Writers
+//! take their locks through [`RegionLocks::lock_unhydrated`], which re-checks each region's
+//! state under its lock; the background sweep takes them with [`RegionLocks::try_lock`] and
+//! re-checks the same way before copying. Writes waiting on the same region are served in
+//! arrival order (tickets), which keeps their order. Lock order is ascending region number
+//! everywhere, so multi-region holders cannot deadlock.
 
 use super::wake::{Kickers, Signal};
 use parking_lot::Mutex;
@@ -59,6 +63,28 @@ impl RegionLocks {
             locks: self,
             region,
         }
+    }
+
+    /// Locks every region of `regions` that is not hydrated, in ascending order, and checks
+    /// each one again under its lock: a region hydrated meanwhile (by the sweep or another
+    /// writer) is released at once. The guards returned are exactly the regions that are not
+    /// hydrated and cannot become hydrated by anyone else while they are held; the caller
+    /// writes their data and sets their bits before dropping the guards.
+    pub async fn lock_unhydrated(
+        &self,
+        regions: std::ops::Range<u64>,
+        is_hydrated: impl Fn(u64) -> bool,
+    ) -> Vec<RegionGuard<'_>> {
+        let mut guards = Vec::new();
+        for r in regions {
+            if !is_hydrated(r) {
+                let g = self.lock(r).await;
+                if !is_hydrated(r) {
+                    guards.push(g);
+                }
+            }
+        }
+        guards
     }
 
     /// Takes the lock of `region` only if nobody holds or waits for it.

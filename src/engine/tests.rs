@@ -4,8 +4,11 @@
 use super::*;
 use crate::io::mem::{MemDev, Op};
 use futures_lite::future::block_on;
+use parking_lot::Condvar;
 use rand::{Rng, SeedableRng};
 use std::io;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 const SECTOR: u64 = 512;
 
@@ -184,7 +187,8 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
     let deadline = Instant::now() + Duration::from_secs(20);
     while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
         r.engine
-            .hydrate_wake
+            .hydrator
+            .wake
             .wait_until_blocking(|| r.engine.is_fully_hydrated(), Duration::from_millis(50));
     }
     assert!(
@@ -192,7 +196,7 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
         "seed {seed}: hydration did not finish: {:?}",
         r.engine.status()
     );
-    assert_eq!(r.engine.shutdown(), Ok(()));
+    assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
     let dest = r.dest.snapshot();
     let m = model.bytes.lock();
     for (i, want) in m.iter().enumerate() {
@@ -452,7 +456,8 @@ fn source_read_errors_mark_the_region_failed_and_hydration_continues() {
             break;
         }
         r.engine
-            .hydrate_wake
+            .hydrator
+            .wake
             .wait_until_blocking(|| false, Duration::from_millis(20));
     }
     let st = r.engine.status();
@@ -549,7 +554,7 @@ fn write_zeroes_hydrates_whole_regions_without_copy_and_keeps_partial_edges() {
     assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
     let dest = r.dest.snapshot();
     assert!(dest[3072..3 * 4096 + 1024].iter().all(|b| *b == 0));
-    assert_eq!(r.engine.shutdown(), Ok(()));
+    assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
 }
 
 #[test]
@@ -593,14 +598,14 @@ fn zeroes_and_discards_across_two_partial_regions_treat_each_region() {
             &src[5 * 4096..5 * 4096 + 3072]
         );
         assert_eq!(&buf[6 * 4096 + 1024..7 * 4096], &ones[1024..]);
-        assert_eq!(r.engine.shutdown(), Ok(()));
+        assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
     }
 }
 
 #[test]
 fn write_zeroes_in_read_only_mode_refuses_to_hydrate() {
     let r = rig(16 * 4096, 4096, no_hydration);
-    r.engine.degrade(Mode::ReadOnly, "test");
+    r.engine.committer.degrade(Mode::ReadOnly, "test");
     let res = r.engine.write_zeroes(&r.path, 0, 2 * 4096, true, false);
     assert_eq!(block_on(res).map_err(|e| e.errno), Err(libc::EIO));
     let res = r.engine.write_zeroes(&r.path, 0, 4096, true, true);
@@ -630,7 +635,8 @@ fn background_hydration_completes_and_switches_to_pass_through() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
         r.engine
-            .hydrate_wake
+            .hydrator
+            .wake
             .wait_until_blocking(|| r.engine.is_fully_hydrated(), Duration::from_millis(20));
     }
     assert!(r.engine.is_fully_hydrated());
@@ -653,7 +659,7 @@ fn background_hydration_completes_and_switches_to_pass_through() {
     })));
     let mut buf = vec![0u8; 4096];
     assert_eq!(block_on(r.engine.read(&r.path, 0, &mut buf)), Ok(()));
-    assert_eq!(r.engine.shutdown(), Ok(()));
+    assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
 }
 
 #[test]
@@ -737,7 +743,7 @@ fn fail_flushes_losing_cache(dev: &MemDev, n: u64) {
     })));
 }
 
-/// Issue 9, finding 1 (seed 004): two FLUSHes on two queues. The first one's destination
+/// Two FLUSHes on two queues. The first one's destination
 /// flush fails and loses the cache, and before it has reacted the second one's flush
 /// succeeds (nothing left to flush). The second must not acknowledge: the data written before
 /// it arrived is gone.
@@ -786,7 +792,7 @@ fn a_flush_that_loses_the_cache_fails_a_concurrent_flush_on_another_path() {
     assert_eq!(r.engine.mode(), Mode::ReadOnly);
 }
 
-/// Issue 9, finding 2: after a failed destination flush, a region hydrated since the last
+/// After a failed destination flush, a region hydrated since the last
 /// commit may hold data the flush lost; read-only mode falls back to the committed bitmap
 /// (as dm-clone does), so it is read from the source again.
 #[test]
@@ -837,7 +843,7 @@ fn read_only_mode_reads_regions_hydrated_after_the_last_commit_from_the_source()
     );
 }
 
-/// Issue 9, finding 13: a clone whose metadata records read-only mode starts in it: reads
+/// A clone whose metadata records read-only mode starts in it: reads
 /// work (its data can be copied off), FLUSH and writes that need a bit fail.
 #[test]
 fn a_clone_whose_metadata_is_read_only_starts_read_only() {
@@ -925,7 +931,7 @@ impl DataPath for DirectFilePath {
     }
 }
 
-/// Issue 9, finding 5: a partial discard edge over a region that a hydration copy finishes
+/// A partial discard edge over a region that a hydration copy finishes
 /// while the discard waits for its lock goes to the destination as it is; with O_DIRECT an
 /// unaligned buffer there is EINVAL (fstrim gets EIO).
 #[test]
@@ -984,7 +990,7 @@ fn discard_edge_on_an_o_direct_destination_uses_an_aligned_buffer() {
             use std::os::unix::fs::FileExt;
             let region = crate::io::AlignedBuf::zeroed(4096);
             path.dest.write_all_at(&region, 3 * 4096).expect("copy");
-            engine.md.set_hydrated(3).expect("bit");
+            engine.map.md().set_hydrated(3).expect("bit");
             drop(guard);
         },
     ));
@@ -1004,7 +1010,7 @@ fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Issue 9, finding 4: the rate limiter must not wait while holding region locks. With a
+/// The rate limiter must not wait while holding region locks. With a
 /// rate of 1 byte/s, a batch of 16 KiB owes hours; a user write to a region of that batch
 /// must still complete at once.
 #[test]
@@ -1039,7 +1045,7 @@ fn the_rate_limit_is_waited_for_without_region_locks() {
     assert!(r.engine.shutdown().is_ok());
 }
 
-/// Issue 9, finding 12: a destination that refuses every hydration write: bounded retries
+/// A destination that refuses every hydration write: bounded retries
 /// with backoff, then read-only mode (not an endless loop of copies).
 #[test]
 fn failing_hydration_writes_back_off_and_degrade() {
@@ -1071,7 +1077,7 @@ fn failing_hydration_writes_back_off_and_degrade() {
     assert!(r.engine.shutdown().is_ok());
 }
 
-/// Issue 9, finding 12: once only failed regions are left, the sweep stops scanning the
+/// Once only failed regions are left, the sweep stops scanning the
 /// bitmap (it used to rescan it every 50 ms).
 #[test]
 fn only_failed_regions_left_stops_the_sweep() {
@@ -1096,9 +1102,9 @@ fn only_failed_regions_left_stops_the_sweep() {
     // Let the workers settle into their wait, then count batches over a while.
     assert!(eventually(5, || r.engine.status().hydrating == 0));
     std::thread::sleep(Duration::from_millis(100));
-    let before = r.engine.stats.hydration_scans.load(Ordering::Relaxed);
+    let before = r.engine.hydrator.scans.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(600));
-    let after = r.engine.stats.hydration_scans.load(Ordering::Relaxed);
+    let after = r.engine.hydrator.scans.load(Ordering::Relaxed);
     assert_eq!(
         after - before,
         0,
@@ -1107,7 +1113,7 @@ fn only_failed_regions_left_stops_the_sweep() {
     assert!(r.engine.shutdown().is_ok());
 }
 
-/// Issue 9, finding 7: copy-on-write into large cold regions must not allocate whole-region
+/// Copy-on-write into large cold regions must not allocate whole-region
 /// buffers per request. 24 concurrent 4 KiB writes into 24 cold 16 MiB regions: no single
 /// source or destination I/O (hence no buffer) is larger than a copy chunk, the copy budget
 /// is never exceeded, and the data is right.
@@ -1172,7 +1178,7 @@ fn copy_on_write_into_large_regions_is_chunked_and_budgeted() {
     );
 }
 
-/// Review of issue 9: a failed region that a discard later hydrates must not be counted as
+/// A failed region that a discard later hydrates must not be counted as
 /// "only failed regions left" (hydration used to stall one region short).
 #[test]
 fn a_failed_region_hydrated_later_does_not_stall_hydration() {
@@ -1195,7 +1201,7 @@ fn a_failed_region_hydrated_later_does_not_stall_hydration() {
     // The failed region is discarded (marked hydrated), then region 31 is released.
     assert_eq!(block_on(r.engine.discard(&r.path, 5 * 4096, 4096)), Ok(()));
     drop(guard);
-    r.engine.hydrate_wake.notify();
+    r.engine.hydrator.wake.notify();
     assert!(
         eventually(20, || r.engine.is_fully_hydrated()),
         "hydration stalled: {:?}",
@@ -1204,7 +1210,7 @@ fn a_failed_region_hydrated_later_does_not_stall_hydration() {
     assert!(r.engine.shutdown().is_ok());
 }
 
-/// Review of issue 9: a partial discard edge of a large cold region is zeroed a piece at a
+/// A partial discard edge of a large cold region is zeroed a piece at a
 /// time, not through a buffer of the edge's size.
 #[test]
 fn discard_edges_of_large_regions_use_bounded_buffers() {
@@ -1227,7 +1233,7 @@ fn discard_edges_of_large_regions_use_bounded_buffers() {
     assert!(largest <= budget::COPY_CHUNK as u64, "a {largest}-byte I/O");
 }
 
-/// Issue 9, finding 6: a clone over a 4Kn source or destination has 4096-byte logical blocks;
+/// A clone over a 4Kn source or destination has 4096-byte logical blocks;
 /// anything not aligned to them is refused (EINVAL) before it reaches a device, on every path.
 #[test]
 fn io_not_aligned_to_a_4096_byte_logical_block_is_rejected() {
@@ -1298,7 +1304,7 @@ fn start_refuses_a_block_size_the_regions_or_the_size_do_not_fit() {
                 let _ = e.shutdown();
                 panic!("started with block size {block}, region {region}, size {size}");
             }
-            Err(e) => assert!(e.contains(what), "{e}"),
+            Err(e) => assert!(e.to_string().contains(what), "{e}"),
         }
     }
 }

@@ -1,0 +1,503 @@
+//! Background hydration: copies unhydrated regions from the source to the destination.
+//!
+//! Better than dm-clone's sweep:
+//! - it never pauses for user I/O (it is bounded by `threshold` regions in flight, which
+//!   counts write-triggered hydrations too, and by an optional byte rate limit);
+//! - regions that users read are queued as hints and hydrated first;
+//! - a source read error is retried a bounded number of times with backoff; then the region is
+//!   marked failed (reads of it return EIO), reported in the status, and the sweep goes on;
+//! - a destination write that fails is retried with exponential backoff; after
+//!   `DEST_WRITE_RETRIES` failures in a row the clone degrades to read-only (it never spins);
+//! - once only failed regions are left, the sweep stops scanning the bitmap until something
+//!   changes (a region gets hydrated by a write or discard, the knobs change, a restart).
+//!
+//! [`Hydrator`] holds the sweep's state (cursor, hints, failed regions, rate limiter, regions
+//! in flight, counters); the worker threads (`Engine::hydration_worker`) use it together with
+//! the region locks and the region map.
+//!
+//! Invariants: a region is copied only while its region lock is held and only if its bit is
+//! clear under the lock; the bit is set after the destination write completed and before the
+//! lock is released (see `regions`). No region lock is held while waiting for the rate limit
+//! or a backoff: a user write to those regions never waits for them.
+
+use super::budget::COPY_CHUNK;
+use super::config::{Knobs, Mode};
+use super::wake::{Kickers, Signal};
+use super::Engine;
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Destination write failures in a row before background hydration degrades the clone.
+const DEST_WRITE_RETRIES: u32 = 5;
+/// First backoff after a failed destination write; doubles with each further failure.
+const DEST_WRITE_BACKOFF: Duration = Duration::from_millis(20);
+/// Most read hints queued at once (more are dropped: the sweep reaches them anyway).
+const MAX_HINTS: usize = 4096;
+
+/// Token bucket for the hydration rate limit: a copy is charged after it was made, and the
+/// next batch is picked only once the bucket is out of debt (`Engine::wait_for_rate`).
+struct RateLimiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn refill(&mut self, rate: u64) {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * rate as f64;
+        // At most one second of burst.
+        self.tokens = (self.tokens + refill).min(rate as f64);
+        self.last = now;
+    }
+}
+
+/// The background sweep's state.
+pub(crate) struct Hydrator {
+    pub wake: Signal,
+    stop: AtomicBool,
+    /// Regions being hydrated, background and write-triggered: bounded by the threshold.
+    in_flight: AtomicU64,
+    pub cursor: Mutex<u64>,
+    hints: Mutex<VecDeque<u64>>,
+    failed: Mutex<BTreeSet<u64>>,
+    has_failed: AtomicBool,
+    rate: Mutex<RateLimiter>,
+    /// (when, bytes hydrated then, rate measured then) for `status`.
+    rate_sample: Mutex<(Instant, u64, u64)>,
+    /// Background destination writes that failed in a row.
+    pub dest_write_failures: AtomicU32,
+    pub bytes_hydrated: AtomicU64,
+    pub regions_hydrated_bg: AtomicU64,
+    pub dest_write_errors: AtomicU64,
+    /// Background batches picked (each one a look at the bitmap).
+    pub scans: AtomicU64,
+}
+
+impl Hydrator {
+    pub fn new(kickers: &Arc<Kickers>) -> Hydrator {
+        Hydrator {
+            wake: Signal::new(kickers),
+            stop: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            cursor: Mutex::new(0),
+            hints: Mutex::new(VecDeque::new()),
+            failed: Mutex::new(BTreeSet::new()),
+            has_failed: AtomicBool::new(false),
+            rate: Mutex::new(RateLimiter {
+                tokens: 0.0,
+                last: Instant::now(),
+            }),
+            rate_sample: Mutex::new((Instant::now(), 0, 0)),
+            dest_write_failures: AtomicU32::new(0),
+            bytes_hydrated: AtomicU64::new(0),
+            regions_hydrated_bg: AtomicU64::new(0),
+            dest_write_errors: AtomicU64::new(0),
+            scans: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Tells the workers to exit.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify();
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Reserves `n` regions under `threshold`; false if they do not fit.
+    pub fn try_begin_hydrations(&self, n: u64, threshold: u64) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur + n <= threshold).then_some(cur + n)
+            })
+            .is_ok()
+    }
+
+    /// Counts `n` write-triggered hydrations (they may exceed the threshold: a write never
+    /// waits for room).
+    pub fn begin_hydrations(&self, n: u64) {
+        self.in_flight.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Ends `n` hydrations and wakes the workers waiting for room.
+    pub fn end_hydrations(&self, n: u64) {
+        self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        self.wake.notify();
+    }
+
+    /// A user read an unhydrated region: queue it for early hydration.
+    pub fn hint(&self, r: u64) {
+        let mut hints = self.hints.lock();
+        if hints.len() < MAX_HINTS {
+            hints.push_back(r);
+        }
+    }
+
+    fn pop_hint(&self) -> Option<u64> {
+        self.hints.lock().pop_front()
+    }
+
+    pub fn is_failed(&self, r: u64) -> bool {
+        self.has_failed.load(Ordering::Acquire) && self.failed.lock().contains(&r)
+    }
+
+    fn mark_failed(&self, r: u64) {
+        self.failed.lock().insert(r);
+        self.has_failed.store(true, Ordering::Release);
+    }
+
+    pub fn failed_regions(&self) -> Vec<u64> {
+        self.failed.lock().iter().copied().collect()
+    }
+
+    /// Failed regions for which `keep` holds.
+    fn count_failed(&self, keep: impl Fn(u64) -> bool) -> u64 {
+        if !self.has_failed.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.failed.lock().iter().filter(|r| keep(**r)).count() as u64
+    }
+
+    /// How long to wait before the next copy at `rate` bytes/s; `None`: copy now.
+    fn rate_wait(&self, rate: u64) -> Option<Duration> {
+        if rate == 0 {
+            return None;
+        }
+        let mut rl = self.rate.lock();
+        rl.refill(rate);
+        (rl.tokens < 0.0).then(|| Duration::from_secs_f64(-rl.tokens / rate as f64))
+    }
+
+    /// Charges a copy of `bytes` to the rate limit (never waits).
+    fn charge_rate(&self, bytes: u64, rate: u64) {
+        if rate == 0 {
+            return;
+        }
+        let mut rl = self.rate.lock();
+        rl.refill(rate);
+        rl.tokens -= bytes as f64;
+    }
+
+    /// The hydration rate over the last second or more (for `status`).
+    pub fn measured_rate(&self) -> u64 {
+        let bytes = self.bytes_hydrated.load(Ordering::Relaxed);
+        let mut s = self.rate_sample.lock();
+        let dt = s.0.elapsed().as_secs_f64();
+        if dt >= 1.0 {
+            s.2 = ((bytes - s.1) as f64 / dt) as u64;
+            *s = (Instant::now(), bytes, s.2);
+        }
+        s.2
+    }
+}
+
+impl Engine {
+    /// A hydration thread: picks and copies batches until hydration stops.
+    pub(super) fn hydration_worker(&self) {
+        while !self.hydrator.stopping() {
+            let knobs = self.knobs();
+            if !self.ready_to_copy(&knobs) {
+                continue;
+            }
+            let batch = knobs.batch_size.max(1).min(knobs.threshold);
+            // Reserve room under the threshold before picking regions.
+            if !self.hydrator.try_begin_hydrations(batch, knobs.threshold) {
+                self.hydrator.wake.wait_until_blocking(
+                    || {
+                        self.hydrator.stopping()
+                            || self.hydrator.in_flight() + batch <= self.knobs().threshold
+                    },
+                    Duration::from_millis(200),
+                );
+                continue;
+            }
+            let reserved = batch;
+            self.hydrator.scans.fetch_add(1, Ordering::Relaxed);
+            let outcome = self.hydrate_next_batch(reserved);
+            self.hydrator.end_hydrations(reserved);
+            self.hydrator.wake.notify();
+            match outcome {
+                Batch::Copied => self
+                    .hydrator
+                    .dest_write_failures
+                    .store(0, Ordering::Release),
+                Batch::NothingToPick => {
+                    self.map.check_fully_hydrated();
+                    // Everything left is locked by writers (which hydrate it) or failed: wait
+                    // until a writer makes progress.
+                    let hydrated = self.map.md().nr_hydrated();
+                    self.hydrator.wake.wait_until_blocking(
+                        || self.hydrator.stopping() || self.map.md().nr_hydrated() != hydrated,
+                        Duration::from_millis(500),
+                    );
+                }
+                Batch::WriteFailed(e) => self.after_dest_write_failure(&e),
+            }
+        }
+    }
+
+    /// Waits while there is nothing to do (hydration off, degraded, complete, or only failed
+    /// regions left) and for the rate limit. True when a batch may be picked now; false to
+    /// look again.
+    fn ready_to_copy(&self, knobs: &Knobs) -> bool {
+        let runnable = knobs.hydration_enabled
+            && knobs.threshold > 0
+            && self.committer.mode() == Mode::ReadWrite
+            && !self.map.is_fully_hydrated();
+        if !runnable {
+            self.hydrator.wake.wait_until_blocking(
+                || self.hydrator.stopping() || self.hydration_runnable(),
+                Duration::from_millis(500),
+            );
+            return false;
+        }
+        if self.only_failed_regions_left() {
+            // Nothing to copy: wait for a change instead of rescanning the bitmap.
+            let hydrated = self.map.md().nr_hydrated();
+            self.hydrator.wake.wait_until_blocking(
+                || {
+                    self.hydrator.stopping()
+                        || self.map.md().nr_hydrated() != hydrated
+                        || self.knobs() != *knobs
+                },
+                Duration::from_secs(5),
+            );
+            return false;
+        }
+        // The rate limit is waited for before any region is locked.
+        self.wait_for_rate()
+    }
+
+    /// Whether every region that is not hydrated is a failed one.
+    fn only_failed_regions_left(&self) -> bool {
+        let md = self.map.md();
+        // Only failed regions that are still unhydrated count: a write or discard may have
+        // hydrated a failed region since.
+        match self.hydrator.count_failed(|r| !md.is_hydrated(r)) {
+            0 => false,
+            failed => md.nr_hydrated() + failed >= self.geo.nr_regions,
+        }
+    }
+
+    /// A background copy could not be written to the destination: back off (no region
+    /// lock held), and after `DEST_WRITE_RETRIES` failures in a row degrade to read-only.
+    fn after_dest_write_failure(&self, e: &str) {
+        let n = self
+            .hydrator
+            .dest_write_failures
+            .fetch_add(1, Ordering::AcqRel)
+            + 1;
+        if n >= DEST_WRITE_RETRIES {
+            self.committer.degrade(
+                Mode::ReadOnly,
+                &format!("background hydration: {n} destination writes failed in a row: {e}"),
+            );
+            return;
+        }
+        let backoff = DEST_WRITE_BACKOFF * (1 << (n - 1));
+        self.hydrator
+            .wake
+            .wait_until_blocking(|| self.hydrator.stopping(), backoff);
+    }
+
+    fn hydration_runnable(&self) -> bool {
+        let k = self.knobs();
+        k.hydration_enabled
+            && k.threshold > 0
+            && self.committer.mode() == Mode::ReadWrite
+            && !self.map.is_fully_hydrated()
+    }
+
+    /// Picks up to `max` contiguous unhydrated, unlocked regions (hints first) and copies them.
+    fn hydrate_next_batch(&self, max: u64) -> Batch {
+        let nr = self.geo.nr_regions;
+        let mut first = None;
+        while let Some(r) = self.hydrator.pop_hint() {
+            if r < nr && !self.map.md().is_hydrated(r) && !self.hydrator.is_failed(r) {
+                first = Some(r);
+                break;
+            }
+        }
+        let mut guards = Vec::new();
+        if let Some(r) = first {
+            if let Some(g) = self.locks.try_lock(r) {
+                guards.push(g);
+            }
+        }
+        if guards.is_empty() {
+            let mut cursor = self.hydrator.cursor.lock();
+            let start = *cursor;
+            // Scan [start, nr) then wrap to [0, start).
+            for (from, to) in [(start, nr), (0, start)] {
+                let mut r = from;
+                while let Some(n) = self.map.md().next_unhydrated(r).filter(|n| *n < to) {
+                    if !self.hydrator.is_failed(n) {
+                        if let Some(g) = self.locks.try_lock(n) {
+                            guards.push(g);
+                            *cursor = (n + 1) % nr;
+                            break;
+                        }
+                    }
+                    r = n + 1;
+                }
+                if !guards.is_empty() {
+                    break;
+                }
+            }
+            if guards.is_empty() {
+                return Batch::NothingToPick;
+            }
+        }
+        // Extend to contiguous regions.
+        let head = guards[0].region();
+        while (guards.len() as u64) < max {
+            let r = head + guards.len() as u64;
+            if r >= nr || self.map.md().is_hydrated(r) || self.hydrator.is_failed(r) {
+                break;
+            }
+            match self.locks.try_lock(r) {
+                Some(g) => guards.push(g),
+                None => break,
+            }
+        }
+        // Re-check under the locks: a writer may have hydrated the head meanwhile.
+        while guards
+            .first()
+            .is_some_and(|g| self.map.md().is_hydrated(g.region()))
+        {
+            guards.remove(0);
+        }
+        if let Some(pos) = guards
+            .iter()
+            .position(|g| self.map.md().is_hydrated(g.region()))
+        {
+            guards.truncate(pos);
+        }
+        let Some(head) = guards.first().map(|g| g.region()) else {
+            return Batch::Copied;
+        };
+        let count = guards.len() as u64;
+        let outcome = self.copy_regions(head, count);
+        drop(guards);
+        outcome
+    }
+
+    /// Copies regions `[head, head+count)` (locks held by the caller); on a persistent
+    /// source error splits the batch to isolate failing regions.
+    fn copy_regions(&self, head: u64, count: u64) -> Batch {
+        let (off, len) = self.geo.regions_span(head, count);
+        self.hydrator
+            .charge_rate(len, self.knobs().rate_bytes_per_sec);
+        #[cfg(test)]
+        if self.config.bugs.bit_before_copy {
+            // BUG (test only): the bits become durable before the copy is written. The wait is
+            // bounded: at shutdown the commit thread may already be gone.
+            let _ = self.map.md().set_range_hydrated(head, count);
+            let epoch = self.committer.request_commit();
+            self.committer
+                .wait_epoch_blocking(epoch, Duration::from_millis(200));
+        }
+        // A chunk at a time from the copy budget (a batch of large regions never sits in
+        // memory whole).
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(COPY_CHUNK as u64) as usize;
+            let mut buf = self.copy_budget.take_blocking(n);
+            let mut attempt = 0;
+            let read = loop {
+                match self.source.read_at(&mut buf, pos) {
+                    Ok(()) => break Ok(()),
+                    Err(e) if count > 1 => break Err(e),
+                    Err(e) => {
+                        if attempt >= self.config.source_retries {
+                            break Err(e);
+                        }
+                        std::thread::sleep(self.config.retry_backoff * (1 << attempt.min(10)));
+                        attempt += 1;
+                    }
+                }
+            };
+            if let Err(e) = read {
+                drop(buf);
+                if count > 1 {
+                    let mut outcome = Batch::Copied;
+                    for r in head..head + count {
+                        if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
+                            outcome = Batch::WriteFailed(e);
+                        }
+                    }
+                    return outcome;
+                }
+                log::error!("hydration of region {head} failed: {e}; marking it failed");
+                self.hydrator.mark_failed(head);
+                return Batch::Copied;
+            }
+            if self.committer.mode() != Mode::ReadWrite {
+                return Batch::Copied;
+            }
+            if let Err(e) = self.dest.write_at(&buf, pos) {
+                log::error!(
+                    "hydration write of regions {head}..{} failed: {e}",
+                    head + count
+                );
+                self.hydrator
+                    .dest_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return Batch::WriteFailed(e.to_string());
+            }
+            pos += n as u64;
+        }
+        // The copy completed: only now may the bits be set.
+        if let Err(e) = self.map.md().set_range_hydrated(head, count) {
+            log::error!("recording regions {head}..{} hydrated: {e}", head + count);
+            return Batch::Copied;
+        }
+        self.hydrator
+            .bytes_hydrated
+            .fetch_add(len, Ordering::Relaxed);
+        self.hydrator
+            .regions_hydrated_bg
+            .fetch_add(count, Ordering::Relaxed);
+        self.map.check_fully_hydrated();
+        Batch::Copied
+    }
+
+    /// Waits, holding no region lock, until the rate limit allows another copy. Returns
+    /// false when hydration is stopping. The wait is cut into short steps so that a changed
+    /// `--rate` takes effect at once.
+    fn wait_for_rate(&self) -> bool {
+        loop {
+            if self.hydrator.stopping() {
+                return false;
+            }
+            let rate = self.knobs().rate_bytes_per_sec;
+            let Some(wait) = self.hydrator.rate_wait(rate) else {
+                return true;
+            };
+            let rate_changed = || self.knobs().rate_bytes_per_sec != rate;
+            self.hydrator.wake.wait_until_blocking(
+                || self.hydrator.stopping() || rate_changed(),
+                wait.min(Duration::from_millis(500)),
+            );
+        }
+    }
+}
+
+/// What one background batch did.
+pub(super) enum Batch {
+    /// Copied (or found nothing left to copy in what it picked, or isolated failed regions).
+    Copied,
+    /// No unhydrated region could be picked: all locked by writers, or failed.
+    NothingToPick,
+    /// The destination write failed.
+    WriteFailed(String),
+}

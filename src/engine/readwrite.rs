@@ -1,0 +1,261 @@
+//! User reads and writes: where each goes, and the copy-on-write hydration of a write to
+//! regions that are not hydrated.
+//!
+//! Invariant (kept by [`RegionLocks::lock_unhydrated`](super::regions::RegionLocks)): a write
+//! to a region that is not hydrated holds the region's lock from before it checks the bit until
+//! after the bit is set, so a background copy can never land over it; a region's bit is set
+//! only after the destination write that completed its data has finished.
+
+use super::error::IoError;
+use super::path::{DataPath, Side};
+use super::regions::RegionGuard;
+use super::{budget, Engine, Mode};
+use std::sync::atomic::Ordering;
+
+impl Engine {
+    /// The one backend I/O that serves a plain read or write completely, when the engine
+    /// has nothing else to do for it: the device is read-write, it is not FUA, and every
+    /// region it touches is hydrated, so it goes to the destination as it is. `None` sends it
+    /// through [`Engine::read`] / [`Engine::write`]. The frontend uses this to serve the
+    /// common case without the async machinery; what it does must equal what those would do.
+    pub fn direct_route(&self, offset: u64, len: u64, fua: bool) -> Option<Side> {
+        if len == 0 || fua || self.validate(offset, len).is_err() {
+            return None;
+        }
+        if self.committer.mode() != Mode::ReadWrite {
+            return None;
+        }
+        if self.map.is_fully_hydrated() {
+            return Some(Side::Dest);
+        }
+        let (first, last) = (
+            self.geo.region_of(offset),
+            self.geo.region_of(offset + len - 1),
+        );
+        (first..=last)
+            .all(|r| self.map.md().is_hydrated(r))
+            .then_some(Side::Dest)
+    }
+
+    //--------------------------------------------------------------------------------------
+    // Reads
+
+    pub async fn read<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), IoError> {
+        self.validate(offset, buf.len() as u64)?;
+        self.committer.await_settled_map().await;
+        if self.committer.mode() == Mode::Fail {
+            return Err(IoError::eio("device is in fail mode"));
+        }
+        if self.map.is_fully_hydrated() {
+            return p
+                .read(Side::Dest, buf, offset)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()));
+        }
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let r = self.geo.region_of(pos);
+            let hydrated = self.map.is_hydrated(r);
+            if !hydrated && self.hydrator.is_failed(r) {
+                return Err(IoError::eio(format!(
+                    "region {r} could not be hydrated: source read errors"
+                )));
+            }
+            // Extend the run over regions in the same state.
+            let mut run_end = self.geo.region_end(r).min(end);
+            while run_end < end {
+                let next = self.geo.region_of(run_end);
+                if self.map.is_hydrated(next) != hydrated
+                    || (!hydrated && self.hydrator.is_failed(next))
+                {
+                    break;
+                }
+                run_end = self.geo.region_end(next).min(end);
+            }
+            let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            let side = if hydrated { Side::Dest } else { Side::Source };
+            p.read(side, slice, pos)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()))?;
+            if !hydrated && self.knobs.lock().hydrate_on_read {
+                self.hydrator.hint(r);
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    //--------------------------------------------------------------------------------------
+    // Writes
+
+    /// A write. With `fua` it completes only once it and the metadata that makes it visible
+    /// are durable.
+    pub async fn write<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.validate(offset, data.len() as u64)?;
+        self.committer.await_settled_map().await;
+        let mode = self.committer.mode();
+        match mode {
+            Mode::Fail => return Err(IoError::eio("device is in fail mode")),
+            Mode::ReadOnly if fua => {
+                return Err(IoError::eio(
+                    "device is read-only after a failure; FUA refused",
+                ))
+            }
+            _ => {}
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_inner(p, offset, data).await?;
+        if mode == Mode::ReadWrite && self.committer.mode() != Mode::ReadWrite {
+            // The clone failed while this write was in flight: its region may have been
+            // hydrated after the last commit, and the revert to the committed bitmap makes it
+            // invisible. Say so rather than acknowledge it.
+            return Err(IoError::eio(
+                "the device failed during this write (read-only now); the write may be lost",
+            ));
+        }
+        if fua {
+            self.committer.flush(p).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_inner<P: DataPath>(
+        &self,
+        p: &P,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), IoError> {
+        let end = offset + data.len() as u64;
+        let first = self.geo.region_of(offset);
+        let last = self.geo.region_of(end - 1);
+        // Fast path: every touched region is hydrated.
+        if (first..=last).all(|r| self.map.is_hydrated(r)) {
+            return p
+                .write_dest(data, offset)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()));
+        }
+        let guards = self
+            .locks
+            .lock_unhydrated(first..last + 1, |r| self.map.is_hydrated(r))
+            .await;
+        if guards.is_empty() {
+            return p
+                .write_dest(data, offset)
+                .await
+                .map_err(|e| IoError::eio(e.to_string()));
+        }
+        if self.committer.mode() != Mode::ReadWrite {
+            return Err(IoError::eio(
+                "device is read-only after a failure; cannot hydrate for this write",
+            ));
+        }
+        let locked = |r: u64| guards.iter().any(|g| g.region() == r);
+        // Extend the write to whole regions for a partially covered unhydrated head or tail,
+        // filling the uncovered parts from the source (copy-on-write hydration).
+        let start = if locked(first) {
+            self.geo.region_start(first)
+        } else {
+            offset
+        };
+        let stop = if locked(last) {
+            self.geo.region_end(last)
+        } else {
+            end
+        };
+        // Write-triggered hydrations count against the hydration threshold, like dm-clone.
+        self.hydrator.begin_hydrations(guards.len() as u64);
+        #[cfg(test)]
+        if self.config.bugs.bit_before_copy {
+            // BUG (test only): the bits become durable before the data is written.
+            for g in &guards {
+                let _ = self.map.md().set_hydrated(g.region());
+            }
+            let _ = self.committer.commit_flush().await;
+        }
+        let result = self.write_hydrating(p, (start, stop), offset, data).await;
+        self.hydrator.end_hydrations(guards.len() as u64);
+        result.map_err(|e| IoError::eio(e.to_string()))?;
+        // The data of every locked region is now complete on the destination.
+        self.set_written(&guards)?;
+        drop(guards);
+        self.map.check_fully_hydrated();
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` as part of hydrating `[start, stop)` (whole regions for the
+    /// locked head and tail): the parts of the span the write does not cover are filled from
+    /// the source. The caller holds the region locks.
+    async fn write_hydrating<P: DataPath>(
+        &self,
+        p: &P,
+        (start, stop): (u64, u64),
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let end = offset + data.len() as u64;
+        if start == offset && stop == end {
+            // Whole regions overwritten: no copy needed.
+            return p.write_dest(data, offset).await;
+        }
+        if stop - start > budget::COPY_CHUNK as u64 {
+            // Large regions: the uncovered head and tail are copied a chunk at a time, then
+            // the data is written; the bits are set only after all of it.
+            self.copy_source_range(p, start, offset).await?;
+            self.copy_source_range(p, end, stop).await?;
+            return p.write_dest(data, offset).await;
+        }
+        let mut buf = self.copy_budget.take((stop - start) as usize).await;
+        if start < offset {
+            p.read(Side::Source, &mut buf[..(offset - start) as usize], start)
+                .await?;
+        }
+        if stop > end {
+            let at = (end - start) as usize;
+            p.read(Side::Source, &mut buf[at..], end).await?;
+        }
+        buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(data);
+        p.write_dest(&buf, start).await
+    }
+
+    /// Copies `[a, b)` from the source to the destination, a budgeted chunk at a time (the
+    /// caller holds the region locks).
+    async fn copy_source_range<P: DataPath>(&self, p: &P, a: u64, b: u64) -> std::io::Result<()> {
+        let mut pos = a;
+        while pos < b {
+            let n = (b - pos).min(budget::COPY_CHUNK as u64) as usize;
+            let mut buf = self.copy_budget.take(n).await;
+            p.read(Side::Source, &mut buf[..], pos).await?;
+            p.write_dest(&buf, pos).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Marks the regions of `guards` hydrated after a user write (or zeroing) made their data
+    /// complete on the destination; called before the guards are released.
+    pub(super) fn set_written(&self, guards: &[RegionGuard<'_>]) -> Result<(), IoError> {
+        for g in guards {
+            self.map.md().set_hydrated(g.region()).map_err(|e| {
+                IoError::eio(format!("recording region {} hydrated: {e}", g.region()))
+            })?;
+        }
+        self.regions_hydrated_write
+            .fetch_add(guards.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
