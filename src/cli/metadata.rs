@@ -1,4 +1,4 @@
-//! `format`, `check` and `dump`: the metadata subcommands.
+//! `format`, `check`, `dump` and `reset-mode`: the metadata subcommands.
 //!
 //! Each parses its arguments into a clap struct and makes one library call. Exit codes of
 //! `check` ([`metadata::CheckReport::exit_code`]): 0 healthy (with notes for what opening

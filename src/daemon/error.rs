@@ -28,9 +28,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Json(#[from] serde_json::Error),
 
-    /// Formatting would overwrite something the options do not allow overwriting.
+    /// Formatting would overwrite something the options do not allow overwriting (boxed:
+    /// the largest of the errors, and the rarest).
     #[error(transparent)]
-    Overwrite(#[from] Refusal),
+    Overwrite(Box<Refusal>),
 
     /// The engine could not start or shut down cleanly.
     #[error("{0}")]
@@ -52,6 +53,12 @@ pub enum DaemonError {
         #[source]
         source: Box<dyn Error + Send + Sync + 'static>,
     },
+}
+
+impl From<Refusal> for DaemonError {
+    fn from(r: Refusal) -> DaemonError {
+        DaemonError::Overwrite(Box::new(r))
+    }
 }
 
 /// The daemon's result type.

@@ -1,9 +1,9 @@
 //! The saved configuration of a clone, `<state dir>/<uuid>.json`, which `start` resumes from.
 //!
-//! It records the options the daemon was started with ([`DaemonConfig`], flattened), with the device paths as the user gave them
-//! (made absolute but not symlink-resolved, so `/dev/disk/by-id/X` keeps naming the same disk
-//! when `/dev/sdc` becomes `/dev/sdd`), and the identity of the source and destination
-//! ([`DeviceIdentity`]). Invariant: `start` checks every recorded identity against what the
+//! It records the options the daemon was started with ([`DaemonConfig`], flattened into the
+//! same object), with the device paths as the user gave them (made absolute but not
+//! symlink-resolved, so `/dev/disk/by-id/X` keeps naming the same disk when `/dev/sdc`
+//! becomes `/dev/sdd`), and the identity of the source and destination ([`DeviceIdentity`]). Invariant: `start` checks every recorded identity against what the
 //! paths name now, and refuses a mismatch before any device is opened.
 //!
 //! The state directory is [`STATE_DIR`], or `$UBLK_CLONE_STATE_DIR` (tests). Files written
