@@ -24,7 +24,7 @@ enum Command {
     /// List running clone devices.
     List,
     /// Show hydration progress and mode.
-    Status(clone::StatusArgs),
+    Status(cli::status::StatusArgs),
     /// Change run-time settings (hydration on/off, threshold, batch size, rate).
     Set(clone::SetArgs),
     /// Final commit, clean shutdown, remove the device.
@@ -51,8 +51,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Create(a) => done(clone::run_create(a)),
         Command::Start(a) => done(clone::run_start(a)),
-        Command::List => done(clone::run_list()),
-        Command::Status(a) => done(clone::run_status(a)),
+        Command::List => done(cli::status::run_list()),
+        Command::Status(a) => done(cli::status::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),
         Command::Stop(a) => done(cli::stop::run_stop(a)),
         Command::Mark(a) => done(clone::run_mark(a)),

@@ -1,11 +1,11 @@
-//! `format`, `check` and `dump`: the metadata subcommands.
+//! `format`, `check`, `dump` and `reset-mode`: the metadata subcommands.
 //!
 //! Each parses its arguments into a clap struct and makes one library call. Exit codes of
 //! `check` ([`metadata::CheckReport::exit_code`]): 0 healthy (with notes for what opening
 //! repairs by design), 1 damage found, 2 the metadata could not be read.
 
-use super::devices;
 use super::size::parse_size;
+use crate::daemon::devices;
 use crate::io::file::{Access, FileDev};
 use crate::io::BlockDev;
 use crate::metadata::overwrite::{self, Contents, Overwrite};
@@ -15,9 +15,6 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-
-/// Default region size.
-pub const DEFAULT_REGION_SIZE: u64 = 64 * 1024;
 
 #[derive(Args, Debug)]
 pub struct FormatArgs {

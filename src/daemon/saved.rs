@@ -1,22 +1,24 @@
 //! The saved configuration of a clone, `<state dir>/<uuid>.json`, which `start` resumes from.
 //!
-//! It records the options `create` was given, with the device paths as the user gave them
-//! (made absolute but not symlink-resolved, so `/dev/disk/by-id/X` keeps naming the same disk
-//! when `/dev/sdc` becomes `/dev/sdd`), and the identity of the source and destination
-//! ([`DeviceIdentity`]). Invariant: `start` checks every recorded identity against what the
+//! It records the options the daemon was started with ([`DaemonConfig`], flattened into the
+//! same object), with the device paths as the user gave them (made absolute but not
+//! symlink-resolved, so `/dev/disk/by-id/X` keeps naming the same disk when `/dev/sdc`
+//! becomes `/dev/sdd`), and the identity of the source and destination ([`DeviceIdentity`]). Invariant: `start` checks every recorded identity against what the
 //! paths name now, and refuses a mismatch before any device is opened.
 //!
 //! The state directory is [`STATE_DIR`], or `$UBLK_CLONE_STATE_DIR` (tests). Files written
 //! before identities were recorded still load; for them only what `create` checks (sizes and
 //! the source fingerprint) is checked.
 
-use super::clone::CreateArgs;
-use crate::io::file::FileDev;
+use super::config::DaemonConfig;
+use super::error::{refuse, Named, Result};
+use crate::io::file::{Access, FileDev};
 use crate::io::identity::DeviceIdentity;
+use crate::io::BlockDev;
 use crate::metadata::Metadata;
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const STATE_DIR: &str = "/var/lib/ublk-clone";
 
@@ -36,7 +38,7 @@ pub fn config_path(uuid: &uuid::Uuid) -> PathBuf {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SavedConfig {
     #[serde(flatten)]
-    pub args: CreateArgs,
+    pub config: DaemonConfig,
     /// The source when the clone last started (absent in older files).
     #[serde(default)]
     pub source_identity: Option<DeviceIdentity>,
@@ -45,47 +47,35 @@ pub struct SavedConfig {
     pub dest_identity: Option<DeviceIdentity>,
 }
 
-/// Saves the configuration of a clone that has just opened its devices: `a`'s options without
-/// the one-shot flags, and the identities of the opened source and destination.
-pub fn save(a: &CreateArgs, md: &Metadata, source: &FileDev, dest: &FileDev) -> Result<()> {
-    let mut args = a.clone();
-    for p in [&mut args.source, &mut args.dest, &mut args.metadata] {
-        *p = std::path::absolute(&*p).with_context(|| format!("{}", p.display()))?;
-    }
-    args.force = false;
-    args.force_reformat_this_clone = false;
-    args.dest_moved = false;
-    args.foreground = false;
-    args.log_writes = None;
-    args.number = -1;
-    args.region_size = Some(md.region_size());
+/// Saves the configuration of a clone that has just opened its devices: `config` without
+/// the one-shot options, and the identities of the opened source and destination.
+pub fn save(config: &DaemonConfig, md: &Metadata, source: &FileDev, dest: &FileDev) -> Result<()> {
     let identity = |d: &FileDev| {
-        DeviceIdentity::of_file(d.file())
-            .with_context(|| format!("{}: cannot stat", d.path().display()))
+        DeviceIdentity::of_file(d.file()).named(|| format!("{}: cannot stat", d.path().display()))
     };
     let cfg = SavedConfig {
-        args,
+        config: config.to_saved(md.region_size())?,
         source_identity: Some(identity(source)?),
         dest_identity: Some(identity(dest)?),
     };
     let dir = state_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).named(|| format!("cannot create {}", dir.display()))?;
     let path = config_path(&md.uuid());
     std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)
-        .with_context(|| format!("cannot write the clone configuration {}", path.display()))
+        .named(|| format!("cannot write the clone configuration {}", path.display()))
 }
 
 /// Loads the configuration of clone `uuid`.
 pub fn load(uuid: &uuid::Uuid) -> Result<(SavedConfig, PathBuf)> {
     let path = config_path(uuid);
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let text = std::fs::read_to_string(&path).named(|| {
         format!(
             "no saved configuration {} for clone {uuid} (it is written when a device starts); \
              use `ublk-clone create` with the devices",
             path.display()
         )
     })?;
-    let cfg = serde_json::from_str(&text).with_context(|| {
+    let cfg = serde_json::from_str(&text).named(|| {
         format!(
             "malformed clone configuration {}; use `ublk-clone create` with the devices",
             path.display()
@@ -94,11 +84,34 @@ pub fn load(uuid: &uuid::Uuid) -> Result<(SavedConfig, PathBuf)> {
     Ok((cfg, path))
 }
 
+/// The configuration `start` resumes the clone whose metadata is at `metadata` with: the saved
+/// one, with `metadata` as the user named it, once [`SavedConfig::verify`] found the recorded
+/// source and destination where they were. Opens only the metadata, read-only.
+pub fn config_for_start(metadata: &Path) -> Result<DaemonConfig> {
+    let dev: Arc<dyn BlockDev> =
+        Arc::new(FileDev::open(metadata, Access::ReadOnly, false).named(|| "--metadata".into())?);
+    let (md, _) = Metadata::read_only_open(dev).named(|| {
+        format!(
+            "--metadata {}: not the metadata of a ublk-clone clone; `start` resumes a clone \
+             made by `ublk-clone create`",
+            metadata.display()
+        )
+    })?;
+    let uuid = md.uuid();
+    drop(md);
+    let (mut saved, path) = load(&uuid)?;
+    // The metadata the user named is the one whose uuid chose this configuration.
+    saved.config.metadata =
+        std::path::absolute(metadata).named(|| format!("--metadata {}", metadata.display()))?;
+    saved.verify(&path, &uuid)?;
+    Ok(saved.config)
+}
+
 impl SavedConfig {
     /// Checks that the recorded paths still name the recorded source and destination. Only
     /// stats the paths. `path` is this configuration's file, `uuid` its clone.
     pub fn verify(&self, path: &Path, uuid: &uuid::Uuid) -> Result<()> {
-        let a = &self.args;
+        let a = &self.config;
         let resume_hint = format!(
             "if the data moved to another device, resume with `ublk-clone create --source \
              SOURCE --dest DEST --metadata {}`, which records the devices anew",
@@ -110,7 +123,7 @@ impl SavedConfig {
         ] {
             let found = match DeviceIdentity::of_path(p) {
                 Ok(id) => id,
-                Err(e) => bail!(
+                Err(e) => refuse!(
                     "{flag} {}: {e}: clone {uuid} was created with this {which} (saved in {}); \
                      reattach it, or {resume_hint}",
                     p.display(),
@@ -118,7 +131,7 @@ impl SavedConfig {
                 ),
             };
             match saved {
-                Some(expected) if *expected != found => bail!(
+                Some(expected) if *expected != found => refuse!(
                     "{flag} {}: not the {which} clone {uuid} was created with: expected \
                      {expected}, found {found} (saved in {}); reattach the original {which}, \
                      or {resume_hint}",
@@ -158,13 +171,67 @@ mod tests {
             "foreground": false
         }"#;
         let cfg: SavedConfig = serde_json::from_str(old).expect("old file loads");
-        assert_eq!(cfg.args.dest, PathBuf::from("/dev/sdc"));
+        assert_eq!(cfg.config.dest, PathBuf::from("/dev/sdc"));
         assert!(cfg.source_identity.is_none() && cfg.dest_identity.is_none());
-        assert!(!cfg.args.force_reformat_this_clone);
+        assert!(!cfg.config.force_reformat_this_clone);
+    }
+
+    /// The keys of a saved configuration, as every version so far wrote them.
+    const SAVED_KEYS: [&str; 22] = [
+        "source",
+        "dest",
+        "metadata",
+        "region_size",
+        "ignore_source_mismatch",
+        "no_hydration",
+        "no_discard_passdown",
+        "hydration_threshold",
+        "batch_size",
+        "rate",
+        "queues",
+        "depth",
+        "number",
+        "force",
+        "force_reformat_this_clone",
+        "dest_moved",
+        "foreground",
+        "buffered_io",
+        "log_writes",
+        "log_writes_size",
+        "source_identity",
+        "dest_identity",
+    ];
+
+    #[test]
+    fn the_saved_format_is_unchanged_and_round_trips() -> serde_json::Result<()> {
+        let full = r#"{
+            "source": "/dev/sdb", "dest": "/dev/sdc", "metadata": "/dev/sdd",
+            "region_size": 65536, "ignore_source_mismatch": false, "no_hydration": true,
+            "no_discard_passdown": false, "hydration_threshold": 8, "batch_size": 4,
+            "rate": 1048576, "queues": 2, "depth": 64, "number": -1, "force": false,
+            "force_reformat_this_clone": false, "dest_moved": false, "foreground": false,
+            "buffered_io": true, "log_writes": null, "log_writes_size": 1073741824,
+            "source_identity": null, "dest_identity": null
+        }"#;
+        let cfg: SavedConfig = serde_json::from_str(full)?;
+        assert_eq!(cfg.config.hydration_threshold, Some(8));
+        assert_eq!(cfg.config.queues, Some(2));
+        assert!(cfg.config.no_hydration && cfg.config.buffered_io);
+        let v = serde_json::to_value(&cfg)?;
+        let mut keys: Vec<&str> = v
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        keys.sort_unstable();
+        let mut want = SAVED_KEYS.to_vec();
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v, serde_json::from_str::<serde_json::Value>(full)?);
+        Ok(())
     }
 
     #[test]
-    fn verify_refuses_a_swapped_file() -> Result<()> {
+    fn verify_refuses_a_swapped_file() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let t = tempfile::tempdir()?;
         let (src, dst, other) = (t.path().join("s"), t.path().join("d"), t.path().join("o"));
         for p in [&src, &dst, &other] {

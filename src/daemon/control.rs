@@ -1,9 +1,13 @@
-//! The daemon's control socket: one JSON request line, one JSON response line.
+//! The control protocol between a running daemon and the commands that talk to it: one
+//! JSON request line, one JSON response line, over `<id>.sock`; and the daemon records that
+//! say which daemons run. This is the client side ([`request`], [`list_records`]); the daemon
+//! answers in [`super::server`].
 //!
 //! Runtime files live in [`run_dir`] ([`RUN_DIR`], or `$UBLK_CLONE_RUN_DIR` for tests):
 //! `<id>.json` (the daemon record: pid, device, devices and options) and `<id>.sock`.
+//! Invariant: a record is listed only while its daemon's process is alive.
 
-use anyhow::{bail, Context, Result};
+use super::error::{DaemonError, Named, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -103,12 +107,14 @@ pub fn socket_path(id: u32) -> PathBuf {
 pub fn parse_dev(dev: &str) -> Result<u32> {
     let t = dev.trim_start_matches("/dev/").trim_start_matches("ublkb");
     t.parse()
-        .with_context(|| format!("'{dev}' is not a ublk-clone device (expected /dev/ublkbN or N)"))
+        .named(|| format!("'{dev}' is not a ublk-clone device (expected /dev/ublkbN or N)"))
 }
 
+/// Sends `req` to the daemon of `/dev/ublkb<id>` and returns its answer; an answer that is
+/// not `ok` is an error carrying the daemon's message.
 pub fn request(id: u32, req: &Request) -> Result<Response> {
     let path = socket_path(id);
-    let mut s = UnixStream::connect(&path).with_context(|| {
+    let mut s = UnixStream::connect(&path).named(|| {
         format!(
             "/dev/ublkb{id}: no ublk-clone daemon answers on {} (is the device running? see `ublk-clone list`)",
             path.display()
@@ -122,22 +128,26 @@ pub fn request(id: u32, req: &Request) -> Result<Response> {
     line.push('\n');
     s.write_all(line.as_bytes())?;
     let mut resp = String::new();
-    BufReader::new(s).read_line(&mut resp).with_context(|| {
-        format!("/dev/ublkb{id}: the daemon did not answer within 30 s (see its log)")
-    })?;
+    BufReader::new(s)
+        .read_line(&mut resp)
+        .named(|| format!("/dev/ublkb{id}: the daemon did not answer within 30 s (see its log)"))?;
     if resp.is_empty() {
-        bail!("/dev/ublkb{id}: the daemon closed the control connection without answering");
+        return Err(DaemonError::Daemon(format!(
+            "/dev/ublkb{id}: the daemon closed the control connection without answering"
+        )));
     }
-    let r: Response = serde_json::from_str(&resp).context("malformed reply from the daemon")?;
+    let r: Response =
+        serde_json::from_str(&resp).named(|| "malformed reply from the daemon".into())?;
     if !r.ok {
-        bail!(
+        return Err(DaemonError::Daemon(format!(
             "/dev/ublkb{id}: {}",
             r.error.clone().unwrap_or_else(|| "request failed".into())
-        );
+        )));
     }
     Ok(r)
 }
 
+/// The records of the daemons that are running, by device number.
 pub fn list_records() -> Vec<DaemonRecord> {
     let mut v = Vec::new();
     if let Ok(rd) = std::fs::read_dir(run_dir()) {

@@ -6,10 +6,10 @@
 //! daemon, which holds that lock for as long as it runs.
 
 use super::control::{self, DaemonRecord};
+use super::error::{refuse, Named, Result};
 use crate::io::file::FileDev;
 use crate::io::identity::DeviceIdentity;
 use crate::io::{BlockDev, BlockSizes};
-use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 /// Takes `dev`'s advisory lock (exclusive for a device the command writes, shared for a
@@ -20,7 +20,7 @@ pub fn lock(dev: &FileDev, exclusive: bool, flag: &str, path: &Path) -> Result<(
     };
     if e.kind() == std::io::ErrorKind::ResourceBusy {
         if let Some((rec, role)) = holder(path) {
-            bail!(
+            refuse!(
                 "{flag} {}: busy: it is the {role} of the running clone {} (daemon pid {}); \
                  stop that clone first with `ublk-clone stop {}`",
                 path.display(),
@@ -31,7 +31,7 @@ pub fn lock(dev: &FileDev, exclusive: bool, flag: &str, path: &Path) -> Result<(
         }
     }
     // The error names the device already ("PATH: busy: locked by another process ...").
-    Err(anyhow::Error::new(e).context(format!("{flag} cannot be locked")))
+    Err(e).named(|| format!("{flag} cannot be locked"))
 }
 
 /// The running clone whose daemon record lists `path` (compared by identity, whatever path
@@ -62,7 +62,7 @@ pub fn check_distinct(devs: &[(&str, &Path)]) -> Result<()> {
     for (i, (flag_a, path_a)) in devs.iter().enumerate() {
         for (j, (flag_b, path_b)) in devs.iter().enumerate().skip(i + 1) {
             if ids[i].is_some() && ids[i] == ids[j] {
-                bail!(
+                refuse!(
                     "{flag_b} {} is the same file or device as {flag_a} {}: the source, the \
                      destination and the metadata must be three different devices",
                     path_b.display(),
@@ -92,7 +92,7 @@ pub fn check_usable(devs: &[(&str, &Path, bool)]) -> Result<()> {
             } else {
                 "a special file"
             };
-            bail!(
+            refuse!(
                 "{flag} {}: {kind}, not a regular file or a block device; give the path of an \
                  image file or a block device",
                 p.display()
@@ -102,11 +102,11 @@ pub fn check_usable(devs: &[(&str, &Path, bool)]) -> Result<()> {
             continue;
         }
         let c = std::ffi::CString::new(p.as_os_str().as_bytes())
-            .with_context(|| format!("{flag} {}: the path contains a NUL byte", p.display()))?;
+            .named(|| format!("{flag} {}: the path contains a NUL byte", p.display()))?;
         // SAFETY: access() reads a valid NUL-terminated string and writes nothing.
         if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
             let e = std::io::Error::last_os_error();
-            bail!(
+            refuse!(
                 "{flag} {}: not writable ({e}), but it is written; check its permissions and \
                  attributes (`lsattr`, `chattr -i`) and that its file system is mounted \
                  read-write",
@@ -139,7 +139,7 @@ pub fn clone_block_sizes(
     };
     let page = page_size();
     if logical as u64 > page {
-        bail!(
+        refuse!(
             "{flag} {}: its logical block size is {logical} bytes, larger than the {page}-byte \
              page size, the largest a ublk device can advertise; use a device with smaller \
              logical blocks",
@@ -147,7 +147,7 @@ pub fn clone_block_sizes(
         );
     }
     if region_size < logical as u64 {
-        bail!(
+        refuse!(
             "{region_what} {region_size} is smaller than the {logical}-byte logical block size of \
              {flag} {}: a region must hold whole blocks; use a region size of at least {logical}",
             path.display()
@@ -155,7 +155,7 @@ pub fn clone_block_sizes(
     }
     let source_size = source.0.size();
     if source_size % logical as u64 != 0 {
-        bail!(
+        refuse!(
             "--source {}: its size {source_size} is not a multiple of the clone's {logical}-byte \
              logical block size (that of {flag} {}), so its last block could not be read or \
              written; use a source whose size is a multiple of {logical} bytes",
@@ -172,7 +172,7 @@ pub fn check_metadata_block_size(meta: &FileDev, path: &Path) -> Result<()> {
     let block = crate::metadata::checksum::BLOCK_SIZE as u32;
     let logical = meta.block_sizes().logical;
     if logical > block {
-        bail!(
+        refuse!(
             "--metadata {}: its logical block size is {logical} bytes, larger than the \
              {block}-byte metadata block; use a device with logical blocks of at most {block} bytes",
             path.display()
@@ -206,11 +206,12 @@ mod tests {
     fn err(r: Result<BlockSizes>) -> String {
         match r {
             Ok(s) => panic!("accepted: {s:?}"),
-            Err(e) => format!("{e:#}"),
+            Err(e) => super::super::error::chain(&e),
         }
     }
 
-    /// Issue 9, finding 6: the clone takes the larger logical block size of its devices.
+    /// A clone on a 4Kn destination (or source) takes the larger logical block size of its
+    /// devices.
     #[test]
     fn a_clone_takes_the_larger_logical_block_size() -> std::io::Result<()> {
         let dir = tempfile::tempdir()?;

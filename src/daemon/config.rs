@@ -1,0 +1,194 @@
+//! [`DaemonConfig`]: the options a clone daemon runs with, and the body of the configuration
+//! saved for `start` (see [`super::saved`]).
+//!
+//! Invariant: the field names and serde attributes are the saved JSON format. Configurations
+//! written by earlier versions keep loading: fields added since have serde defaults.
+//! [`DaemonConfig::validate`] checks every option that can be checked without opening a
+//! device, before anything is opened or written.
+
+use super::devices;
+use super::error::{refuse, Named, Result};
+use crate::engine::EngineConfig;
+use crate::metadata::overwrite::Overwrite;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The region size of new metadata when none is given.
+pub const DEFAULT_REGION_SIZE: u64 = 64 * 1024;
+
+/// Size of a `log_writes` file when none is given.
+pub const DEFAULT_LOG_WRITES_SIZE: u64 = 1 << 30;
+
+fn default_log_size() -> u64 {
+    DEFAULT_LOG_WRITES_SIZE
+}
+
+/// A clone daemon's options. The one-shot options (`force`, `force_reformat_this_clone`,
+/// `dest_moved`, `foreground`, `log_writes`, `number`) are cleared in a saved configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonConfig {
+    /// Read-only source device or file.
+    pub source: PathBuf,
+    /// Destination device or file, at least as large as the source.
+    pub dest: PathBuf,
+    /// Metadata device or file (formatted if blank; resumed if it holds this clone).
+    pub metadata: PathBuf,
+    /// Region size of new metadata ([`DEFAULT_REGION_SIZE`] if `None`); when resuming, the
+    /// size the metadata must record.
+    pub region_size: Option<u64>,
+    /// Resume even though the source's fingerprint changed.
+    pub ignore_source_mismatch: bool,
+    /// Start with background hydration disabled.
+    pub no_hydration: bool,
+    /// Never pass discards down to the destination.
+    pub no_discard_passdown: bool,
+    /// Maximum regions hydrating at once (default: two batches).
+    pub hydration_threshold: Option<u64>,
+    /// Contiguous regions per background copy (default: the engine's).
+    pub batch_size: Option<u64>,
+    /// Background hydration rate limit in bytes/s (0 = unlimited).
+    pub rate: u64,
+    /// Number of ublk queues (default: one per CPU).
+    pub queues: Option<u16>,
+    /// Queue depth.
+    pub depth: u16,
+    /// Requested device number; -1 lets the kernel pick.
+    pub number: i32,
+    /// Overwrite metadata that is not blank (never this clone's own).
+    pub force: bool,
+    /// Reformat even this clone's own metadata, starting the clone over.
+    #[serde(default)]
+    pub force_reformat_this_clone: bool,
+    /// Resume on a destination other than the one the clone last ran on.
+    #[serde(default)]
+    pub dest_moved: bool,
+    /// Run in the calling process instead of a background daemon.
+    pub foreground: bool,
+    /// Use the page cache for the source and destination (no O_DIRECT).
+    #[serde(default)]
+    pub buffered_io: bool,
+    /// Record the destination and metadata into this dm-log-writes log.
+    #[serde(default)]
+    pub log_writes: Option<PathBuf>,
+    /// Size of a `log_writes` file (created sparse; ignored for a block device).
+    #[serde(default = "default_log_size")]
+    pub log_writes_size: u64,
+}
+
+impl DaemonConfig {
+    /// The region size new metadata gets.
+    pub fn region_size_or_default(&self) -> u64 {
+        self.region_size.unwrap_or(DEFAULT_REGION_SIZE)
+    }
+
+    /// How far formatting the metadata may go.
+    pub fn overwrite(&self) -> Overwrite {
+        Overwrite::from_flags(self.force, self.force_reformat_this_clone)
+    }
+
+    /// The engine's configuration for a clone of `size` bytes in regions of `region_size`.
+    pub fn engine_config(&self, size: u64, region_size: u64) -> EngineConfig {
+        let mut cfg = EngineConfig::new(size, region_size);
+        cfg.discard_passdown = !self.no_discard_passdown;
+        cfg.knobs.hydration_enabled = !self.no_hydration;
+        if let Some(b) = self.batch_size {
+            cfg.knobs.batch_size = b.max(1);
+        }
+        cfg.knobs.threshold = self.hydration_threshold.unwrap_or(cfg.knobs.batch_size * 2);
+        cfg.knobs.rate_bytes_per_sec = self.rate;
+        cfg
+    }
+
+    /// Checks the options, and that the paths that exist can serve in their roles. Paths that
+    /// do not exist are left to the open.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(rs) = self.region_size {
+            if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {
+                refuse!("--region-size {rs}: must be a power of two between 4K and 1G");
+            }
+        }
+        if self.depth == 0 || self.depth > 4096 {
+            refuse!("--depth {}: must be between 1 and 4096", self.depth);
+        }
+        if self.queues == Some(0) {
+            refuse!("--queues 0: need at least one queue");
+        }
+        if let Some(log) = &self.log_writes {
+            self.validate_log(log)?;
+        }
+        devices::check_distinct(&[
+            ("--source", &self.source),
+            ("--dest", &self.dest),
+            ("--metadata", &self.metadata),
+        ])?;
+        devices::check_usable(&[
+            ("--source", &self.source, false),
+            ("--dest", &self.dest, true),
+            ("--metadata", &self.metadata, true),
+        ])
+    }
+
+    /// A log is never overwritten: a regular file must be new or empty.
+    fn validate_log(&self, log: &Path) -> Result<()> {
+        if self.log_writes_size < 1 << 20 || self.log_writes_size % 4096 != 0 {
+            refuse!(
+                "--log-writes-size {}: must be at least 1M and a multiple of 4K",
+                self.log_writes_size
+            );
+        }
+        let Ok(meta) = std::fs::metadata(log) else {
+            let dir = log.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) {
+                refuse!(
+                    "--log-writes {}: the directory does not exist",
+                    log.display()
+                );
+            }
+            return Ok(());
+        };
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_file() && meta.len() > 0 {
+            refuse!(
+                "--log-writes {}: the file exists and is not empty; remove it or choose another \
+                 file (a log is never overwritten)",
+                log.display()
+            );
+        }
+        if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+            refuse!(
+                "--log-writes {}: not a regular file or a block device",
+                log.display()
+            );
+        }
+        let canon = std::fs::canonicalize(log).ok();
+        for (what, p) in [
+            ("--source", &self.source),
+            ("--dest", &self.dest),
+            ("--metadata", &self.metadata),
+        ] {
+            if canon.is_some() && std::fs::canonicalize(p).ok() == canon {
+                refuse!("--log-writes {}: is also the {what} device", log.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// What is saved for `start` once the clone runs with `region_size`: absolute device
+    /// paths (symbolic links kept, see [`super::saved`]), the recorded region size, and the
+    /// one-shot options cleared.
+    pub fn to_saved(&self, region_size: u64) -> Result<DaemonConfig> {
+        let mut c = self.clone();
+        for p in [&mut c.source, &mut c.dest, &mut c.metadata] {
+            let abs = std::path::absolute(&*p).named(|| format!("{}", p.display()))?;
+            *p = abs;
+        }
+        c.force = false;
+        c.force_reformat_this_clone = false;
+        c.dest_moved = false;
+        c.foreground = false;
+        c.log_writes = None;
+        c.number = -1;
+        c.region_size = Some(region_size);
+        Ok(c)
+    }
+}

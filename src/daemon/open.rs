@@ -1,0 +1,156 @@
+//! Opening a clone's three devices: validated, opened, locked and checked, then the metadata
+//! formatted or resumed ([`super::open_metadata`]).
+//!
+//! Invariant: nothing is written to any device before every check has passed; the
+//! destination and metadata are held exclusively (their locks) from here until the daemon
+//! exits, and the source by a shared lock.
+
+use super::config::DaemonConfig;
+use super::devices;
+use super::error::{refuse, Named, Result};
+use super::open_metadata::open_or_format;
+use super::record::{log_sectorsize, start_recording};
+use crate::io::file::{Access, FileDev};
+use crate::io::{BlockDev, BlockSizes};
+use crate::metadata::Metadata;
+use crate::ublk::Recording;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A clone's opened devices.
+pub(super) struct Opened {
+    pub source: Arc<FileDev>,
+    pub dest: Arc<FileDev>,
+    /// The clone's block sizes (the larger of the source's and the destination's).
+    pub block_sizes: BlockSizes,
+    /// The destination as the engine sees it (through the recorder when recording).
+    pub dest_dyn: Arc<dyn BlockDev>,
+    pub md: Arc<Metadata>,
+    pub recording: Option<Arc<Recording>>,
+}
+
+/// Opens the three devices and formats or opens the metadata. With `record` (the daemon)
+/// and `log_writes`, the log is started and the destination and metadata are opened through
+/// the recorder.
+pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
+    cfg.validate()?;
+    check_exist(cfg)?;
+    let direct = !cfg.buffered_io;
+    let source = Arc::new(FileDev::open(&cfg.source, Access::ReadOnly, direct)?);
+    let dest = Arc::new(FileDev::open(&cfg.dest, Access::ReadWrite, direct)?);
+    let meta = Arc::new(FileDev::open(&cfg.metadata, Access::ReadWrite, true)?);
+    source.lock(false)?;
+    dest.lock(true)?;
+    meta.lock(true)?;
+    check_source_unshared(&cfg.source)?;
+    check_number_free(cfg.number)?;
+    check_sizes(cfg, &source, &dest)?;
+    // The region size of resumed metadata is checked again once it is known.
+    let block_sizes = devices::clone_block_sizes(
+        (&source, &cfg.source),
+        (&dest, &cfg.dest),
+        cfg.region_size_or_default(),
+        if cfg.region_size.is_some() {
+            "--region-size"
+        } else {
+            "the default region size"
+        },
+    )?;
+    devices::check_metadata_block_size(&meta, &cfg.metadata)?;
+    let (dest_dyn, meta_dyn, recording): (Arc<dyn BlockDev>, Arc<dyn BlockDev>, _) =
+        match (&cfg.log_writes, record) {
+            (Some(log), true) => {
+                let sectorsize = log_sectorsize(block_sizes);
+                let (d, m, rec) =
+                    start_recording(cfg, log, dest.clone(), meta.clone(), sectorsize)?;
+                (d, m, Some(rec))
+            }
+            _ => (dest.clone(), meta.clone(), None),
+        };
+    let md = open_or_format(cfg, meta_dyn, source.as_ref(), dest.as_ref())?;
+    devices::clone_block_sizes(
+        (&source, &cfg.source),
+        (&dest, &cfg.dest),
+        md.region_size(),
+        &format!(
+            "the region size recorded in --metadata {}",
+            cfg.metadata.display()
+        ),
+    )?;
+    Ok(Opened {
+        source,
+        dest,
+        block_sizes,
+        dest_dyn,
+        md: Arc::new(md),
+        recording,
+    })
+}
+
+fn check_exist(cfg: &DaemonConfig) -> Result<()> {
+    for (what, p) in [
+        ("--source", &cfg.source),
+        ("--dest", &cfg.dest),
+        ("--metadata", &cfg.metadata),
+    ] {
+        if !p.exists() {
+            refuse!("{what} {}: no such file or device", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// The destination and metadata are claimed by their exclusive opens; the source is only
+/// read (and may be shared by several clones), but one that someone else claims (mounted, or
+/// another program's device) or writes can change under the clone.
+fn check_source_unshared(source: &Path) -> Result<()> {
+    if !crate::io::file::block_device_unclaimed(source)
+        .named(|| format!("--source {}", source.display()))?
+    {
+        refuse!(
+            "--source {}: busy: the block device is mounted or held exclusively by another \
+             program, so it can change under the clone; unmount or release it first",
+            source.display()
+        );
+    }
+    let writers = crate::io::holders::openers(source, true);
+    if !writers.is_empty() {
+        refuse!(
+            "--source {}: open for writing by {}, so it can change under the clone; close it \
+             first",
+            source.display(),
+            writers.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A requested device number must be free.
+fn check_number_free(number: i32) -> Result<()> {
+    if number >= 0 && Path::new(&format!("/dev/ublkc{number}")).exists() {
+        refuse!(
+            "--number {number}: /dev/ublkb{number} already exists (busy); pick another number or omit --number"
+        );
+    }
+    Ok(())
+}
+
+/// The source must be whole sectors, and the destination at least as large.
+fn check_sizes(cfg: &DaemonConfig, source: &FileDev, dest: &FileDev) -> Result<()> {
+    if source.size() == 0 || source.size() % 512 != 0 {
+        refuse!(
+            "--source {}: size {} is not a positive multiple of 512 bytes",
+            cfg.source.display(),
+            source.size()
+        );
+    }
+    if dest.size() < source.size() {
+        refuse!(
+            "--dest {}: destination ({} bytes) is smaller than the source ({} bytes); use a destination at least as large",
+            cfg.dest.display(),
+            dest.size(),
+            source.size()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The daemon's life in this process: open the devices, save the configuration, start the
+//! engine, serve the ublk device and the control socket until stopped, then shut down.
+//!
+//! Invariant: on every way out after the engine started (a stop request, a signal, the
+//! device removed from outside, a failure to serve), the engine is shut down (its final
+//! commit) before the recording's log is closed, so the log ends after the final commit.
+
+use super::config::DaemonConfig;
+use super::control::{self, DaemonRecord};
+use super::error::{DaemonError, Named, Result};
+use super::open::{open_devices, Opened};
+use super::server::{self, CtlRecording};
+use super::{process, saved, spawn};
+use crate::engine::Engine;
+use crate::io::BlockDev;
+use crate::ublk::{self, DeviceInfo, DeviceOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Runs the clone in this process until it is stopped. Started by [`spawn::spawn`], it
+/// reports readiness (`READY /dev/ublkbN` or `ERROR ...`) on stdout; in the foreground it
+/// prints the device path once live.
+pub fn run(cfg: &DaemonConfig) -> Result<()> {
+    let notify = spawn::notify_requested();
+    let res = serve_clone(cfg, notify);
+    if let Err(e) = &res {
+        if notify {
+            spawn::notify_error(e);
+        }
+    }
+    res
+}
+
+fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
+    process::private_mount_namespace();
+    process::install_signal_handlers();
+    let o = open_devices(cfg, true)?;
+    saved::save(cfg, &o.md, &o.source, &o.dest)?;
+    let region_size = o.md.region_size();
+    let mut ecfg = cfg.engine_config(o.source.size(), region_size);
+    ecfg.block_size = o.block_sizes.logical as u64;
+    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest_dyn.clone(), ecfg)
+        .map_err(|e| DaemonError::Engine(e.to_string()))?;
+    let served = serve_device(cfg, &o, &engine, notify);
+    let shut = engine.shutdown();
+    // Ends the log after the final commit: the unflushed writes, then the end mark.
+    let closed = o.recording.as_ref().map(|r| r.space.close());
+    served?;
+    shut.map_err(|e| DaemonError::Engine(e.to_string()))?;
+    if let (Some(closed), Some(log)) = (closed, &cfg.log_writes) {
+        let n = closed.named(|| format!("--log-writes {}", log.display()))?;
+        log::info!("log {} closed with {n} entries", log.display());
+    }
+    Ok(())
+}
+
+/// Serves the ublk device until it is stopped; [`Live::run`] runs once it is live.
+fn serve_device(cfg: &DaemonConfig, o: &Opened, engine: &Arc<Engine>, notify: bool) -> Result<()> {
+    let queues = cfg.queues.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u16)
+            .unwrap_or(1)
+    });
+    let opts = DeviceOptions {
+        id: cfg.number,
+        queues,
+        depth: cfg.depth,
+        io_buf_bytes: 512 << 10,
+        physical_block_size: o.block_sizes.physical,
+    };
+    let run_dir = control::run_dir();
+    std::fs::create_dir_all(&run_dir).named(|| format!("cannot create {}", run_dir.display()))?;
+    let live = Live {
+        source: absolute(&cfg.source),
+        dest: absolute(&cfg.dest),
+        metadata: absolute(&cfg.metadata),
+        region_size: o.md.region_size(),
+        engine: engine.clone(),
+        recording: o.recording.clone().map(|r| {
+            let log = cfg.log_writes.clone().unwrap_or_default();
+            (r, log.display().to_string())
+        }),
+        notify,
+    };
+    ublk::serve(
+        engine.clone(),
+        o.source.file().as_raw_fd(),
+        o.dest.file().as_raw_fd(),
+        o.recording.clone(),
+        &opts,
+        move |ctrl, info| {
+            live.run(info, || {
+                let _ = ctrl.kill_dev();
+            })
+        },
+    )
+    .map_err(|e| DaemonError::Ublk(format!("{e:#}")))
+}
+
+/// Absolute, so that `stop` and `list` find the devices from any directory.
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// What the daemon needs once its device is live.
+struct Live {
+    source: PathBuf,
+    dest: PathBuf,
+    metadata: PathBuf,
+    region_size: u64,
+    engine: Arc<Engine>,
+    recording: Option<CtlRecording>,
+    notify: bool,
+}
+
+impl Live {
+    /// Publishes the device (record, control socket, readiness), answers the control socket
+    /// until stopped, then removes the device (`kill_dev`) and its runtime files.
+    fn run(self, info: DeviceInfo, kill_dev: impl Fn()) {
+        let rec = DaemonRecord {
+            pid: std::process::id(),
+            id: info.id,
+            device: info.path.clone(),
+            source: self.source,
+            dest: self.dest,
+            metadata: self.metadata,
+            queues: info.queues,
+            depth: info.depth,
+            region_size: self.region_size,
+        };
+        let listener = match server::bind_control(&rec) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("{}", super::error::chain(&e));
+                kill_dev();
+                return;
+            }
+        };
+        log::info!(
+            "{} live: {} queues, depth {}, flags {:#x}",
+            info.path,
+            info.queues,
+            info.depth,
+            info.flags
+        );
+        if self.notify {
+            spawn::notify_ready(&info.path);
+        } else {
+            println!("{}", info.path);
+        }
+        server::control_loop(&listener, &self.engine, self.recording.as_ref());
+        kill_dev();
+        let _ = std::fs::remove_file(control::socket_path(rec.id));
+        let _ = std::fs::remove_file(control::record_path(rec.id));
+    }
+}

@@ -1,0 +1,143 @@
+//! The daemon's side of the control socket: binds `<id>.sock`, writes the daemon record, and
+//! answers requests ([`Request`]) until a stop request, a signal, or the device's end.
+//!
+//! Invariant: one request is answered at a time, on the serving thread, and a client that
+//! sends nothing is dropped after 5 s, so a wedged client never keeps the daemon from
+//! stopping.
+
+use super::control::{self, DaemonRecord, RecordingStatus, Request, Response};
+use super::error::{Named, Result};
+use super::process;
+use crate::engine::Engine;
+use crate::ublk::{self, Recording};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The daemon's recording, as the control server sees it: the recorder and the log's name.
+pub(super) type CtlRecording = (Arc<Recording>, String);
+
+/// Binds the control socket of `rec`'s device and writes its record (which makes the daemon
+/// visible to `list`).
+pub(super) fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
+    let sock = control::socket_path(rec.id);
+    let _ = std::fs::remove_file(&sock);
+    let l = UnixListener::bind(&sock).named(|| format!("cannot bind {}", sock.display()))?;
+    l.set_nonblocking(true)?;
+    let path = control::record_path(rec.id);
+    std::fs::write(&path, serde_json::to_vec_pretty(rec)?)
+        .named(|| format!("cannot write {}", path.display()))?;
+    Ok(l)
+}
+
+/// Answers requests on `l` until a stop request, a signal, or the device was stopped from
+/// outside (all its queues ended).
+pub(super) fn control_loop(l: &UnixListener, engine: &Engine, rec: Option<&CtlRecording>) {
+    loop {
+        if process::stop_requested() {
+            return;
+        }
+        if ublk::queues_alive() == 0 {
+            log::warn!("the device was stopped from outside (all queues ended); shutting down");
+            return;
+        }
+        match l.accept() {
+            Ok((s, _)) => {
+                if answer(&s, engine, rec) {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                log::error!("control socket: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Reads one request line from `s` and answers it. Returns whether it asked to stop.
+fn answer(s: &UnixStream, engine: &Engine, rec: Option<&CtlRecording>) -> bool {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let mut reader = BufReader::new(s);
+    if reader.read_line(&mut line).is_err() {
+        return false;
+    }
+    let (resp, stop) = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Status) => (ok_status(engine, rec), false),
+        Ok(Request::Set {
+            hydration,
+            threshold,
+            batch_size,
+            rate,
+            hydrate_on_read,
+        }) => {
+            let mut k = engine.knobs();
+            if let Some(h) = hydration {
+                k.hydration_enabled = h;
+            }
+            if let Some(t) = threshold {
+                k.threshold = t;
+            }
+            if let Some(b) = batch_size {
+                k.batch_size = b.max(1);
+            }
+            if let Some(r) = rate {
+                k.rate_bytes_per_sec = r;
+            }
+            if let Some(h) = hydrate_on_read {
+                k.hydrate_on_read = h;
+            }
+            engine.set_knobs(k);
+            (ok_status(engine, rec), false)
+        }
+        Ok(Request::Mark { name }) => (mark(rec, &name), false),
+        Ok(Request::Stop) => (Response::ok(), true),
+        Err(e) => (Response::err(format!("bad request: {e}")), false),
+    };
+    let mut w = s;
+    let _ =
+        w.write_all(format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes());
+    stop
+}
+
+fn recording_status(rec: Option<&CtlRecording>) -> Option<RecordingStatus> {
+    rec.map(|(r, log)| RecordingStatus {
+        log: log.clone(),
+        entries: r.space.entries(),
+        error: r.space.status().err().map(|e| e.to_string()),
+    })
+}
+
+/// Logs the mark `name` in the recording, if the daemon records.
+fn mark(rec: Option<&CtlRecording>, name: &str) -> Response {
+    let Some((r, log)) = rec else {
+        return Response::err(
+            "not recording: marks need a daemon started with `create --log-writes FILE`".into(),
+        );
+    };
+    let max = r.space.sectorsize() as usize - 33;
+    if name.is_empty() || name.len() > max {
+        return Response::err(format!("mark '{name}': must be 1 to {max} bytes"));
+    }
+    match r.space.mark(name) {
+        Ok(()) => Response {
+            recording: recording_status(rec),
+            ..Response::ok()
+        },
+        Err(e) => Response::err(format!("cannot log mark '{name}' in {log}: {e}")),
+    }
+}
+
+fn ok_status(engine: &Engine, rec: Option<&CtlRecording>) -> Response {
+    Response {
+        status: serde_json::to_value(engine.status()).ok(),
+        recording: recording_status(rec),
+        ..Response::ok()
+    }
+}
