@@ -34,8 +34,8 @@ pub enum DaemonError {
     Overwrite(Box<Refusal>),
 
     /// The engine could not start or shut down cleanly.
-    #[error("{0}")]
-    Engine(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
 
     /// The ublk device could not be created or served.
     #[error("{0}")]

@@ -40,14 +40,13 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let region_size = o.md.region_size();
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
     ecfg.block_size = o.block_sizes.logical as u64;
-    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest_dyn.clone(), ecfg)
-        .map_err(|e| DaemonError::Engine(e.to_string()))?;
+    let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest_dyn.clone(), ecfg)?;
     let served = serve_device(cfg, &o, &engine, notify);
     let shut = engine.shutdown();
     // Ends the log after the final commit: the unflushed writes, then the end mark.
     let closed = o.recording.as_ref().map(|r| r.space.close());
     served?;
-    shut.map_err(|e| DaemonError::Engine(e.to_string()))?;
+    shut?;
     if let (Some(closed), Some(log)) = (closed, &cfg.log_writes) {
         let n = closed.named(|| format!("--log-writes {}", log.display()))?;
         log::info!("log {} closed with {n} entries", log.display());
