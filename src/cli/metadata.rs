@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 /// Default region size.
-pub const DEFAULT_REGION_SIZE: u64 = 64 * 1024;
+pub use crate::metadata::DEFAULT_REGION_SIZE;
 
 #[derive(Args, Debug)]
 pub struct FormatArgs {

@@ -6,8 +6,11 @@ use super::checksum::BLOCK_SIZE;
 use super::*;
 use crate::io::mem::{MemDev, Op};
 use crate::io::record::{Entry, IoLog, RecordingDev};
+use crate::io::BlockDev;
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
@@ -230,7 +233,8 @@ fn metadata_write_failure_then_retry() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------
-// Releasing the bitmap while readers look it up (issue 9, finding 3).
+// Releasing the bitmap while readers look it up: a reader must never index the emptied
+// bitmap (the "released" decision is taken under the read lock).
 
 /// An open metadata whose every region is hydrated and committed: its next
 /// `release_bitmap_if_complete` releases the in-core bitmap.
@@ -629,8 +633,8 @@ fn read_write_open_repairs_a_torn_shadow() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------
-// Check after a crash (issue 9, finding 11): what a read-write open repairs by design is a
-// note (exit 0); only damage is a problem (exit 1).
+// Check after a crash: what a read-write open repairs by design is a note (exit 0); only
+// damage is a problem (exit 1).
 
 /// A device left by a commit cut between its shadow writes and its superblock: the shadows
 /// of bitmap blocks 0 and 2 (generation 3, slot B) are durable, the superblock is still
