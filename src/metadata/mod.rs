@@ -10,10 +10,11 @@
 //! - the live copy of every bitmap block and the superblock it belongs to are never
 //!   overwritten before the superblock that supersedes them is durable.
 //!
-//! Where things are: [`format`] (geometry rules and formatting a device), [`open`]
+//! Where things are: [`format`](mod@format) (geometry rules and formatting a device), [`open`]
 //! (picking the superblock, loading the bitmap, repairing slots), [`incore`] (the in-core
 //! bitmap and its operations), [`commit`] (making it durable), [`superblock`] and
-//! [`bitmap`] (byte layouts), [`check`] and [`dump`] (read-only inspection).
+//! [`bitmap`] (byte layouts), [`check`](mod@check) and [`dump`](mod@dump) (read-only
+//! inspection).
 
 pub mod bitmap;
 pub mod check;
