@@ -2,7 +2,7 @@
 //!
 //! Owns the rules that tie a clone's sizes together: valid region sizes, how many regions
 //! and metadata blocks a clone needs, and whether a superblock's recorded geometry agrees
-//! with itself and its device ([`check_geometry`]). [`Metadata::format`] writes a fresh
+//! with itself and its device (`check_geometry`). [`Metadata::format`] writes a fresh
 //! clone. Invariant: formatting writes every bitmap slot before any superblock that refers
 //! to them, and erases an old clone's superblocks before writing its new bitmap, so a crash
 //! while formatting never leaves a valid superblock pointing at half-written bitmap blocks.
@@ -68,7 +68,7 @@ pub fn required_size(region_size: u64, dev_size: u64) -> Result<u64> {
     Ok(required_blocks(nr_regions_for(dev_size, region_size)?) * BLOCK_SIZE as u64)
 }
 
-/// Why a superblock's recorded geometry is unusable (see [`check_geometry`]).
+/// Why a superblock's recorded geometry is unusable (see `check_geometry`).
 #[derive(Debug, thiserror::Error)]
 pub enum GeometryError {
     /// The region size or the source size is invalid on its own.

@@ -10,7 +10,7 @@
 //!   dirty mark also copies the bit;
 //! - once released (every region hydrated and committed) the bitmap is empty and every
 //!   region reads as hydrated; the decision is taken under the bitmap's read lock
-//!   ([`Core::with_bitmap`]).
+//!   (`Core::with_bitmap`).
 
 use super::bitmap::{self, WORDS_PER_BITMAP_BLOCK};
 use super::checksum::BLOCK_SIZE;
