@@ -10,11 +10,9 @@ use super::devices;
 use super::error::{refuse, Named, Result};
 use crate::engine::EngineConfig;
 use crate::metadata::overwrite::Overwrite;
+use crate::metadata::DEFAULT_REGION_SIZE;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// The region size of new metadata when none is given.
-pub const DEFAULT_REGION_SIZE: u64 = 64 * 1024;
 
 /// Size of a `log_writes` file when none is given.
 pub const DEFAULT_LOG_WRITES_SIZE: u64 = 1 << 30;

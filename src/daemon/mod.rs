@@ -27,7 +27,7 @@ mod server;
 mod spawn;
 pub mod stop;
 
-pub use config::{DaemonConfig, DEFAULT_REGION_SIZE};
+pub use config::DaemonConfig;
 pub use error::{chain, DaemonError, Result};
 pub use record::LOG_START_MARK;
 pub use run::run;

@@ -115,34 +115,18 @@ impl BitmapBlock {
 }
 
 /// Why a bitmap slot is not a usable copy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BitmapSlotError {
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Checksum { stored: u32, computed: u32 },
+    #[error("reserved header field is {0:#x}, not 0")]
     Reserved(u32),
+    #[error("block number {found} recorded, expected {expected}")]
     Blocknr { expected: u64, found: u64 },
+    #[error("bitmap index {found} recorded, expected {expected}")]
     Index { expected: u64, found: u64 },
+    #[error("belongs to clone {found}, not {expected}")]
     Uuid { expected: Uuid, found: Uuid },
-}
-
-impl std::fmt::Display for BitmapSlotError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BitmapSlotError::Checksum { stored, computed } => write!(
-                f,
-                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ),
-            BitmapSlotError::Reserved(v) => write!(f, "reserved header field is {v:#x}, not 0"),
-            BitmapSlotError::Blocknr { expected, found } => {
-                write!(f, "block number {found} recorded, expected {expected}")
-            }
-            BitmapSlotError::Index { expected, found } => {
-                write!(f, "bitmap index {found} recorded, expected {expected}")
-            }
-            BitmapSlotError::Uuid { expected, found } => {
-                write!(f, "belongs to clone {found}, not {expected}")
-            }
-        }
-    }
 }
 
 /// Validates slot `slot` of bitmap block `index` of the clone `uuid`: checksum, reserved

@@ -23,8 +23,11 @@
 use super::bitmap::{self, BitmapHeader, WORDS_PER_BITMAP_BLOCK};
 use super::checksum::BLOCK_SIZE;
 use super::error::{io_err, MetadataError, Result};
-use super::superblock::{self, truncate_utf8, MetadataMode, FLAG_CLEAN_SHUTDOWN, MODE_REASON_LEN};
-use super::{valid_mask, Core, LiveSlot, Metadata};
+use super::incore::{Core, LiveSlot, State};
+use super::superblock::{
+    self, truncate_utf8, MetadataMode, Superblock, FLAG_CLEAN_SHUTDOWN, MODE_REASON_LEN,
+};
+use super::Metadata;
 use crate::io::BlockDev;
 use serde::Serialize;
 use std::io;
@@ -79,7 +82,7 @@ pub struct CommitInfo {
 
 /// The bitmap blocks whose in-core image differs from their live slot: those marked dirty
 /// (the marks are taken) and those `tainted` by a failed commit; sorted, no duplicates.
-fn take_changed_blocks(core: &Core, tainted: &[u64]) -> Vec<u64> {
+pub(super) fn take_changed_blocks(core: &Core, tainted: &[u64]) -> Vec<u64> {
     let mut indices: Vec<u64> = Vec::new();
     for (w, d) in core.dirty.iter().enumerate() {
         let mut bits = d.swap(0, Ordering::SeqCst);
@@ -95,11 +98,48 @@ fn take_changed_blocks(core: &Core, tainted: &[u64]) -> Vec<u64> {
 }
 
 /// Clears `Core::committing` when dropped (for superblock writes outside a commit).
-struct CommitGuard<'a>(&'a AtomicBool);
+pub(super) struct CommitGuard<'a>(pub(super) &'a AtomicBool);
 
 impl Drop for CommitGuard<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Core {
+    /// Writes `sb` to slot `generation % 2` and flushes the metadata device.
+    pub(super) fn write_superblock(&self, sb: &Superblock) -> Result<()> {
+        let slot = sb.generation % superblock::SUPERBLOCK_SLOTS;
+        self.dev
+            .write_at(&sb.pack(), slot * BLOCK_SIZE as u64)
+            .map_err(io_err(
+                self.name(),
+                format!(
+                    "writing superblock generation {} to slot {slot}",
+                    sb.generation
+                ),
+            ))?;
+        self.dev.flush().map_err(io_err(
+            self.name(),
+            format!("flushing superblock generation {}", sb.generation),
+        ))
+    }
+
+    /// Reads the live copy of bitmap block `index` (as recorded in `state`) into `block`
+    /// and validates it.
+    pub(super) fn read_live_copy(&self, state: &State, index: u64, block: &mut [u8]) -> Result<()> {
+        let live = state.live[index as usize];
+        let from = bitmap::slot_blocknr(index, live.slot);
+        self.dev
+            .read_at(block, from * BLOCK_SIZE as u64)
+            .map_err(io_err(self.name(), format!("reading bitmap block {index}")))?;
+        bitmap::validate(block, index, live.slot, &state.sb.uuid).map_err(|e| {
+            MetadataError::ChecksumMismatch {
+                dev: self.name().to_string(),
+                what: format!("live copy of bitmap block {index} (block {from}): {e}"),
+            }
+        })?;
+        Ok(())
     }
 }
 
@@ -130,8 +170,8 @@ impl Metadata {
     }
 
     /// Phase 1: freezes the dirty set. Hydrations recorded after the swap belong to the next
-    /// transaction (they may also appear in this one's images; see SPEC.md §4.2 on why that
-    /// is safe). No I/O. Only one commit may be in flight.
+    /// transaction (they may also appear in this one's images; `metadata-format/SPEC.md`
+    /// §4.2 says why that is safe). No I/O. Only one commit may be in flight.
     pub fn begin_commit(&self) -> Result<FrozenCommit> {
         self.start_exclusive("committed")?;
         let core = &self.core;
@@ -267,60 +307,6 @@ impl Metadata {
         })
     }
 
-    /// Read-only mode after a failure (dm-clone falls back to the committed bitmap): forgets
-    /// every bit set since the last durable commit and refuses new ones. A region hydrated
-    /// since then may hold data the failed flush lost, so it must be read from the source
-    /// again. The bitmap blocks that changed since that commit (dirty or tainted) are reloaded
-    /// from their live slots. Returns the number of hydrated regions left.
-    pub fn revert_to_committed(&self) -> Result<u64> {
-        if self.core.committing.swap(true, Ordering::SeqCst) {
-            return Err(MetadataError::CommitInProgress {
-                dev: self.name().to_string(),
-            });
-        }
-        let _guard = CommitGuard(&self.core.committing);
-        let core = &self.core;
-        // Lock order: `words` before `state`, as `release_bitmap_if_complete`.
-        let words = core.words.write();
-        let state = core.state.lock();
-        core.sealed.store(true, Ordering::Release);
-        if core.released.load(Ordering::Acquire) {
-            // Released only once everything was hydrated and committed.
-            return Ok(core.nr_regions);
-        }
-        let stale = take_changed_blocks(core, &state.tainted);
-        let mut block = vec![0u8; BLOCK_SIZE];
-        for index in stale {
-            let live = state.live[index as usize];
-            let from = bitmap::slot_blocknr(index, live.slot);
-            core.dev
-                .read_at(&mut block, from * BLOCK_SIZE as u64)
-                .map_err(io_err(core.name(), format!("reading bitmap block {index}")))?;
-            bitmap::validate(&block, index, live.slot, &state.sb.uuid).map_err(|e| {
-                MetadataError::ChecksumMismatch {
-                    dev: core.name().to_string(),
-                    what: format!("live copy of bitmap block {index} (block {from}): {e}"),
-                }
-            })?;
-            let first = index * WORDS_PER_BITMAP_BLOCK as u64;
-            for i in 0..WORDS_PER_BITMAP_BLOCK {
-                let w =
-                    bitmap::payload_word(&block, i) & valid_mask(core.nr_regions, first + i as u64);
-                words[first as usize + i].store(w, Ordering::SeqCst);
-            }
-        }
-        let committed: u64 = state.live.iter().map(|l| l.count as u64).sum();
-        core.hydrated.store(committed, Ordering::SeqCst);
-        Ok(committed)
-    }
-
-    /// Refuses every later attempt to set a bit (the clone starts read-only; the in-core
-    /// bitmap is the committed one it was opened with).
-    pub fn seal(&self) {
-        let _words = self.core.words.write();
-        self.core.sealed.store(true, Ordering::Release);
-    }
-
     /// Writes a final superblock with the clean-shutdown flag set. Only the committed
     /// bitmap is recorded: commit first (bits set since the last commit are otherwise lost,
     /// which is safe: their regions are read from the source again).
@@ -340,20 +326,10 @@ impl Metadata {
         let core = &self.core;
         let mut state = core.state.lock();
         if !state.tainted.is_empty() {
-            let uuid = state.sb.uuid;
             for &index in &state.tainted {
                 let live = state.live[index as usize];
                 let mut block = vec![0u8; BLOCK_SIZE];
-                let from = bitmap::slot_blocknr(index, live.slot);
-                core.dev
-                    .read_at(&mut block, from * BLOCK_SIZE as u64)
-                    .map_err(io_err(core.name(), format!("reading bitmap block {index}")))?;
-                bitmap::validate(&block, index, live.slot, &uuid).map_err(|e| {
-                    MetadataError::ChecksumMismatch {
-                        dev: core.name().to_string(),
-                        what: format!("live copy of bitmap block {index} (block {from}): {e}"),
-                    }
-                })?;
+                core.read_live_copy(&state, index, &mut block)?;
                 let other = 1 - live.slot;
                 let mut h = BitmapHeader::unpack(&block);
                 h.blocknr = bitmap::slot_blocknr(index, other);

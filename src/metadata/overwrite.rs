@@ -10,7 +10,9 @@
 
 use super::checksum::BLOCK_SIZE;
 use super::error::io_err;
-use super::{check_geometry, no_superblock_error, scan, Expect, Metadata, MetadataError, Result};
+use super::format::check_geometry;
+use super::open::{check_expect, no_superblock_error};
+use super::{scan, Expect, MetadataError, Result};
 use crate::io::signature::{self, Signature};
 use crate::io::BlockDev;
 use uuid::Uuid;
@@ -149,8 +151,7 @@ pub fn probe(dev: &dyn BlockDev, this: &Expect, format_bytes: u64) -> Result<Con
                     ..Expect::default()
                 };
                 let other =
-                    Metadata::check_expect(name, &mut sb.clone(), &source_only, &mut Vec::new())
-                        .err();
+                    check_expect(name, &mut sb.clone(), &source_only, &mut Vec::new()).err();
                 return Ok(Contents::Clone {
                     uuid: sb.uuid,
                     generation: sb.generation,

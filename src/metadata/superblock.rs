@@ -106,35 +106,20 @@ pub struct Superblock {
 }
 
 /// Why a superblock slot is not usable.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SlotError {
+    #[error("bad magic {0:#018x}")]
     BadMagic(u64),
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Checksum { stored: u32, computed: u32 },
+    #[error("unsupported format version {0}")]
     BadVersion(u32),
+    #[error("block number {found} recorded, expected {expected}")]
     BadBlocknr { expected: u64, found: u64 },
+    #[error("generation {generation} cannot live in slot {slot} (must be generation % 2)")]
     BadGeneration { slot: u64, generation: u64 },
+    #[error("{0}")]
     Undecodable(String),
-}
-
-impl std::fmt::Display for SlotError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SlotError::BadMagic(m) => write!(f, "bad magic {m:#018x}"),
-            SlotError::Checksum { stored, computed } => write!(
-                f,
-                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ),
-            SlotError::BadVersion(v) => write!(f, "unsupported format version {v}"),
-            SlotError::BadBlocknr { expected, found } => {
-                write!(f, "block number {found} recorded, expected {expected}")
-            }
-            SlotError::BadGeneration { slot, generation } => write!(
-                f,
-                "generation {generation} cannot live in slot {slot} (must be generation % 2)"
-            ),
-            SlotError::Undecodable(s) => f.write_str(s),
-        }
-    }
 }
 
 impl Superblock {

@@ -6,8 +6,11 @@ use super::checksum::BLOCK_SIZE;
 use super::*;
 use crate::io::mem::{MemDev, Op};
 use crate::io::record::{Entry, IoLog, RecordingDev};
+use crate::io::BlockDev;
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
@@ -230,7 +233,8 @@ fn metadata_write_failure_then_retry() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------
-// Releasing the bitmap while readers look it up (issue 9, finding 3).
+// Releasing the bitmap while readers look it up: a reader must never index the emptied
+// bitmap (the "released" decision is taken under the read lock).
 
 /// An open metadata whose every region is hydrated and committed: its next
 /// `release_bitmap_if_complete` releases the in-core bitmap.
@@ -396,27 +400,64 @@ fn last_sb_write(log: &IoLog, from: usize, to: usize) -> Option<usize> {
         .find(|&i| matches!(&e[i], Entry::Write { offset, .. } if *offset < 2 * BLOCK_SIZE as u64))
 }
 
+type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
 /// Runs one random commit sequence and checks every crash image. Returns the violations.
-fn crash_sequence(
-    seed: u64,
-    broken: bool,
-) -> std::result::Result<Vec<String>, Box<dyn std::error::Error>> {
+fn crash_sequence(seed: u64, broken: bool) -> BoxResult<Vec<String>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let blocks = rng.gen_range(1..=3u64);
     let nr = blocks * REGIONS_PER_BITMAP_BLOCK - rng.gen_range(0..100);
     let base = formatted(nr)?;
     let log = IoLog::new();
     let rec: Arc<dyn BlockDev> = Arc::new(RecordingDev::new(base.clone(), &log)?);
+    let nwords = nr.div_ceil(64) as usize;
+    let initial = vec![0u64; nwords];
+    let durable = record_commits(&mut rng, rec, &log, nr, broken)?;
+
+    let mut violations = Vec::new();
+    let n = log.len();
+    for cut in 0..=n {
+        for variant in 0..2 {
+            let keep: Vec<bool> = (0..n).map(|_| variant == 0 || rng.gen_bool(0.5)).collect();
+            let tear: Vec<Option<u64>> = (0..n)
+                .map(|_| (variant == 1 && rng.gen_bool(0.3)).then(|| rng.gen_range(0..8)))
+                .collect();
+            let img = log.crash_image(0, cut, &|i| keep[i], &|i, s| {
+                tear[i].map_or(s, |t| t.min(s))
+            });
+            let last = durable.iter().rposition(|d| d.flush_at < cut);
+            let mut allowed: Vec<&Vec<u64>> = vec![last.map_or(&initial, |k| &durable[k].words)];
+            if let Some(next) = durable.get(last.map_or(0, |k| k + 1)) {
+                if next.write_at < cut {
+                    allowed.push(&next.words);
+                }
+            }
+            let dev = Arc::new(MemDev::from_image("crash", img));
+            let what = format!("seed {seed} cut {cut}/{n} variant {variant}");
+            check_crash_image(&dev, &allowed, nwords, &what, &mut violations);
+        }
+    }
+    Ok(violations)
+}
+
+/// Runs random hydrations and commits (through the broken protocol when `broken`) on `rec`,
+/// whose writes `log` records, then maybe a clean close. Returns the durable states in
+/// order: the one open made durable first.
+fn record_commits(
+    rng: &mut StdRng,
+    rec: Arc<dyn BlockDev>,
+    log: &IoLog,
+    nr: u64,
+    broken: bool,
+) -> BoxResult<Vec<Durable>> {
     let dest = MemDev::new("dest", 4096);
     let nwords = nr.div_ceil(64) as usize;
     let mut durable: Vec<Durable> = Vec::new();
-    let initial = vec![0u64; nwords];
-
-    let (md, _) = Metadata::open(rec.clone(), &Expect::default())?;
+    let (md, _) = Metadata::open(rec, &Expect::default())?;
     let p1 = log.len();
     durable.push(Durable {
-        words: initial.clone(),
-        write_at: last_sb_write(&log, 0, p1).ok_or("open wrote no superblock")?,
+        words: vec![0u64; nwords],
+        write_at: last_sb_write(log, 0, p1).ok_or("open wrote no superblock")?,
         flush_at: p1 - 1,
     });
     let commits = rng.gen_range(1..=4);
@@ -440,7 +481,7 @@ fn crash_sequence(
         let write_at = if broken {
             p0
         } else {
-            last_sb_write(&log, p0, p1).ok_or("no superblock write")?
+            last_sb_write(log, p0, p1).ok_or("no superblock write")?
         };
         durable.push(Durable {
             words: expected,
@@ -456,65 +497,53 @@ fn crash_sequence(
         let p1 = log.len();
         durable.push(Durable {
             words: last,
-            write_at: last_sb_write(&log, 0, p1).ok_or("no close write")?,
+            write_at: last_sb_write(log, 0, p1).ok_or("no close write")?,
             flush_at: p1 - 1,
         });
     }
-    drop(md);
+    Ok(durable)
+}
 
-    let mut violations = Vec::new();
-    let n = log.len();
-    for cut in 0..=n {
-        for variant in 0..2 {
-            let keep: Vec<bool> = (0..n).map(|_| variant == 0 || rng.gen_bool(0.5)).collect();
-            let tear: Vec<Option<u64>> = (0..n)
-                .map(|_| (variant == 1 && rng.gen_bool(0.3)).then(|| rng.gen_range(0..8)))
-                .collect();
-            let img = log.crash_image(0, cut, &|i| keep[i], &|i, s| {
-                tear[i].map_or(s, |t| t.min(s))
-            });
-            let last = durable.iter().rposition(|d| d.flush_at < cut);
-            let mut allowed: Vec<&Vec<u64>> = vec![last.map_or(&initial, |k| &durable[k].words)];
-            if let Some(next) = durable.get(last.map_or(0, |k| k + 1)) {
-                if next.write_at < cut {
-                    allowed.push(&next.words);
-                }
+/// Checks one crash image: check finds no damage before the open, the open succeeds with
+/// one of the `allowed` bitmaps and without bits going backwards, and check finds nothing
+/// after it. Records each violation, prefixed by `what`.
+fn check_crash_image(
+    dev: &Arc<MemDev>,
+    allowed: &[&Vec<u64>],
+    nwords: usize,
+    what: &str,
+    violations: &mut Vec<String>,
+) {
+    // A crash is not damage: check reports only notes (exit 0) before any open.
+    let raw = check(&**dev);
+    if raw.exit_code() != 0 {
+        violations.push(format!("{what}: check of the crash image: {raw}"));
+    }
+    match Metadata::open(dev.clone(), &Expect::default()) {
+        Err(e) => violations.push(format!("{what}: open failed: {e}")),
+        Ok((md, _)) => {
+            let got = words_of(&md)[..nwords].to_vec();
+            if !allowed.iter().any(|a| **a == got) {
+                violations.push(format!(
+                    "{what}: bitmap ({} bits) is not a durable commit (allowed: {:?} bits)",
+                    got.iter().map(|w| w.count_ones()).sum::<u32>(),
+                    allowed
+                        .iter()
+                        .map(|a| a.iter().map(|w| w.count_ones()).sum::<u32>())
+                        .collect::<Vec<_>>()
+                ));
             }
-            let dev = Arc::new(MemDev::from_image("crash", img));
-            let what = format!("seed {seed} cut {cut}/{n} variant {variant}");
-            // A crash is not damage: check reports only notes (exit 0) before any open.
-            let raw = check(&*dev);
-            if raw.exit_code() != 0 {
-                violations.push(format!("{what}: check of the crash image: {raw}"));
+            let base = allowed[0];
+            if got.iter().zip(base.iter()).any(|(g, b)| b & !g != 0) {
+                violations.push(format!("{what}: bits went backwards"));
             }
-            match Metadata::open(dev.clone(), &Expect::default()) {
-                Err(e) => violations.push(format!("{what}: open failed: {e}")),
-                Ok((md, _)) => {
-                    let got = words_of(&md)[..nwords].to_vec();
-                    if !allowed.iter().any(|a| **a == got) {
-                        violations.push(format!(
-                            "{what}: bitmap ({} bits) is not a durable commit (allowed: {:?} bits)",
-                            got.iter().map(|w| w.count_ones()).sum::<u32>(),
-                            allowed
-                                .iter()
-                                .map(|a| a.iter().map(|w| w.count_ones()).sum::<u32>())
-                                .collect::<Vec<_>>()
-                        ));
-                    }
-                    let base = allowed[0];
-                    if got.iter().zip(base.iter()).any(|(g, b)| b & !g != 0) {
-                        violations.push(format!("{what}: bits went backwards"));
-                    }
-                    drop(md);
-                    let rep = check(&*dev);
-                    if !rep.is_healthy() || !rep.notes.is_empty() {
-                        violations.push(format!("{what}: check after read-write open: {rep}"));
-                    }
-                }
+            drop(md);
+            let rep = check(&**dev);
+            if !rep.is_healthy() || !rep.notes.is_empty() {
+                violations.push(format!("{what}: check after read-write open: {rep}"));
             }
         }
     }
-    Ok(violations)
 }
 
 #[test]
@@ -629,8 +658,8 @@ fn read_write_open_repairs_a_torn_shadow() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------
-// Check after a crash (issue 9, finding 11): what a read-write open repairs by design is a
-// note (exit 0); only damage is a problem (exit 1).
+// Check after a crash: what a read-write open repairs by design is a note (exit 0); only
+// damage is a problem (exit 1).
 
 /// A device left by a commit cut between its shadow writes and its superblock: the shadows
 /// of bitmap blocks 0 and 2 (generation 3, slot B) are durable, the superblock is still
@@ -903,7 +932,16 @@ fn open_refuses_bad_metadata_without_writing() -> TestResult {
         "{e}"
     );
 
-    let d = with(&|_| {});
+    Ok(())
+}
+
+#[test]
+fn open_refuses_other_devices_without_writing() -> TestResult {
+    let d = Arc::new(MemDev::from_image(
+        "/dev/meta1",
+        formatted(1000)?.snapshot(),
+    ));
+    let open = |d: &Arc<MemDev>, x: &Expect| Metadata::open(d.clone(), x).map(|_| ());
     let src = 1000 * RS;
     let e = unchanged_after(&d, || {
         open(
