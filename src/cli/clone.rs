@@ -236,7 +236,7 @@ struct Opened {
     /// The destination as the engine sees it (through the recorder when recording).
     dest_dyn: Arc<dyn BlockDev>,
     md: Arc<crate::metadata::Metadata>,
-    recording: Option<Arc<ublk::Recording>>,
+    recording: Option<Arc<crate::logwrites::Recording>>,
 }
 
 /// Opens the three devices and formats or opens the metadata. Nothing is written before all
@@ -355,7 +355,11 @@ fn log_sectorsize(block_sizes: BlockSizes) -> u32 {
 }
 
 /// The destination and metadata as seen through the recorder, and the recording.
-type RecordedDevices = (Arc<dyn BlockDev>, Arc<dyn BlockDev>, Arc<ublk::Recording>);
+type RecordedDevices = (
+    Arc<dyn BlockDev>,
+    Arc<dyn BlockDev>,
+    Arc<crate::logwrites::Recording>,
+);
 
 /// Starts the daemon's dm-log-writes log: the destination at byte 0 and the metadata at
 /// `metadata_base` of one logged space (docs/log-writes.md). The log begins with a copy of
@@ -402,7 +406,7 @@ fn start_recording(
         log.display(),
         space.entries()
     );
-    let rec = Arc::new(ublk::Recording {
+    let rec = Arc::new(crate::logwrites::Recording {
         space,
         metadata: meta_dyn,
     });
@@ -636,7 +640,7 @@ fn daemon_inner(a: &CreateArgs, notify: bool) -> Result<()> {
         engine.clone(),
         o.source.file().as_raw_fd(),
         o.dest.file().as_raw_fd(),
-        recording,
+        recording.map(|r| r as Arc<dyn crate::io::observe::IoObserver>),
         &opts,
         move |ctrl, info| {
             // Absolute paths: `stop` and `list` run from any directory.
@@ -745,7 +749,7 @@ fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
 }
 
 /// The daemon's recording, as the control loop sees it: the recorder and the log's name.
-type CtlRecording = (Arc<ublk::Recording>, String);
+type CtlRecording = (Arc<crate::logwrites::Recording>, String);
 
 fn recording_status(rec: Option<&CtlRecording>) -> Option<control::RecordingStatus> {
     rec.map(|(r, log)| control::RecordingStatus {
