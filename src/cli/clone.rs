@@ -6,6 +6,7 @@ use super::size::parse_size;
 use crate::engine::{Engine, EngineConfig, Status};
 use crate::io::file::{Access, FileDev};
 use crate::io::{BlockDev, BlockSizes};
+use crate::logwrites::Recording;
 use crate::metadata::overwrite::{self, Overwrite};
 use crate::metadata::{Expect, FormatParams, Metadata, MetadataMode};
 use crate::ublk::{self, DeviceOptions};
@@ -236,7 +237,7 @@ struct Opened {
     /// The destination as the engine sees it (through the recorder when recording).
     dest_dyn: Arc<dyn BlockDev>,
     md: Arc<crate::metadata::Metadata>,
-    recording: Option<Arc<crate::logwrites::Recording>>,
+    recording: Option<Arc<Recording>>,
 }
 
 /// Opens the three devices and formats or opens the metadata. Nothing is written before all
@@ -355,11 +356,7 @@ fn log_sectorsize(block_sizes: BlockSizes) -> u32 {
 }
 
 /// The destination and metadata as seen through the recorder, and the recording.
-type RecordedDevices = (
-    Arc<dyn BlockDev>,
-    Arc<dyn BlockDev>,
-    Arc<crate::logwrites::Recording>,
-);
+type RecordedDevices = (Arc<dyn BlockDev>, Arc<dyn BlockDev>, Arc<Recording>);
 
 /// Starts the daemon's dm-log-writes log: the destination at byte 0 and the metadata at
 /// `metadata_base` of one logged space (docs/log-writes.md). The log begins with a copy of
@@ -406,7 +403,7 @@ fn start_recording(
         log.display(),
         space.entries()
     );
-    let rec = Arc::new(crate::logwrites::Recording {
+    let rec = Arc::new(Recording {
         space,
         metadata: meta_dyn,
     });
@@ -749,7 +746,7 @@ fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
 }
 
 /// The daemon's recording, as the control loop sees it: the recorder and the log's name.
-type CtlRecording = (Arc<crate::logwrites::Recording>, String);
+type CtlRecording = (Arc<Recording>, String);
 
 fn recording_status(rec: Option<&CtlRecording>) -> Option<control::RecordingStatus> {
     rec.map(|(r, log)| control::RecordingStatus {
