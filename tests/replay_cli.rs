@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use ublk_clone::io::mem::MemDev;
 use ublk_clone::io::BlockDev;
-use ublk_clone::logwrites::{FuaWrite, LogWriter, LogWritesDev};
+use ublk_clone::logwrites::{LogWriter, LogWritesDev};
 
 type Error = Box<dyn std::error::Error>;
 type Res = Result<(), Error>;

@@ -38,8 +38,8 @@ pub enum DaemonError {
     Engine(#[from] crate::engine::EngineError),
 
     /// The ublk device could not be created or served.
-    #[error("{0}")]
-    Ublk(String),
+    #[error(transparent)]
+    Ublk(#[from] crate::ublk::ServeError),
 
     /// A daemon (started in the background, or answering on its control socket) reported
     /// a failure or did not behave as the protocol requires.

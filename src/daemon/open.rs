@@ -12,8 +12,8 @@ use super::open_metadata::open_or_format;
 use super::record::{log_sectorsize, start_recording};
 use crate::io::file::{Access, FileDev};
 use crate::io::{BlockDev, BlockSizes};
+use crate::logwrites::Recording;
 use crate::metadata::Metadata;
-use crate::ublk::Recording;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -10,8 +10,8 @@ use super::config::DaemonConfig;
 use super::error::{Named, Result};
 use crate::io::file::{Access, FileDev};
 use crate::io::{BlockDev, BlockSizes};
+use crate::logwrites::Recording;
 use crate::logwrites::{LogWriter, LogWritesDev};
-use crate::ublk::Recording;
 use std::path::Path;
 use std::sync::Arc;
 

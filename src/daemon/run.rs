@@ -86,7 +86,9 @@ fn serve_device(cfg: &DaemonConfig, o: &Opened, engine: &Arc<Engine>, notify: bo
         engine.clone(),
         o.source.file().as_raw_fd(),
         o.dest.file().as_raw_fd(),
-        o.recording.clone(),
+        o.recording
+            .clone()
+            .map(|r| r as Arc<dyn crate::io::observe::IoObserver>),
         &opts,
         move |ctrl, info| {
             live.run(info, || {
@@ -94,7 +96,7 @@ fn serve_device(cfg: &DaemonConfig, o: &Opened, engine: &Arc<Engine>, notify: bo
             })
         },
     )
-    .map_err(|e| DaemonError::Ublk(format!("{e:#}")))
+    .map_err(DaemonError::Ublk)
 }
 
 /// Absolute, so that `stop` and `list` find the devices from any directory.

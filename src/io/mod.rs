@@ -3,10 +3,16 @@
 //!
 //! - [`file::FileDev`]: a regular file or block device (pread/pwrite/fdatasync, O_DIRECT
 //!   when the caller asks and the buffers allow it);
+//! - [`kernel`]: what the kernel says about a block device (size, block sizes, O_DIRECT
+//!   alignment, whether someone holds it exclusively);
 //! - [`mem::MemDev`]: an in-memory device with a volatile write cache model and fault
 //!   injection, for host tests;
 //! - [`record::RecordingDev`]: wraps any device and records every write, discard and flush in
 //!   one shared, ordered log, from which crash states are built;
+//! - [`span::SpanDev`]: several devices at byte offsets of one address space, seen as one;
+//! - [`observe::IoObserver`]: a listener told of the destination writes, discards and flushes
+//!   a data path completed by itself (the recorder of the ublk queues' io_uring I/O);
+//! - [`AlignedBuf`]: page-aligned buffers for O_DIRECT;
 //! - [`signature`]: what a device holds before it is overwritten (file-system, partition-table,
 //!   RAID, LVM, LUKS and swap magic numbers) and whether it is blank;
 //! - [`identity::DeviceIdentity`]: recognises a device again under any path.
@@ -17,12 +23,18 @@
 //! Invariant kept by every implementation: `flush()` returning `Ok` means every write and
 //! discard that completed before `flush()` was called is durable.
 
+mod aligned;
 pub mod file;
 pub mod holders;
 pub mod identity;
+pub mod kernel;
 pub mod mem;
+pub mod observe;
 pub mod record;
 pub mod signature;
+pub mod span;
+
+pub use aligned::AlignedBuf;
 
 use std::io;
 
@@ -76,6 +88,14 @@ pub trait BlockDev: Send + Sync {
     /// Discards `len` bytes at `offset`; afterwards the range reads back as zeroes or as its
     /// old contents (undefined, like a real device).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Writes with Forced Unit Access: durable when it returns, without making other writes
+    /// durable in a recorder's model. The default, a write followed by a flush, is at least
+    /// as strong; a device that can do better (the dm-log-writes recorder logs it as one FUA
+    /// write) overrides it.
+    fn write_fua(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.flush()
+    }
     /// Writes zeroes over `len` bytes at `offset` (like a write: not durable until a flush).
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.name(), self.size(), offset, len)?;
@@ -121,81 +141,14 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
     }
+    fn write_fua(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_fua(buf, offset)
+    }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).discard(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
-    }
-}
-
-/// A page-aligned heap buffer, usable for O_DIRECT I/O.
-pub struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only hands out `&[u8]`.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    pub const ALIGN: usize = 4096;
-
-    /// A zero-filled buffer of `len` bytes (rounded up to at least one byte internally).
-    pub fn zeroed(len: usize) -> Self {
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size (see `layout`).
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
-    }
-
-    fn layout(len: usize) -> std::alloc::Layout {
-        // A 4096-byte alignment with a non-zero size is always a valid layout unless the size
-        // overflows isize, which no buffer of ours comes near.
-        std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN)
-            .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; 4096]>())
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised bytes for the lifetime of self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.as_mut_slice()
     }
 }
 

@@ -1,7 +1,8 @@
 //! The dm-log-writes on-disk format: the super block and the entry header.
 //!
 //! Byte-compatible with the kernel's `log-writes` target and xfstests' `replay-log`
-//! (`ref-dmclone.md` §6.2). All integers are little-endian:
+//! (the kernel's `struct log_write_super` and `struct log_write_entry`). All integers are
+//! little-endian:
 //!
 //! ```text
 //! super (one sectorsize block at byte 0):

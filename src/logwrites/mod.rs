@@ -1,8 +1,13 @@
 //! dm-log-writes compatible recording and replay of block I/O.
 //!
 //! - [`format`]: the kernel's on-disk log format (super block, entries, flags, marks);
-//! - [`writer`]: [`LogWriter`] appends entries to a log; [`LogWritesDev`] wraps devices and
-//!   logs their writes, discards, flushes and FUA writes with the kernel target's ordering;
+//! - [`writer`]: [`LogWriter`] appends entries to a log;
+//! - [`space`]: [`LoggedSpace`], the address space several devices share in one log, and the
+//!   kernel target's ordering of what is logged;
+//! - [`dev`]: [`LogWritesDev`] wraps a device and logs its writes, discards, flushes and FUA
+//!   writes into a space;
+//! - [`recording`]: [`Recording`] logs the destination I/O a data path does by itself (the
+//!   ublk queues' io_uring path), as an [`crate::io::observe::IoObserver`] of that path;
 //! - [`reader`]: [`LogReader`] parses a log, ours or one written by the kernel;
 //! - [`replay`]: replays a log (or a prefix of it) onto a device, with replay-log's options.
 //!
@@ -15,20 +20,31 @@
 //! logged device. For a clone, [`LogWritesDev::pair`] maps the destination at sector 0 and
 //! the metadata device at [`metadata_base`]`(dest_size)`: the destination size rounded up to
 //! [`PAIR_ALIGN`] (1 MiB). A flush of either device flushes both and is logged as one flush
-//! of the shared device. See `docs/log-writes.md`.
+//! of the shared device. [`pair_span`] is the matching replay target.
 
+pub mod dev;
 pub mod format;
 pub mod reader;
+pub mod recording;
 pub mod replay;
+pub mod space;
 pub mod writer;
 
+#[cfg(test)]
+mod tests;
+
+pub use dev::LogWritesDev;
 pub use format::{EntryHeader, LogSuper, END_MARK};
 pub use reader::{LogEntry, LogReader};
-pub use replay::{replay, Check, ReplayOptions, ReplaySummary, SpanDev, Start};
-pub use writer::{FlushTicket, LogWriter, LogWritesDev, LoggedSpace};
+pub use recording::Recording;
+pub use replay::{replay, BadCheck, Check, ReplayOptions, ReplaySummary, Start};
+pub use space::{FlushTicket, LoggedSpace};
+pub use writer::LogWriter;
 
+use crate::io::span::SpanDev;
 use crate::io::BlockDev;
 use std::io;
+use std::sync::Arc;
 
 /// Alignment of the metadata range after the destination in a [`LogWritesDev::pair`] space.
 pub const PAIR_ALIGN: u64 = 1 << 20;
@@ -37,6 +53,13 @@ pub const PAIR_ALIGN: u64 = 1 << 20;
 /// destination is `dest_size` bytes long.
 pub fn metadata_base(dest_size: u64) -> u64 {
     dest_size.div_ceil(PAIR_ALIGN) * PAIR_ALIGN
+}
+
+/// The replay target of a log recorded with [`LogWritesDev::pair`]: `dest` at byte 0 and
+/// `metadata` at [`metadata_base`] of the destination's size, as one device.
+pub fn pair_span(dest: Arc<dyn BlockDev>, metadata: Arc<dyn BlockDev>) -> SpanDev {
+    let base = metadata_base(dest.size());
+    SpanDev::new(vec![(0, dest), (base, metadata)])
 }
 
 /// Errors of the log writer, reader and replayer. Each names the log or device concerned.
@@ -108,25 +131,5 @@ impl LogError {
             dev: dev.to_string(),
             source,
         }
-    }
-}
-
-/// A write with Forced Unit Access: durable when it returns, without flushing other writes
-/// in the log's model. [`BlockDev`] has no FUA flag, so devices that care (the recorder)
-/// implement this; any other device gets the default, a write followed by a flush, which is
-/// at least as strong.
-pub trait FuaWrite: BlockDev {
-    fn write_fua(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.write_at(buf, offset)?;
-        self.flush()
-    }
-}
-
-impl FuaWrite for crate::io::file::FileDev {}
-impl FuaWrite for crate::io::mem::MemDev {}
-impl<D: BlockDev> FuaWrite for crate::io::record::RecordingDev<D> {}
-impl<T: FuaWrite + ?Sized> FuaWrite for std::sync::Arc<T> {
-    fn write_fua(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_fua(buf, offset)
     }
 }

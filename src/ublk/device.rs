@@ -1,0 +1,144 @@
+//! Device setup: the options a device is created with, its parameters (size, block sizes,
+//! discard limits, the backend's fixed files), and [`DeviceInfo`], what the kernel granted,
+//! read back once the device was added.
+//!
+//! Invariant: the device never advertises a logical block size below the engine's (the
+//! larger of the source's and the destination's), so the kernel never sends a request that
+//! the backend's O_DIRECT I/O to a 4Kn source or destination could not serve; it advertises
+//! a volatile cache and FUA, so the kernel sends FLUSH and FUA at all.
+
+use super::uring_path::{DEST_SLOT, SOURCE_SLOT};
+use super::ServeError;
+use libublk::ctrl::UblkCtrl;
+use libublk::io::UblkDev;
+use libublk::{UblkError, UblkFlags};
+use std::os::fd::RawFd;
+
+/// What to create the device with.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Requested device id; -1 lets the kernel choose.
+    pub id: i32,
+    pub queues: u16,
+    pub depth: u16,
+    pub io_buf_bytes: u32,
+    /// Physical block size to advertise (at least the engine's logical block size and 4096).
+    pub physical_block_size: u32,
+}
+
+/// What the kernel granted, read back after the device was added.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceInfo {
+    pub id: u32,
+    pub path: String,
+    pub queues: u16,
+    pub depth: u16,
+    pub flags: u64,
+    pub max_io_buf_bytes: u32,
+}
+
+impl DeviceInfo {
+    /// Reads back what the kernel granted to the device of `ctrl`.
+    pub(super) fn granted(ctrl: &UblkCtrl) -> DeviceInfo {
+        let info = ctrl.dev_info();
+        DeviceInfo {
+            id: info.dev_id,
+            path: format!("/dev/ublkb{}", info.dev_id),
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            flags: info.flags,
+            max_io_buf_bytes: info.max_io_buf_bytes,
+        }
+    }
+}
+
+/// Adds the ublk device (not yet started).
+pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
+    libublk::ctrl::UblkCtrlBuilder::default()
+        .name("ublk-clone")
+        .id(opts.id)
+        .nr_queues(opts.queues)
+        .depth(opts.depth)
+        .io_buf_bytes(opts.io_buf_bytes)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|cause| ServeError::Add { cause })
+}
+
+/// The device's parameters, from the engine's geometry and block size and the options.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Target {
+    /// Device size in bytes.
+    pub size: u64,
+    pub region_size: u64,
+    pub region_shift: u32,
+    pub logical_shift: u8,
+    pub physical_shift: u8,
+    pub depth: u16,
+    /// The source and destination descriptors, registered as fixed files on every queue ring.
+    pub source: RawFd,
+    pub dest: RawFd,
+}
+
+impl Target {
+    /// Sets the device's parameters: libublk's `tgt_init`.
+    pub fn init(&self, dev: &mut UblkDev) -> Result<(), UblkError> {
+        let region_sectors = (self.region_size >> 9) as u32;
+        dev.set_default_params(self.size);
+        let p = &mut dev.tgt.params;
+        p.basic.attrs = libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA;
+        p.basic.logical_bs_shift = self.logical_shift;
+        p.basic.physical_bs_shift = self.physical_shift;
+        p.basic.io_min_shift = self.physical_shift;
+        p.basic.io_opt_shift = self.region_shift.max(self.physical_shift as u32) as u8;
+        p.types |= libublk::sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard = libublk::sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: self.region_size as u32,
+            max_discard_sectors: (u32::MAX >> 9) / region_sectors * region_sectors,
+            // WRITE_ZEROES is served (Engine::write_zeroes); 128 MiB (at least one region) per
+            // request bounds what a recording holds in memory for one.
+            max_write_zeroes_sectors: ((128u32 << 20) >> 9).max(region_sectors) / region_sectors
+                * region_sectors,
+            max_discard_segments: 1,
+            reserved0: 0,
+        };
+        let tgt = &mut dev.tgt;
+        tgt.fds[SOURCE_SLOT as usize] = self.source;
+        tgt.fds[DEST_SLOT as usize] = self.dest;
+        tgt.nr_fds = 3;
+        // A tag may have a few backend I/Os in flight, plus the kick read.
+        tgt.sq_depth = self.depth.saturating_mul(2).max(64);
+        tgt.cq_depth = self.depth.saturating_mul(4).max(128);
+        Ok(())
+    }
+}
+
+/// The `logical_bs_shift` and `physical_bs_shift` to advertise for a `logical`-byte logical
+/// block size and a `physical`-byte physical one: the physical (which is also the minimum I/O
+/// size) never below the logical nor below 4096, libublk's default.
+pub(super) fn block_shifts(logical: u64, physical: u32) -> (u8, u8) {
+    let logical = logical.max(crate::io::SECTOR_SIZE).next_power_of_two();
+    let physical = (physical as u64).next_power_of_two().max(logical).max(4096);
+    (
+        logical.trailing_zeros() as u8,
+        physical.trailing_zeros() as u8,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_shifts;
+
+    #[test]
+    fn advertised_block_sizes_follow_the_devices() {
+        // 512-byte sectors: libublk's defaults (512 logical, 4096 physical and minimum I/O).
+        assert_eq!(block_shifts(512, 512), (9, 12));
+        assert_eq!(block_shifts(512, 4096), (9, 12));
+        // A 4Kn source or destination: 4096-byte logical blocks.
+        assert_eq!(block_shifts(4096, 4096), (12, 12));
+        assert_eq!(block_shifts(4096, 512), (12, 12));
+        // A larger physical block is passed on.
+        assert_eq!(block_shifts(512, 16384), (9, 14));
+    }
+}
