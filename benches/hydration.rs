@@ -106,11 +106,11 @@ fn time_hydration(src: &Path, dir: &Path, mib: u64) -> anyhow::Result<Duration> 
     )?;
     let cfg = EngineConfig::new(source.size(), region);
     let t0 = Instant::now();
-    let engine = Engine::start(Arc::new(md), source, dest, cfg).map_err(anyhow::Error::msg)?;
+    let engine = Engine::start(Arc::new(md), source, dest, cfg)?;
     while !engine.is_fully_hydrated() {
         std::thread::sleep(Duration::from_millis(5));
     }
-    engine.shutdown().map_err(anyhow::Error::msg)?;
+    engine.shutdown()?;
     let t = t0.elapsed();
     std::fs::remove_file(&dst)?;
     Ok(t)

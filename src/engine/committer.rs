@@ -178,8 +178,7 @@ impl Committer {
         if let Err(e) = &res {
             // Never retried: a later flush may "succeed" without the lost data.
             // Degraded before the sequencer records the end of this flush.
-            self.dest_flush_failed.store(true, Ordering::Release);
-            self.degrade(Mode::ReadOnly, &format!("destination flush failed: {e}"));
+            self.destination_flush_failed(&format!("destination flush failed: {e}"));
         }
         let horizon = self.flushes.end(
             ticket,
@@ -333,8 +332,7 @@ impl Committer {
         let ticket = self.flushes.begin();
         let res = flush().map_err(|e| CommitError::DestinationFlush(e.to_string()));
         if let Err(e) = &res {
-            self.dest_flush_failed.store(true, Ordering::Release);
-            self.degrade(Mode::ReadOnly, &e.to_string());
+            self.destination_flush_failed(&e.to_string());
         }
         let horizon = self.flushes.end(
             ticket,
@@ -369,6 +367,15 @@ impl Committer {
             .map_err(|e| CommitError::DestinationFlush(e.to_string()))?;
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A destination flush failed: the bits set since the last commit cannot be trusted, in
+    /// this daemon (the map is settled back to the committed bitmap) or in a later one (the
+    /// survival copy is poisoned first).
+    fn destination_flush_failed(&self, reason: &str) {
+        self.md.poison_survival(reason);
+        self.dest_flush_failed.store(true, Ordering::Release);
+        self.degrade(Mode::ReadOnly, reason);
     }
 
     /// Switches to a degraded mode (never back) in memory, at once, so that no later FLUSH

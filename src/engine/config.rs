@@ -103,6 +103,9 @@ pub(crate) struct Bugs {
     pub flush_joins_old_commit: bool,
     /// The FLUSH fast path ignores uncommitted region bits (flushes only the destination).
     pub fast_flush_ignores_dirty: bool,
+    /// A user write's region bit reaches the survival copy only after the write was
+    /// acknowledged (lazily), so a daemon death in between forgets it.
+    pub survival_after_ack: bool,
 }
 
 impl EngineConfig {

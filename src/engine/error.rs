@@ -60,12 +60,12 @@ pub enum EngineError {
         dest_size: u64,
         size: u64,
     },
-    #[error("cannot start the {what} thread: {error}")]
+    #[error("cannot start a {what} thread: {error}")]
     Thread {
         what: &'static str,
         error: std::io::Error,
     },
-    #[error("final commit: {0}")]
+    #[error("{0}")]
     FinalCommit(IoError),
     #[error("marking the metadata clean: {0}")]
     MarkClean(metadata::MetadataError),

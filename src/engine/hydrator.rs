@@ -159,12 +159,12 @@ impl Hydrator {
         self.failed.lock().iter().copied().collect()
     }
 
-    /// Failed regions for which `keep` holds.
-    fn count_failed(&self, keep: impl Fn(u64) -> bool) -> u64 {
+    /// Failed regions for which `keep` holds; `None` if no region ever failed.
+    fn count_failed(&self, keep: impl Fn(u64) -> bool) -> Option<u64> {
         if !self.has_failed.load(Ordering::Acquire) {
-            return 0;
+            return None;
         }
-        self.failed.lock().iter().filter(|r| keep(**r)).count() as u64
+        Some(self.failed.lock().iter().filter(|r| keep(**r)).count() as u64)
     }
 
     /// How long to wait before the next copy at `rate` bytes/s; `None`: copy now.
@@ -283,8 +283,8 @@ impl Engine {
         // Only failed regions that are still unhydrated count: a write or discard may have
         // hydrated a failed region since.
         match self.hydrator.count_failed(|r| !md.is_hydrated(r)) {
-            0 => false,
-            failed => md.nr_hydrated() + failed >= self.geo.nr_regions,
+            None => false,
+            Some(failed) => md.nr_hydrated() + failed >= self.geo.nr_regions,
         }
     }
 
@@ -459,6 +459,11 @@ impl Engine {
         // The copy completed: only now may the bits be set.
         if let Err(e) = self.map.md().set_range_hydrated(head, count) {
             log::error!("recording regions {head}..{} hydrated: {e}", head + count);
+            if matches!(e, crate::metadata::MetadataError::Survival { .. }) {
+                // A user write to these regions would go straight to the destination, with
+                // nothing that outlives the daemon to make it visible.
+                self.committer.degrade(Mode::ReadOnly, &e.to_string());
+            }
             return Batch::Copied;
         }
         self.hydrator

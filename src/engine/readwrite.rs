@@ -10,6 +10,7 @@ use super::error::IoError;
 use super::path::{DataPath, Side};
 use super::regions::RegionGuard;
 use super::{budget, Engine, Mode};
+use crate::metadata::MetadataError;
 use std::sync::atomic::Ordering;
 
 impl Engine {
@@ -250,12 +251,34 @@ impl Engine {
     /// complete on the destination; called before the guards are released.
     pub(super) fn set_written(&self, guards: &[RegionGuard<'_>]) -> Result<(), IoError> {
         for g in guards {
-            self.map.md().set_hydrated(g.region()).map_err(|e| {
-                IoError::eio(format!("recording region {} hydrated: {e}", g.region()))
-            })?;
+            #[cfg(test)]
+            if self.config.bugs.survival_after_ack {
+                // BUG (test only): the bit reaches the survival copy only later (with a
+                // neighbour's, or not at all before the next commit).
+                self.map
+                    .md()
+                    .set_hydrated_unmirrored(g.region())
+                    .map_err(|e| self.bit_not_recorded(g.region(), e))?;
+                continue;
+            }
+            self.map
+                .md()
+                .set_hydrated(g.region())
+                .map_err(|e| self.bit_not_recorded(g.region(), e))?;
         }
         self.regions_hydrated_write
             .fetch_add(guards.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The error for a region bit that could not be set. If it could not be written to the
+    /// survival copy, a later write to the region would be acknowledged with nothing that
+    /// outlives the daemon to make it visible: the clone degrades to read-only.
+    pub(super) fn bit_not_recorded(&self, region: u64, e: MetadataError) -> IoError {
+        let msg = format!("recording region {region} hydrated: {e}");
+        if matches!(e, MetadataError::Survival { .. }) {
+            self.committer.degrade(Mode::ReadOnly, &msg);
+        }
+        IoError::eio(msg)
     }
 }

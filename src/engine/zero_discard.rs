@@ -9,7 +9,7 @@ use super::error::IoError;
 use super::path::DataPath;
 use super::{Engine, Mode};
 
-/// Most region locks one WRITE_ZEROES or DISCARD holds at a time.
+/// Most region locks one WRITE_ZEROES holds at a time (a DISCARD holds one).
 const LOCK_CHUNK_REGIONS: u64 = 1024;
 
 impl Engine {
@@ -164,23 +164,19 @@ impl Engine {
         if rs >= re {
             return Ok(());
         }
-        // Whole regions are marked hydrated without a copy, a bounded number of region
-        // locks at a time.
-        let mut r = rs;
-        while r < re {
-            let chunk_end = re.min(r + LOCK_CHUNK_REGIONS);
+        // Whole regions are marked hydrated without a copy, one region lock at a time (a
+        // discard never makes a user write wait for a lock it holds for a later region).
+        for r in rs..re {
             let guards = self
                 .locks
-                .lock_unhydrated(r..chunk_end, |x| self.map.is_hydrated(x))
+                .lock_unhydrated(r..r + 1, |x| self.map.is_hydrated(x))
                 .await;
             for g in &guards {
-                let region = g.region();
-                self.map.md().set_hydrated(region).map_err(|e| {
-                    IoError::eio(format!("recording discarded region {region}: {e}"))
-                })?;
+                self.map
+                    .md()
+                    .set_hydrated(g.region())
+                    .map_err(|e| self.bit_not_recorded(g.region(), e))?;
             }
-            drop(guards);
-            r = chunk_end;
         }
         self.map.check_fully_hydrated();
         if self.config.discard_passdown {

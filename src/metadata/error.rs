@@ -116,6 +116,15 @@ pub enum MetadataError {
         generation: u64,
     },
 
+    /// The survival copy of the bitmap could not be written: a bit set now would not outlive
+    /// the daemon, so the clone must stop acknowledging writes that depend on new bits.
+    #[error("{dev}: writing the survival copy of the bitmap: {error}")]
+    Survival {
+        dev: String,
+        #[source]
+        error: io::Error,
+    },
+
     #[error("{dev}: {context}: {error}")]
     Io {
         dev: String,

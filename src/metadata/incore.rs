@@ -18,11 +18,12 @@ use super::commit::{take_changed_blocks, CommitGuard};
 use super::error::{MetadataError, Result};
 use super::format::valid_mask;
 use super::superblock::Superblock;
+use super::survival::{SurvivalFile, Survived};
 use super::Metadata;
 use crate::io::BlockDev;
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Where the live copy of a bitmap block is, and how many bits it has set.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +64,8 @@ pub(crate) struct Core {
     pub hydrated: AtomicU64,
     /// A commit (or another superblock write) is in progress.
     pub committing: AtomicBool,
+    /// The survival copy every bit is written through to (see `survival`), once attached.
+    pub survival: OnceLock<SurvivalFile>,
     pub state: Mutex<State>,
     /// Test-only: run by the bitmap readers right before they look a word up (after deciding
     /// that the bitmap is not released), so a test can release it from another thread there.
@@ -94,6 +97,7 @@ impl Core {
             dirty: (0..nbb.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             hydrated: AtomicU64::new(hydrated),
             committing: AtomicBool::new(false),
+            survival: OnceLock::new(),
             state: Mutex::new(State {
                 sb,
                 live,
@@ -201,6 +205,19 @@ impl Metadata {
     /// [`set_hydrated`](Self::set_hydrated) for `count` regions from `first`. Takes only the
     /// bitmap's read lock (shared by all setters).
     pub fn set_range_hydrated(&self, first: u64, count: u64) -> Result<()> {
+        self.set_bits(first, count, true)
+    }
+
+    /// Test only: sets bits without writing them to the survival copy (the crash oracle's
+    /// teeth: a bit that reaches the survival copy only later).
+    #[cfg(test)]
+    pub fn set_hydrated_unmirrored(&self, region: u64) -> Result<()> {
+        self.set_bits(region, 1, false)
+    }
+
+    /// Sets the bits of regions `[first, first+count)` and, with `mirror`, writes them to the
+    /// survival copy before returning.
+    fn set_bits(&self, first: u64, count: u64, mirror: bool) -> Result<()> {
         let core = &self.core;
         let end = first
             .checked_add(count)
@@ -241,7 +258,16 @@ impl Metadata {
                 core.mark_dirty(w as u64 / WORDS_PER_BITMAP_BLOCK as u64);
                 r += n;
             }
-            Ok(())
+            // Before returning: the caller acknowledges writes that depend on these bits.
+            match core.survival.get() {
+                Some(s) if mirror && end > first => s
+                    .write_words(words, (first / 64) as usize, ((end - 1) / 64) as usize)
+                    .map_err(|error| MetadataError::Survival {
+                        dev: core.name().to_string(),
+                        error,
+                    }),
+                _ => Ok(()),
+            }
         })
         .unwrap_or(Ok(()))
     }
@@ -309,7 +335,71 @@ impl Metadata {
         }
         let committed: u64 = state.live.iter().map(|l| l.count as u64).sum();
         core.hydrated.store(committed, Ordering::SeqCst);
+        // The survival copy goes back too: the bits forgotten here may describe lost data.
+        if let Some(s) = core.survival.get() {
+            s.write_all(&words)
+                .map_err(|error| MetadataError::Survival {
+                    dev: core.name().to_string(),
+                    error,
+                })?;
+        }
         Ok(committed)
+    }
+
+    /// Merges the bits a previous daemon of this clone left in its survival copy (in the
+    /// same boot: their data reached the destination before each bit was set). They are
+    /// marked dirty, so the next commit makes them durable, destination flush first. Returns
+    /// the number of regions that were not hydrated in the committed bitmap.
+    pub fn merge_survived(&self, survived: &Survived) -> Result<u64> {
+        let core = &self.core;
+        let added = core.with_bitmap(|words| {
+            let mut added = 0;
+            for (i, (w, s)) in words.iter().zip(&survived.words).enumerate() {
+                let s = s & valid_mask(core.nr_regions, i as u64);
+                let new = s & !w.fetch_or(s, Ordering::SeqCst);
+                if new != 0 {
+                    added += new.count_ones() as u64;
+                    core.mark_dirty(i as u64 / WORDS_PER_BITMAP_BLOCK as u64);
+                }
+            }
+            added
+        });
+        let added = added.unwrap_or(0);
+        core.hydrated.fetch_add(added, Ordering::SeqCst);
+        Ok(added)
+    }
+
+    /// Starts writing every bit through to a survival copy in `dev`, which first receives
+    /// the in-core bitmap as it is. No bit can be set meanwhile (the bitmap's write lock is
+    /// held), so the copy misses none.
+    pub fn attach_survival(&self, dev: Arc<dyn BlockDev>, boot_id: [u8; 16]) -> Result<()> {
+        let core = &self.core;
+        let words = core.words.write();
+        let snapshot: Vec<u64> = if core.released.load(Ordering::Acquire) {
+            vec![!0; core.nr_regions.div_ceil(64) as usize]
+        } else {
+            words.iter().map(|w| w.load(Ordering::SeqCst)).collect()
+        };
+        let name = dev.name().to_string();
+        let file = SurvivalFile::create(dev, self.uuid(), boot_id, core.nr_regions, &snapshot)
+            .map_err(|error| MetadataError::Survival { dev: name, error })?;
+        // Attached once per open: a second attach keeps the first copy.
+        let _ = core.survival.set(file);
+        Ok(())
+    }
+
+    /// Records in the survival copy that the bits set since the last commit cannot be
+    /// trusted (a destination flush failed). Best effort: the failure is also being made
+    /// sticky in the metadata.
+    pub fn poison_survival(&self, reason: &str) {
+        if let Some(s) = self.core.survival.get() {
+            if let Err(e) = s.poison(reason) {
+                log::error!(
+                    "{}: recording the flush failure in the survival copy: {e}",
+                    self.name()
+                );
+            }
+        }
     }
 
     /// Refuses every later attempt to set a bit (the clone starts read-only; the in-core

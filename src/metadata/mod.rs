@@ -29,6 +29,7 @@ pub mod open;
 pub mod overwrite;
 mod scan;
 pub mod superblock;
+pub mod survival;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -45,6 +46,7 @@ pub use format::{
 };
 pub use open::{Expect, OpenReport};
 pub use superblock::{MetadataMode, Superblock};
+pub use survival::{survival_size, SurvivalError, SurvivalFile, Survived};
 
 pub(crate) use incore::Core;
 
