@@ -21,6 +21,8 @@ enum Command {
     Create(clone::CreateArgs),
     /// Start a stopped clone again from its metadata (uses the configuration saved at create).
     Start(clone::StartArgs),
+    /// Attach a new daemon to a device whose daemon died (the device and its file system stayed).
+    Recover(clone::RecoverArgs),
     /// List running clone devices.
     List,
     /// Show hydration progress and mode.
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Create(a) => done(clone::run_create(a)),
         Command::Start(a) => done(clone::run_start(a)),
+        Command::Recover(a) => done(clone::run_recover(a)),
         Command::List => done(cli::status::run_list()),
         Command::Status(a) => done(cli::status::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),

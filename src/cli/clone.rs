@@ -79,6 +79,13 @@ pub struct CreateArgs {
     /// Size of the --log-writes file (created sparse; ignored for a block device).
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     pub log_writes_size: u64,
+    /// Create the device without user recovery: if the daemon dies, the device and whatever
+    /// is mounted on it go away (by default the device waits for `ublk-clone recover`).
+    #[arg(long)]
+    pub no_recovery: bool,
+    /// Internal (`ublk-clone recover`): attach to the quiesced device --number.
+    #[arg(long, hide = true)]
+    pub recover: bool,
 }
 
 impl From<&CreateArgs> for DaemonConfig {
@@ -104,6 +111,8 @@ impl From<&CreateArgs> for DaemonConfig {
             buffered_io: a.buffered_io,
             log_writes: a.log_writes.clone(),
             log_writes_size: a.log_writes_size,
+            no_recovery: a.no_recovery,
+            recover: a.recover,
         }
     }
 }
@@ -150,6 +159,8 @@ fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
         ("--buffered-io", cfg.buffered_io),
         ("--ignore-source-mismatch", cfg.ignore_source_mismatch),
         ("--dest-moved", cfg.dest_moved),
+        ("--no-recovery", cfg.no_recovery),
+        ("--recover", cfg.recover),
     ] {
         if on {
             v.push(flag.into());
@@ -190,6 +201,23 @@ pub struct StartArgs {
 /// opened (see [`daemon::saved`]).
 pub fn run_start(a: &StartArgs) -> Result<()> {
     let mut cfg = daemon::saved::config_for_start(&a.metadata)?;
+    cfg.foreground = a.foreground;
+    create(&cfg)
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// The device whose daemon died: /dev/ublkbN or N.
+    pub dev: String,
+    /// Run the daemon in the foreground.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// `ublk-clone recover DEV`: a new daemon for a device whose daemon died, from the clone's
+/// saved configuration; the requests that waited in the kernel then complete.
+pub fn run_recover(a: &RecoverArgs) -> Result<()> {
+    let mut cfg = daemon::recover::config_for_recover(&a.dev)?;
     cfg.foreground = a.foreground;
     create(&cfg)
 }

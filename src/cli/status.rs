@@ -19,8 +19,8 @@ pub struct StatusArgs {
 
 /// `ublk-clone list`: one line per running daemon.
 pub fn run_list() -> Result<()> {
-    let recs = control::list_records();
-    if recs.is_empty() {
+    let devs = control::list_devices();
+    if devs.is_empty() {
         println!("no ublk-clone devices");
         return Ok(());
     }
@@ -28,14 +28,25 @@ pub fn run_list() -> Result<()> {
         "{:<14} {:>8} {:<24} {:<24} {:<24}",
         "DEVICE", "PID", "SOURCE", "DEST", "METADATA"
     );
-    for r in recs {
+    for d in devs {
+        let r = &d.record;
+        let pid = if d.daemon_running {
+            r.pid.to_string()
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:<14} {:>8} {:<24} {:<24} {:<24}",
+            "{:<14} {:>8} {:<24} {:<24} {:<24}{}",
             r.device,
-            r.pid,
+            pid,
             r.source.display(),
             r.dest.display(),
-            r.metadata.display()
+            r.metadata.display(),
+            if d.daemon_running {
+                ""
+            } else {
+                "  (no daemon, recoverable: ublk-clone recover)"
+            }
         );
     }
     Ok(())

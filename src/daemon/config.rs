@@ -22,7 +22,8 @@ fn default_log_size() -> u64 {
 }
 
 /// A clone daemon's options. The one-shot options (`force`, `force_reformat_this_clone`,
-/// `dest_moved`, `foreground`, `log_writes`, `number`) are cleared in a saved configuration.
+/// `dest_moved`, `recover`, `foreground`, `log_writes`, `number`) are cleared in a saved
+/// configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DaemonConfig {
     /// Read-only source device or file.
@@ -71,6 +72,12 @@ pub struct DaemonConfig {
     /// Size of a `log_writes` file (created sparse; ignored for a block device).
     #[serde(default = "default_log_size")]
     pub log_writes_size: u64,
+    /// Create the device without user recovery: a daemon death then removes it.
+    #[serde(default)]
+    pub no_recovery: bool,
+    /// Attach to the quiesced device `number`, whose daemon died, instead of adding one.
+    #[serde(default)]
+    pub recover: bool,
 }
 
 impl DaemonConfig {
@@ -183,6 +190,7 @@ impl DaemonConfig {
         c.force = false;
         c.force_reformat_this_clone = false;
         c.dest_moved = false;
+        c.recover = false;
         c.foreground = false;
         c.log_writes = None;
         c.number = -1;

@@ -11,7 +11,7 @@ use super::error::{DaemonError, Named, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub const RUN_DIR: &str = "/run/ublk-clone";
 
@@ -145,6 +145,53 @@ pub fn request(id: u32, req: &Request) -> Result<Response> {
         )));
     }
     Ok(r)
+}
+
+/// A clone device: its daemon's record, and whether that daemon is running (if not, the
+/// device is quiesced and waits for `ublk-clone recover`).
+pub struct Listed {
+    pub record: DaemonRecord,
+    pub daemon_running: bool,
+}
+
+/// The clone devices: those whose daemon runs, and those whose daemon died and that wait
+/// for recovery, by device number.
+pub fn list_devices() -> Vec<Listed> {
+    let running = list_records();
+    let mut v: Vec<Listed> = running
+        .iter()
+        .cloned()
+        .map(|record| Listed {
+            record,
+            daemon_running: true,
+        })
+        .collect();
+    if let Ok(rd) = std::fs::read_dir(run_dir()) {
+        for e in rd.flatten() {
+            let Some(r) = read_record(&e.path()) else {
+                continue;
+            };
+            let quiesced = matches!(
+                crate::ublk::device_state(r.id),
+                Some((crate::ublk::DeviceState::Quiesced, true))
+            );
+            if quiesced && !running.iter().any(|x| x.id == r.id) {
+                v.push(Listed {
+                    record: r,
+                    daemon_running: false,
+                });
+            }
+        }
+    }
+    v.sort_by_key(|l| l.record.id);
+    v
+}
+
+fn read_record(p: &Path) -> Option<DaemonRecord> {
+    if p.extension().is_none_or(|x| x != "json") {
+        return None;
+    }
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
 /// The records of the daemons that are running, by device number.

@@ -37,6 +37,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
 
+    /// The survival copy a dead daemon left cannot be used.
+    #[error(transparent)]
+    Survival(#[from] crate::metadata::SurvivalError),
+
     /// The ublk device could not be created or served.
     #[error(transparent)]
     Ublk(#[from] crate::ublk::ServeError),

@@ -21,11 +21,13 @@ mod open;
 mod open_metadata;
 mod process;
 mod record;
+pub mod recover;
 mod run;
 pub mod saved;
 mod server;
 mod spawn;
 pub mod stop;
+pub mod survival;
 
 pub use config::DaemonConfig;
 pub use error::{chain, DaemonError, Result};

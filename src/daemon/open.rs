@@ -35,6 +35,10 @@ pub(super) struct Opened {
 pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
     cfg.validate()?;
     check_exist(cfg)?;
+    if cfg.recover {
+        // Before any device is opened: the dead daemon's I/O must have ended.
+        super::recover::begin(cfg, record)?;
+    }
     let direct = !cfg.buffered_io;
     let source = Arc::new(FileDev::open(&cfg.source, Access::ReadOnly, direct)?);
     let dest = Arc::new(FileDev::open(&cfg.dest, Access::ReadWrite, direct)?);

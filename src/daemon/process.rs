@@ -44,3 +44,15 @@ pub(super) fn install_signal_handlers() {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
 }
+
+/// Makes a panic on any thread end the process at once, without unwinding: an unwinding
+/// daemon would stop its device on the way out (libublk's epilogue), and with it the file
+/// system mounted on it. Aborted, the daemon leaves a recoverable device quiesced for
+/// `ublk-clone recover`, like any other death.
+pub(super) fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("{info}; aborting (a recoverable device waits for `ublk-clone recover`)");
+        eprintln!("ublk-clone daemon: {info}; aborting");
+        std::process::abort();
+    }));
+}

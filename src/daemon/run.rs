@@ -1,6 +1,9 @@
 //! The daemon's life in this process: open the devices, save the configuration, start the
 //! engine, serve the ublk device and the control socket until stopped, then shut down.
 //!
+//! Before the engine starts, the survival copy a dead daemon left is merged and a new one
+//! started (`survival`); it is removed after a clean shutdown only.
+//!
 //! Invariant: on every way out after the engine started (a stop request, a signal, the
 //! device removed from outside, a failure to serve), the engine is shut down (its final
 //! commit) before the recording's log is closed, so the log ends after the final commit.
@@ -10,8 +13,8 @@ use super::control::{self, DaemonRecord};
 use super::error::{DaemonError, Named, Result};
 use super::open::{open_devices, Opened};
 use super::server::{self, CtlRecording};
-use super::{process, saved, spawn};
-use crate::engine::Engine;
+use super::{process, saved, spawn, survival};
+use crate::engine::{Engine, Mode};
 use crate::io::BlockDev;
 use crate::ublk::{self, DeviceInfo, DeviceOptions};
 use std::os::unix::io::AsRawFd;
@@ -35,8 +38,10 @@ pub fn run(cfg: &DaemonConfig) -> Result<()> {
 fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     process::private_mount_namespace();
     process::install_signal_handlers();
+    process::abort_on_panic();
     let o = open_devices(cfg, true)?;
     saved::save(cfg, &o.md, &o.source, &o.dest)?;
+    let survival_path = survival::resume(cfg, &o.md)?;
     let region_size = o.md.region_size();
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
     ecfg.block_size = o.block_sizes.logical as u64;
@@ -47,6 +52,10 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let closed = o.recording.as_ref().map(|r| r.space.close());
     served?;
     shut?;
+    if engine.mode() == Mode::ReadWrite {
+        // Shut down clean: the committed bitmap holds every bit of the survival copy.
+        survival::remove(&survival_path);
+    }
     if let (Some(closed), Some(log)) = (closed, &cfg.log_writes) {
         let n = closed.named(|| format!("--log-writes {}", log.display()))?;
         log::info!("log {} closed with {n} entries", log.display());
@@ -67,6 +76,8 @@ fn serve_device(cfg: &DaemonConfig, o: &Opened, engine: &Arc<Engine>, notify: bo
         depth: cfg.depth,
         io_buf_bytes: 512 << 10,
         physical_block_size: o.block_sizes.physical,
+        recovery: !cfg.no_recovery,
+        recover: cfg.recover,
     };
     let run_dir = control::run_dir();
     std::fs::create_dir_all(&run_dir).named(|| format!("cannot create {}", run_dir.display()))?;

@@ -177,7 +177,7 @@ mod tests {
     }
 
     /// The keys of a saved configuration, as every version so far wrote them.
-    const SAVED_KEYS: [&str; 22] = [
+    const SAVED_KEYS: [&str; 24] = [
         "source",
         "dest",
         "metadata",
@@ -198,6 +198,8 @@ mod tests {
         "buffered_io",
         "log_writes",
         "log_writes_size",
+        "no_recovery",
+        "recover",
         "source_identity",
         "dest_identity",
     ];
@@ -211,6 +213,7 @@ mod tests {
             "rate": 1048576, "queues": 2, "depth": 64, "number": -1, "force": false,
             "force_reformat_this_clone": false, "dest_moved": false, "foreground": false,
             "buffered_io": true, "log_writes": null, "log_writes_size": 1073741824,
+            "no_recovery": false, "recover": false,
             "source_identity": null, "dest_identity": null
         }"#;
         let cfg: SavedConfig = serde_json::from_str(full)?;

@@ -35,6 +35,9 @@ pub fn stop(dev: &str, force: bool) -> Result<()> {
             );
         }
     }
+    if rec.is_none() && remove_quiesced(id)? {
+        return Ok(());
+    }
     control::request(id, &Request::Stop)?;
     let Some(rec) = rec else {
         return Ok(());
@@ -43,6 +46,22 @@ pub fn stop(dev: &str, force: bool) -> Result<()> {
     wait_released(&rec).named(|| format!("{}", dev.display()))?;
     settle_udev();
     Ok(())
+}
+
+/// A recoverable device whose daemon died (quiesced, no daemon): removes it, giving up its
+/// recovery. Its requests fail; the clone's metadata and survival copy stay, so `start`
+/// resumes the clone with every region its daemon hydrated. False if `id` is not such a
+/// device.
+fn remove_quiesced(id: u32) -> Result<bool> {
+    if !matches!(
+        crate::ublk::device_state(id),
+        Some((crate::ublk::DeviceState::Quiesced, _))
+    ) {
+        return Ok(false);
+    }
+    crate::ublk::delete_device(id)?;
+    settle_udev();
+    Ok(true)
 }
 
 /// Waits for udev to finish with the devices the daemon closed. udev watches block devices

@@ -2,6 +2,9 @@
 //! discard limits, the backend's fixed files), and [`DeviceInfo`], what the kernel granted,
 //! read back once the device was added.
 //!
+//! A recoverable device is disowned once live (see `serve`): only a clean stop deletes it, so
+//! no error path of a dying daemon removes a device that holds a mounted file system.
+//!
 //! Invariant: the device never advertises a logical block size below the engine's (the
 //! larger of the source's and the destination's), so the kernel never sends a request that
 //! the backend's O_DIRECT I/O to a 4Kn source or destination could not serve; it advertises
@@ -24,6 +27,91 @@ pub struct DeviceOptions {
     pub io_buf_bytes: u32,
     /// Physical block size to advertise (at least the engine's logical block size and 4096).
     pub physical_block_size: u32,
+    /// Create the device recoverable (`UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`):
+    /// when the daemon dies, the device and the file system on it stay, requests wait in the
+    /// kernel, and those the daemon held are re-issued to the daemon that recovers it.
+    pub recovery: bool,
+    /// Attach to the existing quiesced device `id` (after [`begin_recovery`]) instead of
+    /// adding one.
+    pub recover: bool,
+}
+
+/// What a device's recovery starts from: the existing device's queues and depth.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryStart {
+    pub queues: u16,
+    pub depth: u16,
+}
+
+/// A device's state as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceState {
+    Live,
+    /// Its daemon died; it waits for a new one (`recover`).
+    Quiesced,
+    Dead,
+    Other(u16),
+}
+
+/// The state of device `id` and whether it was created recoverable; `None` if there is no
+/// such device.
+pub fn device_state(id: u32) -> Option<(DeviceState, bool)> {
+    let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
+    let info = ctrl.dev_info();
+    let state = match info.state as u32 {
+        libublk::sys::UBLK_S_DEV_LIVE => DeviceState::Live,
+        libublk::sys::UBLK_S_DEV_QUIESCED => DeviceState::Quiesced,
+        libublk::sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
+        other => DeviceState::Other(other as u16),
+    };
+    Some((state, info.flags & RECOVERY_FLAGS as u64 != 0))
+}
+
+/// Deletes device `id` (one whose daemon is gone).
+pub fn delete_device(id: u32) -> Result<(), ServeError> {
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|cause| ServeError::Delete { id, cause })?;
+    ctrl.del_dev()
+        .map(|_| ())
+        .map_err(|cause| ServeError::Delete { id, cause })
+}
+
+const RECOVERY_FLAGS: u32 =
+    libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE;
+
+/// Starts the recovery of device `id`, whose daemon died: waits (up to 30 s) until the dead
+/// daemon's process is gone and its rings are torn down (the kernel refuses earlier), which is
+/// also when every I/O it had in flight has ended. Only then may a new daemon open the
+/// devices and write.
+pub fn begin_recovery(id: u32) -> Result<RecoveryStart, ServeError> {
+    let not = |why: String| ServeError::NotRecoverable { id, why };
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| not(format!("no such device ({e})")))?;
+    let info = ctrl.dev_info();
+    if info.flags & RECOVERY_FLAGS as u64 == 0 {
+        return Err(not(
+            "it was created with --no-recovery; stop it and start the clone again".into(),
+        ));
+    }
+    if info.state as u32 != libublk::sys::UBLK_S_DEV_QUIESCED {
+        let what = if info.state as u32 == libublk::sys::UBLK_S_DEV_LIVE {
+            "it is live: its daemon is running"
+        } else {
+            "it is not waiting for recovery"
+        };
+        return Err(not(what.into()));
+    }
+    let start = RecoveryStart {
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+    };
+    match ctrl.start_user_recover() {
+        Ok(r) if r >= 0 => Ok(start),
+        Ok(r) => Err(not(format!(
+            "the kernel refused to start recovery (errno {}): the dead daemon's process may \
+             still be exiting",
+            -r
+        ))),
+        Err(cause) => Err(ServeError::Recover { id, cause }),
+    }
 }
 
 /// What the kernel granted, read back after the device was added.
@@ -52,14 +140,29 @@ impl DeviceInfo {
     }
 }
 
-/// Adds the ublk device (not yet started).
+/// Adds the ublk device (not yet started), or with `recover` attaches to the quiesced one.
 pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
-    libublk::ctrl::UblkCtrlBuilder::default()
+    let builder = libublk::ctrl::UblkCtrlBuilder::default()
         .name("ublk-clone")
         .id(opts.id)
         .nr_queues(opts.queues)
         .depth(opts.depth)
-        .io_buf_bytes(opts.io_buf_bytes)
+        .io_buf_bytes(opts.io_buf_bytes);
+    if opts.recover {
+        return builder
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .build()
+            .map_err(|cause| ServeError::Recover {
+                id: opts.id.max(0) as u32,
+                cause,
+            });
+    }
+    builder
+        .ctrl_flags(if opts.recovery {
+            RECOVERY_FLAGS as u64
+        } else {
+            0
+        })
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
         .map_err(|cause| ServeError::Add { cause })

@@ -30,7 +30,10 @@ mod queue;
 mod request;
 mod uring_path;
 
-pub use device::{DeviceInfo, DeviceOptions};
+pub use device::{
+    begin_recovery, delete_device, device_state, DeviceInfo, DeviceOptions, DeviceState,
+    RecoveryStart,
+};
 pub use queue::queues_alive;
 pub use uring_path::UringPath;
 
@@ -49,6 +52,12 @@ pub enum ServeError {
     Add { cause: UblkError },
     #[error("ublk device failed: {cause}")]
     Run { cause: UblkError },
+    #[error("/dev/ublkb{id} cannot be recovered: {why}")]
+    NotRecoverable { id: u32, why: String },
+    #[error("recovering /dev/ublkb{id}: {cause}")]
+    Recover { id: u32, cause: UblkError },
+    #[error("deleting /dev/ublkb{id}: {cause}")]
+    Delete { id: u32, cause: UblkError },
 }
 
 /// Adds the device, serves it until it is stopped, and returns after the queues exited.
@@ -80,8 +89,21 @@ pub fn serve(
     let q_fn = move |qid: u16, dev: &UblkDev| {
         queue::queue_thread(engine.clone(), observer.clone(), qid, dev)
     };
-    let dev_fn = move |ctrl: &UblkCtrl| on_started(ctrl, DeviceInfo::granted(ctrl));
+    let recoverable = opts.recovery || opts.recover;
+    let dev_fn = move |ctrl: &UblkCtrl| {
+        if recoverable {
+            // Live now: from here only a clean stop deletes the device (below). A daemon
+            // that dies leaves it quiesced, with its file system, for `recover`.
+            ctrl.disown();
+        }
+        on_started(ctrl, DeviceInfo::granted(ctrl))
+    };
     ctrl.run_target(|dev: &mut UblkDev| target.init(dev), q_fn, dev_fn)
         .map_err(|cause| ServeError::Run { cause })?;
+    if recoverable {
+        // The queues exited: the device was stopped (by `stop`, or from outside). Delete
+        // it; it may be gone already.
+        let _ = ctrl.del_dev();
+    }
     Ok(())
 }

@@ -192,6 +192,54 @@ test_stop_and_restart_resumes() {
   stop "$dev"
 }
 
+daemon_pid() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "/run/ublk-clone/${1#/dev/ublkb}.json"; }
+
+test_kill_and_recover() {
+  # ext4 on a clone of a golden ext4 image (no mkfs on the clone: its writes copy regions),
+  # background hydration running. Each round writes files with O_DIRECT (acknowledged by the
+  # device, no FLUSH, so their regions' bits are not committed yet), SIGKILLs the daemon and
+  # recovers the device under the mounted file system. Every acknowledged write must then
+  # read back from the device (page cache dropped), and the file system must be clean.
+  mk_images 64
+  mkfs.ext4 -q -F "$WORK/src"
+  local mnt=$WORK/mnt round f pid dev2 sha_golden
+  mkdir -p "$mnt"
+  mount -o loop "$WORK/src" "$mnt"
+  head -c 3M /dev/urandom >"$mnt/golden"
+  sha_golden=$(sha256sum <"$mnt/golden")
+  umount "$mnt"
+  dev=$(create --region-size 64K --rate 2M)
+  mount "$dev" "$mnt" || fail "mount of the clone failed"
+  for round in 1 2 3 4 5; do
+    for f in 1 2 3 4; do
+      head -c 192K /dev/urandom >"$WORK/w$round-$f"
+      dd if="$WORK/w$round-$f" of="$mnt/w$round-$f" bs=64K oflag=direct status=none \
+        || fail "round $round: write $f failed"
+    done
+    pid=$(daemon_pid "$dev")
+    kill -9 "$pid"
+    # The device and the mount stay; the next daemon attaches to the same device.
+    dev2=$("$BIN" recover "$dev" 2>>"$LOG") || fail "round $round: recover failed"
+    [ "$dev2" = "$dev" ] || fail "round $round: recover gave $dev2, not $dev"
+    [ "$(daemon_pid "$dev")" != "$pid" ] || fail "round $round: no new daemon"
+    say "round $round: daemon $pid killed, recovered by $(daemon_pid "$dev")"
+  done
+  # A second recover while the device is live is refused.
+  expect_error "recover of a live device" "live" "$BIN" recover "$dev"
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  for round in 1 2 3 4 5; do
+    for f in 1 2 3 4; do
+      cmp -s "$WORK/w$round-$f" "$mnt/w$round-$f" \
+        || fail "round $round file $f: an acknowledged write was lost across a daemon death"
+    done
+  done
+  [ "$(sha256sum <"$mnt/golden")" = "$sha_golden" ] || fail "golden file changed"
+  umount "$mnt"
+  e2fsck -fn "$dev" >>"$LOG" 2>&1 || fail "e2fsck found errors after the daemon deaths"
+  stop "$dev"
+}
+
 expect_error() { # DESCRIPTION PATTERN COMMAND...
   local what=$1 pat=$2; shift 2
   local out rc
@@ -453,6 +501,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
+         kill_and_recover \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \

@@ -1,0 +1,85 @@
+//! Recovering a device whose daemon died: the device (`/dev/ublkbN`, created recoverable)
+//! and the file system on it are still there, its requests wait in the kernel, and a new
+//! daemon attaches to it with the clone's saved configuration.
+//!
+//! Invariant (the old daemon's I/O has ended before the new one writes): the new daemon
+//! opens no device before the kernel has accepted `START_USER_RECOVERY`, which it does only
+//! once the dead daemon's `/dev/ublkcN` is closed. That happens when its process has exited
+//! (every thread, so every synchronous backing I/O of the hydration and commit threads, has
+//! returned) and its io_uring rings were torn down (every backing I/O in flight on a queue
+//! ring has completed, and the backing files registered on them are released). The requests
+//! the dead daemon held are re-issued to the new one; a write re-applied over its first attempt
+//! is safe then, since nothing else can land in between.
+//!
+//! One recovery at a time: the recovering daemon holds `<run dir>/<N>.recover` locked for its
+//! whole life, and a second `recover` of the same device is refused at once.
+
+use super::config::DaemonConfig;
+use super::control::{self, run_dir, DaemonRecord};
+use super::error::{refuse, Named, Result};
+use super::saved;
+use crate::ublk::{self, DeviceState};
+use std::os::fd::AsRawFd;
+
+/// The configuration that recovers device `dev` (`/dev/ublkbN` or `N`): the clone its dead
+/// daemon served, from the daemon's record and the clone's saved configuration.
+pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
+    let id = control::parse_dev(dev)?;
+    match ublk::device_state(id) {
+        None => refuse!("/dev/ublkb{id}: no such ublk device"),
+        Some((DeviceState::Live, _)) => {
+            refuse!("/dev/ublkb{id} is live: its daemon is running; nothing to recover")
+        }
+        Some((DeviceState::Quiesced, true)) => {}
+        Some((DeviceState::Quiesced, false)) | Some((_, false)) => refuse!(
+            "/dev/ublkb{id} was created with --no-recovery and cannot be recovered; stop it and \
+             start the clone again"
+        ),
+        Some((state, true)) => {
+            refuse!("/dev/ublkb{id} is not waiting for recovery (state {state:?})")
+        }
+    }
+    let path = control::record_path(id);
+    let text = std::fs::read_to_string(&path).named(|| {
+        format!(
+            "/dev/ublkb{id}: no record of a ublk-clone daemon for it ({}); was it made by \
+             `ublk-clone create`?",
+            path.display()
+        )
+    })?;
+    let rec: DaemonRecord =
+        serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
+    let mut cfg = saved::config_for_start(&rec.metadata)?;
+    cfg.number = id as i32;
+    cfg.recover = true;
+    cfg.queues = Some(rec.queues);
+    cfg.depth = rec.depth;
+    Ok(cfg)
+}
+
+/// Starts the recovery of `cfg`'s device, before any device is opened: takes the recovery
+/// lock (kept for the process's life with `hold`, else released again: the check of a
+/// process that only spawns the daemon) and waits for the kernel's barrier (see the module
+/// doc).
+pub(super) fn begin(cfg: &DaemonConfig, hold: bool) -> Result<()> {
+    let id = cfg.number.max(0) as u32;
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir).named(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("{id}.recover"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .named(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a valid, open descriptor.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        refuse!("/dev/ublkb{id}: another `ublk-clone recover` of it is running");
+    }
+    ublk::begin_recovery(id)?;
+    if hold {
+        // Held until this process exits: the lock ends with the last descriptor.
+        std::mem::forget(lock);
+    }
+    Ok(())
+}

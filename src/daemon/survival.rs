@@ -1,0 +1,200 @@
+//! The clone's survival copy on the daemon side: where it lives, what a starting daemon does
+//! with the one a dead daemon left, and its removal after a clean stop.
+//!
+//! The file is `<run dir>/<metadata UUID>.bits` (the run directory is on tmpfs: `/run`). A
+//! daemon that starts reads the file left in the same boot and merges its bits before the
+//! engine starts; the first commit then makes them durable, destination flush first. If the
+//! file records a failed destination flush, nothing is merged and the clone starts read-only
+//! with that reason. Invariant: the file is removed only after a clean shutdown (final
+//! commit done, metadata marked clean), when the committed bitmap holds every bit it has.
+//!
+//! A moved destination (`--dest-moved`, a copy of the old one) may be older than the bits
+//! in the file, so the file is not merged then.
+
+use super::config::DaemonConfig;
+use super::control::run_dir;
+use super::error::{refuse, Named, Result};
+use crate::io::file::{Access, FileDev};
+use crate::metadata::{survival_size, Metadata, MetadataMode, SurvivalFile};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The survival copy's path for the clone whose metadata has `uuid`.
+pub fn survival_path(uuid: &uuid::Uuid) -> PathBuf {
+    run_dir().join(format!("{uuid}.bits"))
+}
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`): a survival copy from another boot
+/// (before a reboot or a power loss) is never merged.
+fn boot_id() -> Result<[u8; 16]> {
+    const PATH: &str = "/proc/sys/kernel/random/boot_id";
+    let text = std::fs::read_to_string(PATH).named(|| format!("cannot read {PATH}"))?;
+    match uuid::Uuid::parse_str(text.trim()) {
+        Ok(u) => Ok(*u.as_bytes()),
+        Err(e) => refuse!("{PATH}: not a boot ID ({e}): {text:?}"),
+    }
+}
+
+/// Merges what a dead daemon of this clone left, then starts the survival copy that this
+/// daemon writes every region bit through to. Returns its path.
+pub(super) fn resume(cfg: &DaemonConfig, md: &Metadata) -> Result<PathBuf> {
+    let path = survival_path(&md.uuid());
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir).named(|| format!("cannot create {}", dir.display()))?;
+    resume_at(&path, cfg.dest_moved, md, boot_id()?)?;
+    Ok(path)
+}
+
+/// [`resume`] with the survival copy at `path`, in boot `boot`.
+fn resume_at(path: &Path, dest_moved: bool, md: &Metadata, boot: [u8; 16]) -> Result<()> {
+    let dev = open_file(path, survival_size(md.nr_regions()))?;
+    match SurvivalFile::read(&dev, md.uuid(), boot, md.nr_regions())? {
+        None => {}
+        Some(_) if dest_moved => log::warn!(
+            "{}: not merged: the destination moved, and the copy may be older than these \
+             region bits",
+            path.display()
+        ),
+        Some(s) => match s.poisoned {
+            Some(reason) => {
+                let reason =
+                    format!("a destination flush failed before the daemon was restarted: {reason}");
+                log::error!("{}: {reason}; starting read-only", path.display());
+                if md.mode().0 == MetadataMode::ReadWrite {
+                    md.persist_mode(MetadataMode::ReadOnly, &reason)?;
+                }
+            }
+            None => {
+                let n = md.merge_survived(&s)?;
+                log::warn!(
+                    "{}: a daemon of this clone died; {n} regions hydrated since its last \
+                     commit are taken back from its survival copy",
+                    path.display()
+                );
+            }
+        },
+    }
+    md.attach_survival(Arc::new(dev), boot)?;
+    Ok(())
+}
+
+/// Opens (creating it if needed) the survival file, at least `size` bytes long.
+fn open_file(path: &Path, size: u64) -> Result<FileDev> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .named(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata().named(|| format!("{}", path.display()))?.len();
+    if len < size {
+        f.set_len(size)
+            .named(|| format!("cannot size {}", path.display()))?;
+    }
+    drop(f);
+    Ok(FileDev::open(path, Access::ReadWrite, false)?)
+}
+
+/// After a clean shutdown: the committed bitmap holds every bit; the copy is not needed.
+pub(super) fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::mem::MemDev;
+    use crate::io::BlockDev;
+    use crate::metadata::{Expect, FormatParams};
+
+    const BOOT: [u8; 16] = [3; 16];
+
+    struct Clone {
+        source: Arc<MemDev>,
+        dest: Arc<MemDev>,
+        meta: Arc<MemDev>,
+    }
+
+    impl Clone {
+        fn new() -> Clone {
+            let c = Clone {
+                source: Arc::new(MemDev::new("source", 64 * 4096)),
+                dest: Arc::new(MemDev::new("dest", 64 * 4096)),
+                meta: Arc::new(MemDev::new("meta", 1 << 20)),
+            };
+            let params = FormatParams::from_devices(c.source.as_ref(), c.dest.as_ref(), 4096)
+                .expect("fingerprint");
+            let m: Arc<dyn BlockDev> = c.meta.clone();
+            Metadata::format(m, &params, false).expect("format");
+            c
+        }
+
+        /// Opens the metadata as a (re)starting daemon does.
+        fn open(&self) -> Metadata {
+            let expect =
+                Expect::from_devices(self.source.as_ref(), self.dest.as_ref()).expect("expect");
+            let m: Arc<dyn BlockDev> = self.meta.clone();
+            Metadata::open(m, &expect).expect("open").0
+        }
+    }
+
+    #[test]
+    fn a_restarted_daemon_takes_back_the_bits_of_a_dead_one_in_the_same_boot_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("clone.bits");
+        let c = Clone::new();
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT).expect("first start");
+        md.set_hydrated(5).expect("set");
+        // The daemon dies: nothing committed, nothing closed.
+        drop(md);
+        let md = c.open();
+        assert!(!md.is_hydrated(5), "the bit was never committed");
+        resume_at(&path, false, &md, BOOT).expect("restart");
+        assert!(
+            md.is_hydrated(5),
+            "the dead daemon's bit was not taken back"
+        );
+        assert!(md.is_dirty(), "the merged bit must be committed");
+        drop(md);
+        // After a reboot the copy describes nothing durable: not merged.
+        let md = c.open();
+        resume_at(&path, false, &md, [4; 16]).expect("other boot");
+        assert!(!md.is_hydrated(5));
+        drop(md);
+        // A moved destination may be older than the copy: not merged.
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT).expect("restart");
+        md.set_hydrated(6).expect("set");
+        drop(md);
+        let md = c.open();
+        resume_at(&path, true, &md, BOOT).expect("moved");
+        assert!(!md.is_hydrated(6));
+    }
+
+    #[test]
+    fn after_a_failed_destination_flush_the_bits_are_not_trusted_and_the_clone_starts_read_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("clone.bits");
+        let c = Clone::new();
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT).expect("first start");
+        md.set_hydrated(9).expect("set");
+        md.poison_survival("destination flush: EIO");
+        drop(md);
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT).expect("restart");
+        assert!(
+            !md.is_hydrated(9),
+            "a bit set before the failed flush was merged"
+        );
+        let (mode, reason) = md.mode();
+        assert_eq!(mode, MetadataMode::ReadOnly);
+        assert!(reason.contains("destination flush: EIO"), "{reason}");
+    }
+}
