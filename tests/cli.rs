@@ -46,6 +46,7 @@ fn help_lists_the_subcommands() {
         "dump",
         "reset-mode",
         "mark",
+        "recover",
     ] {
         assert!(text.contains(sub), "--help does not mention {sub}");
     }
@@ -890,6 +891,8 @@ const CASES: &[Case] = &[
     // stop, status, set, mark: no such device, no daemon.
     case("stop 4242", &["/dev/ublkb4242", "no ublk-clone daemon", "ublk-clone list"], &[]),
     case("stop sda", &["'sda' is not a ublk-clone device", "/dev/ublkbN"], &[]),
+    case("recover 4242", &["/dev/ublkb4242", "no record of a ublk-clone daemon"], &[]),
+    case("recover sda", &["'sda' is not a ublk-clone device", "/dev/ublkbN"], &[]),
     case("status /dev/ublkb4242", &["/dev/ublkb4242", "ublk-clone list"], &[]),
     case("set 4242 --rate 1M", &["/dev/ublkb4242", "ublk-clone list"], &[]),
     case("set 4242 --rate 12Q", &["--rate", "12Q", "unknown suffix"], &[]),

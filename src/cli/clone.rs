@@ -196,10 +196,17 @@ pub struct StartArgs {
     pub foreground: bool,
 }
 
-/// `ublk-clone start`: restarts a stopped clone from its metadata and saved configuration.
+/// `ublk-clone start`: restarts a stopped clone from its metadata and saved configuration, or
+/// recovers its device if the device is still there without a daemon (the daemon died).
 /// The recorded devices are checked against what their paths name now before any of them is
 /// opened (see [`daemon::saved`]).
 pub fn run_start(a: &StartArgs) -> Result<()> {
+    // Its device still there, waiting (the daemon died): recover it, file system and all.
+    if let Some(id) = daemon::recover::quiesced_device_of(&a.metadata) {
+        let mut cfg = daemon::recover::config_for_recover(&id.to_string())?;
+        cfg.foreground = a.foreground;
+        return create(&cfg);
+    }
     let mut cfg = daemon::saved::config_for_start(&a.metadata)?;
     cfg.foreground = a.foreground;
     create(&cfg)

@@ -20,25 +20,13 @@ use super::error::{refuse, Named, Result};
 use super::saved;
 use crate::ublk::{self, DeviceState};
 use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The configuration that recovers device `dev` (`/dev/ublkbN` or `N`): the clone its dead
 /// daemon served, from the daemon's record and the clone's saved configuration.
 pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
     let id = control::parse_dev(dev)?;
-    match ublk::device_state(id) {
-        None => refuse!("/dev/ublkb{id}: no such ublk device"),
-        Some((DeviceState::Live, _)) => {
-            refuse!("/dev/ublkb{id} is live: its daemon is running; nothing to recover")
-        }
-        Some((DeviceState::Quiesced, true)) => {}
-        Some((DeviceState::Quiesced, false)) | Some((_, false)) => refuse!(
-            "/dev/ublkb{id} was created with --no-recovery and cannot be recovered; stop it and \
-             start the clone again"
-        ),
-        Some((state, true)) => {
-            refuse!("/dev/ublkb{id} is not waiting for recovery (state {state:?})")
-        }
-    }
     let path = control::record_path(id);
     let text = std::fs::read_to_string(&path).named(|| {
         format!(
@@ -49,12 +37,54 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
     })?;
     let rec: DaemonRecord =
         serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
+    match wait_quiesced(id, rec.pid) {
+        None => refuse!("/dev/ublkb{id}: no such ublk device"),
+        Some((DeviceState::Live, _)) => {
+            refuse!("/dev/ublkb{id} is live: its daemon is running; nothing to recover")
+        }
+        Some((DeviceState::Quiesced, true)) => {}
+        Some((_, false)) => refuse!(
+            "/dev/ublkb{id} was created with --no-recovery and cannot be recovered; stop it and \
+             start the clone again"
+        ),
+        Some((state, true)) => {
+            refuse!("/dev/ublkb{id} is not waiting for recovery (state {state:?})")
+        }
+    }
     let mut cfg = saved::config_for_start(&rec.metadata)?;
     cfg.number = id as i32;
     cfg.recover = true;
     cfg.queues = Some(rec.queues);
     cfg.depth = rec.depth;
     Ok(cfg)
+}
+
+/// The state of device `id`. While it is still live but its daemon `pid` is gone, the kernel
+/// is tearing the dead daemon down: waits (up to 30 s) for the device to settle.
+fn wait_quiesced(id: u32, pid: u32) -> Option<(DeviceState, bool)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = ublk::device_state(id);
+        let daemon_gone = !Path::new(&format!("/proc/{pid}")).exists();
+        match state {
+            Some((DeviceState::Live, true)) if daemon_gone && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The quiesced device (its daemon died) that served the clone whose metadata is at
+/// `metadata`, if there is one: `start` recovers it rather than adding a new device.
+pub fn quiesced_device_of(metadata: &std::path::Path) -> Option<u32> {
+    let want = std::fs::canonicalize(metadata).ok()?;
+    control::list_devices()
+        .into_iter()
+        .find(|d| {
+            !d.daemon_running && std::fs::canonicalize(&d.record.metadata).is_ok_and(|m| m == want)
+        })
+        .map(|d| d.record.id)
 }
 
 /// Starts the recovery of `cfg`'s device, before any device is opened: takes the recovery

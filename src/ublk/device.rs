@@ -56,6 +56,12 @@ pub enum DeviceState {
 /// The state of device `id` and whether it was created recoverable; `None` if there is no
 /// such device.
 pub fn device_state(id: u32) -> Option<(DeviceState, bool)> {
+    // Without ublk_drv there is no device, and libublk would print advice on stderr.
+    if !std::path::Path::new("/dev/ublk-control").exists()
+        || !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+    {
+        return None;
+    }
     let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
     let info = ctrl.dev_info();
     let state = match info.state as u32 {
