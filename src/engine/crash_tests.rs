@@ -25,8 +25,8 @@
 //!
 //! `UBLK_CLONE_CRASH_LONG=1` runs many more seeds.
 
-use super::tests::pattern;
 use super::tests::RangeLocks;
+use super::tests::{pattern, random_span};
 use super::*;
 use crate::io::mem::MemDev;
 use crate::io::record::{IoLog, RecordingDev};
@@ -152,129 +152,179 @@ impl Workload {
     }
 }
 
+/// What the workload's threads share.
+struct Shared<'a> {
+    r: &'a CrashRig,
+    seed: u64,
+    history: Mutex<History>,
+    /// Logical time: acknowledgements and FLUSH issues are ordered by it.
+    clock: AtomicU64,
+    locks: RangeLocks,
+    /// The source image (the value of every sector before its first write).
+    src: Vec<u8>,
+}
+
+/// The sectors `[a, b)` of one operation, and the log length when it was issued.
+struct Span {
+    a: u64,
+    b: u64,
+    issued: usize,
+}
+
+impl Span {
+    fn off(&self) -> u64 {
+        self.a * SECTOR
+    }
+
+    fn len(&self) -> u64 {
+        (self.b - self.a) * SECTOR
+    }
+}
+
+impl Shared<'_> {
+    /// One random operation on a random range, recorded in the history once acknowledged.
+    fn one_op(&self, rng: &mut StdRng) {
+        let sectors = self.r.size / SECTOR;
+        let (a, b) = random_span(rng, sectors, self.r.region_size / SECTOR);
+        self.locks.lock(a, b);
+        let span = Span {
+            a,
+            b,
+            issued: self.r.log.len(),
+        };
+        match rng.gen_range(0..100) {
+            0..=29 => self.read_and_compare(&span),
+            30..=74 => self.write(rng, &span),
+            75..=81 => self.discard(&span),
+            _ => self.flush(),
+        }
+        self.locks.unlock(a, b);
+    }
+
+    /// Reads the span and records a live violation for every sector that does not hold its
+    /// newest version (a discarded sector may hold anything).
+    fn read_and_compare(&self, span: &Span) {
+        let r = self.r;
+        let mut buf = vec![0u8; span.len() as usize];
+        let res = block_on(r.engine.read(&r.path, span.off(), &mut buf));
+        assert_eq!(res, Ok(()));
+        let mut h = self.history.lock();
+        for sec in span.a..span.b {
+            let want = match h.sectors[sec as usize].last() {
+                None => &self.src[(sec * SECTOR) as usize..][..SECTOR as usize],
+                Some(Version { write: None, .. }) => continue,
+                Some(Version { write: Some(i), .. }) => {
+                    let w = &h.writes[*i];
+                    &w.data[(sec * SECTOR - w.off) as usize..][..SECTOR as usize]
+                }
+            };
+            let at = ((sec - span.a) * SECTOR) as usize;
+            if buf[at..at + SECTOR as usize] != *want {
+                let msg = format!("seed {}: live read of sector {sec}", self.seed);
+                h.live_violations.push(msg);
+            }
+        }
+    }
+
+    /// A write of random data, or (one in eight) a WRITE_ZEROES; one in ten is FUA.
+    fn write(&self, rng: &mut StdRng, span: &Span) {
+        let r = self.r;
+        let (off, len) = (span.off(), span.len());
+        let zeroes = rng.gen_range(0..8) == 0;
+        let data: Vec<u8> = if zeroes {
+            vec![0; len as usize]
+        } else {
+            (0..len).map(|_| rng.gen()).collect()
+        };
+        let fua = rng.gen_range(0..10) == 0;
+        let issue_t = self.clock.fetch_add(1, Ordering::SeqCst);
+        let res = if zeroes {
+            let unmap = rng.gen();
+            block_on(r.engine.write_zeroes(&r.path, off, len, unmap, fua))
+        } else {
+            block_on(r.engine.write(&r.path, off, &data, fua))
+        };
+        assert_eq!(res, Ok(()));
+        let ack_t = self.clock.fetch_add(1, Ordering::SeqCst);
+        let acked_at = r.log.len();
+        let mut h = self.history.lock();
+        let idx = h.writes.len();
+        h.writes.push(WriteRec { off, data });
+        for sec in span.a..span.b {
+            h.sectors[sec as usize].push(Version {
+                write: Some(idx),
+                issued: span.issued,
+                acked_at,
+                ack_t,
+                fua,
+            });
+        }
+        if fua {
+            // A FUA write also acts as a FLUSH issued when it was.
+            h.flushes.push(FlushRec {
+                issue_t,
+                completed_at: acked_at,
+            });
+        }
+    }
+
+    fn discard(&self, span: &Span) {
+        let r = self.r;
+        let res = block_on(r.engine.discard(&r.path, span.off(), span.len()));
+        assert_eq!(res, Ok(()));
+        let ack_t = self.clock.fetch_add(1, Ordering::SeqCst);
+        let acked_at = r.log.len();
+        let mut h = self.history.lock();
+        for sec in span.a..span.b {
+            h.sectors[sec as usize].push(Version {
+                write: None,
+                issued: span.issued,
+                acked_at,
+                ack_t,
+                fua: false,
+            });
+        }
+    }
+
+    fn flush(&self) {
+        let issue_t = self.clock.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(block_on(self.r.engine.flush(&self.r.path)), Ok(()));
+        let completed_at = self.r.log.len();
+        self.history.lock().flushes.push(FlushRec {
+            issue_t,
+            completed_at,
+        });
+    }
+}
+
 /// Runs the workload and returns its history; the engine is shut down at the end (its final
 /// commit and clean close are part of the log).
 fn run_workload(r: &CrashRig, seed: u64, w: &Workload) -> History {
     let sectors = r.size / SECTOR;
-    let history = Mutex::new(History {
-        sectors: vec![Vec::new(); sectors as usize],
-        ..History::default()
-    });
-    let clock = AtomicU64::new(1);
-    let locks = RangeLocks::new(sectors);
-    let region_sectors = r.region_size / SECTOR;
-    let src = r.source.snapshot();
+    let shared = Shared {
+        r,
+        seed,
+        history: Mutex::new(History {
+            sectors: vec![Vec::new(); sectors as usize],
+            ..History::default()
+        }),
+        clock: AtomicU64::new(1),
+        locks: RangeLocks::new(sectors),
+        src: r.source.snapshot(),
+    };
     std::thread::scope(|s| {
         for t in 0..w.threads {
-            let (history, clock, locks, src) = (&history, &clock, &locks, &src);
+            let shared = &shared;
             s.spawn(move || {
                 let mut rng = StdRng::seed_from_u64(seed * 1000 + t as u64);
                 for _ in 0..w.ops {
-                    let len_sectors = match rng.gen_range(0..10) {
-                        0..=5 => rng.gen_range(1..=region_sectors * 2),
-                        6..=8 => rng.gen_range(1..=8),
-                        _ => rng.gen_range(1..=region_sectors * 5),
-                    }
-                    .min(sectors);
-                    let a = rng.gen_range(0..=sectors - len_sectors);
-                    let b = a + len_sectors;
-                    let (off, len) = (a * SECTOR, len_sectors * SECTOR);
-                    locks.lock(a, b);
-                    let issued = r.log.len();
-                    match rng.gen_range(0..100) {
-                        0..=29 => {
-                            let mut buf = vec![0u8; len as usize];
-                            let res = block_on(r.engine.read(&r.path, off, &mut buf));
-                            assert_eq!(res, Ok(()));
-                            let mut h = history.lock();
-                            for sec in a..b {
-                                let want = match h.sectors[sec as usize].last() {
-                                    None => &src[(sec * SECTOR) as usize..][..SECTOR as usize],
-                                    Some(Version { write: None, .. }) => continue,
-                                    Some(Version { write: Some(i), .. }) => {
-                                        let w = &h.writes[*i];
-                                        &w.data[(sec * SECTOR - w.off) as usize..]
-                                            [..SECTOR as usize]
-                                    }
-                                };
-                                let at = ((sec - a) * SECTOR) as usize;
-                                if buf[at..at + SECTOR as usize] != *want {
-                                    let msg = format!("seed {seed}: live read of sector {sec}");
-                                    h.live_violations.push(msg);
-                                }
-                            }
-                        }
-                        30..=74 => {
-                            // One write in eight is a WRITE_ZEROES (a write of zeroes).
-                            let zeroes = rng.gen_range(0..8) == 0;
-                            let data: Vec<u8> = if zeroes {
-                                vec![0; len as usize]
-                            } else {
-                                (0..len).map(|_| rng.gen()).collect()
-                            };
-                            let fua = rng.gen_range(0..10) == 0;
-                            let issue_t = clock.fetch_add(1, Ordering::SeqCst);
-                            let res = if zeroes {
-                                let unmap = rng.gen();
-                                block_on(r.engine.write_zeroes(&r.path, off, len, unmap, fua))
-                            } else {
-                                block_on(r.engine.write(&r.path, off, &data, fua))
-                            };
-                            assert_eq!(res, Ok(()));
-                            let ack_t = clock.fetch_add(1, Ordering::SeqCst);
-                            let acked_at = r.log.len();
-                            let mut h = history.lock();
-                            let idx = h.writes.len();
-                            h.writes.push(WriteRec { off, data });
-                            for sec in a..b {
-                                h.sectors[sec as usize].push(Version {
-                                    write: Some(idx),
-                                    issued,
-                                    acked_at,
-                                    ack_t,
-                                    fua,
-                                });
-                            }
-                            if fua {
-                                // A FUA write also acts as a FLUSH issued when it was.
-                                h.flushes.push(FlushRec {
-                                    issue_t,
-                                    completed_at: acked_at,
-                                });
-                            }
-                        }
-                        75..=81 => {
-                            assert_eq!(block_on(r.engine.discard(&r.path, off, len)), Ok(()));
-                            let ack_t = clock.fetch_add(1, Ordering::SeqCst);
-                            let acked_at = r.log.len();
-                            let mut h = history.lock();
-                            for sec in a..b {
-                                h.sectors[sec as usize].push(Version {
-                                    write: None,
-                                    issued,
-                                    acked_at,
-                                    ack_t,
-                                    fua: false,
-                                });
-                            }
-                        }
-                        _ => {
-                            let issue_t = clock.fetch_add(1, Ordering::SeqCst);
-                            assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
-                            let completed_at = r.log.len();
-                            history.lock().flushes.push(FlushRec {
-                                issue_t,
-                                completed_at,
-                            });
-                        }
-                    }
-                    locks.unlock(a, b);
+                    shared.one_op(&mut rng);
                 }
             });
         }
     });
     assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
-    history.into_inner()
+    shared.history.into_inner()
 }
 
 /// What kind of crash a state models.
@@ -306,7 +356,29 @@ struct Oracle<'a> {
     violations: Vec<String>,
 }
 
-impl Oracle<'_> {
+impl<'a> Oracle<'a> {
+    fn new(r: &'a CrashRig, h: &'a History, seed: u64) -> Oracle<'a> {
+        Oracle {
+            r,
+            h,
+            src: r.source.snapshot(),
+            seed,
+            states: 0,
+            read_throughs: 0,
+            violations: Vec::new(),
+        }
+    }
+
+    /// The counts and violations of the states checked so far, with the run's live ones.
+    fn outcome(self) -> Outcome {
+        Outcome {
+            states: self.states,
+            read_throughs: self.read_throughs,
+            violations: self.violations,
+            live_violations: self.h.live_violations.clone(),
+        }
+    }
+
     /// Acceptable versions of every sector for a crash at `cut`.
     fn allowed(&self, cut: usize) -> Vec<Allowed> {
         self.allowed_after(cut, Crash::Power)
@@ -410,22 +482,42 @@ impl Oracle<'_> {
 
     /// Builds and checks one crash state; returns its hydrated bitmap when the metadata
     /// opened.
-    #[allow(clippy::too_many_arguments)]
     fn check_state(
         &mut self,
         cut: usize,
         allowed: &[Allowed],
-        keep: &dyn Fn(usize) -> bool,
-        tear: &dyn Fn(usize, u64) -> u64,
+        scenario: &Scenario,
         baseline: Option<&[bool]>,
-        what: &str,
-        crash: Crash,
     ) -> Option<Vec<bool>> {
         self.states += 1;
         let n = self.r.log.len();
-        let what = format!("seed {} cut {cut}/{n} {what}", self.seed);
-        let dest_img = self.r.log.crash_image(DEST, cut, keep, tear);
-        let meta_img = self.r.log.crash_image(META, cut, keep, tear);
+        let what = format!("seed {} cut {cut}/{n} {}", self.seed, scenario.label);
+        let (md, dest) = self.open_crash_state(cut, scenario, &what)?;
+        let bitmap: Vec<bool> = (0..md.nr_regions()).map(|r| md.is_hydrated(r)).collect();
+        if let Some(base) = baseline {
+            if let Some(r) = (0..bitmap.len()).find(|&r| base[r] && !bitmap[r]) {
+                self.violations.push(format!(
+                    "{what}: region {r} was hydrated at an earlier flush point but is not now"
+                ));
+            }
+        }
+        self.check_hydrated_regions(&bitmap, &dest.snapshot(), allowed, &what);
+        self.read_through(md, dest, allowed, &what);
+        Some(bitmap)
+    }
+
+    /// The crash state's destination and its metadata, opened (after a process death with
+    /// `merge`, with the survival copy merged into it); `None` if the metadata does not open.
+    fn open_crash_state(
+        &mut self,
+        cut: usize,
+        scenario: &Scenario,
+        what: &str,
+    ) -> Option<(Metadata, Arc<MemDev>)> {
+        let keep = |i| scenario.kept.keep(i);
+        let tear = |i, s| scenario.kept.tear(i, s);
+        let dest_img = self.r.log.crash_image(DEST, cut, &keep, &tear);
+        let meta_img = self.r.log.crash_image(META, cut, &keep, &tear);
         let dest = Arc::new(MemDev::from_image("crash-dest", dest_img));
         let meta: Arc<dyn BlockDev> = Arc::new(MemDev::from_image("crash-meta", meta_img));
         let md = match Metadata::open(meta, &self.r.expect) {
@@ -436,8 +528,8 @@ impl Oracle<'_> {
                 return None;
             }
         };
-        if crash == (Crash::Process { merge: true }) {
-            let surv_img = self.r.log.crash_image(SURV, cut, keep, tear);
+        if scenario.crash == (Crash::Process { merge: true }) {
+            let surv_img = self.r.log.crash_image(SURV, cut, &keep, &tear);
             let surv = MemDev::from_image("crash-surv", surv_img);
             match SurvivalFile::read(&surv, md.uuid(), BOOT, md.nr_regions()) {
                 Ok(Some(survived)) if survived.poisoned.is_none() => {
@@ -451,16 +543,17 @@ impl Oracle<'_> {
                     .push(format!("{what}: survival copy unreadable: {e}")),
             }
         }
-        let bitmap: Vec<bool> = (0..md.nr_regions()).map(|r| md.is_hydrated(r)).collect();
-        if let Some(base) = baseline {
-            if let Some(r) = (0..bitmap.len()).find(|&r| base[r] && !bitmap[r]) {
-                self.violations.push(format!(
-                    "{what}: region {r} was hydrated at an earlier flush point but is not now"
-                ));
-            }
-        }
-        // Hydrated regions must hold acceptable data in the destination image.
-        let img = dest.snapshot();
+        Some((md, dest))
+    }
+
+    /// Hydrated regions must hold acceptable data in the destination image `img`.
+    fn check_hydrated_regions(
+        &mut self,
+        bitmap: &[bool],
+        img: &[u8],
+        allowed: &[Allowed],
+        what: &str,
+    ) {
         let sectors = self.r.size / SECTOR;
         let region_sectors = self.r.region_size / SECTOR;
         for (region, _) in bitmap.iter().enumerate().filter(|(_, h)| **h) {
@@ -476,7 +569,11 @@ impl Oracle<'_> {
                 }
             }
         }
-        // End to end: read everything through a fresh engine on the crash state.
+    }
+
+    /// End to end: reads everything through a fresh engine (hydration off) on the crash
+    /// state; every sector must hold an acceptable value.
+    fn read_through(&mut self, md: Metadata, dest: Arc<MemDev>, allowed: &[Allowed], what: &str) {
         self.read_throughs += 1;
         let mut cfg = EngineConfig::new(self.r.size, self.r.region_size);
         cfg.knobs.hydration_enabled = false;
@@ -487,7 +584,7 @@ impl Oracle<'_> {
             Err(e) => {
                 self.violations
                     .push(format!("{what}: engine start failed: {e}"));
-                return Some(bitmap);
+                return;
             }
         };
         let path = SyncPath {
@@ -498,7 +595,7 @@ impl Oracle<'_> {
         match block_on(engine.read(&path, 0, &mut buf)) {
             Err(e) => self.violations.push(format!("{what}: read failed: {e}")),
             Ok(()) => {
-                for sec in 0..sectors {
+                for sec in 0..self.r.size / SECTOR {
                     let got = &buf[(sec * SECTOR) as usize..][..SECTOR as usize];
                     if !self.sector_ok(&allowed[sec as usize], sec, got) {
                         let d = self.describe(&allowed[sec as usize], sec, got);
@@ -514,18 +611,133 @@ impl Oracle<'_> {
             self.violations
                 .push(format!("{what}: reopened engine shutdown: {e}"));
         }
-        Some(bitmap)
+    }
+
+    /// 1. Every flush point: the state that lost every unflushed write (the baseline for the
+    ///    monotonic check), the one that kept them all, and two random ones.
+    fn flush_point_states(&mut self, flush_points: &[usize], rng: &mut StdRng) -> Baselines {
+        let n = self.r.log.len();
+        let mut baselines: Vec<(usize, Vec<bool>)> = Vec::new();
+        for &cut in flush_points {
+            let allowed = self.allowed(cut);
+            let prev = baselines.last().map(|(_, b)| b.clone());
+            let keep_none = Scenario::power(Kept::Nothing, "keep none");
+            if let Some(b) = self.check_state(cut, &allowed, &keep_none, prev.as_deref()) {
+                baselines.push((cut, b));
+            }
+            let base = baselines.last().map(|(_, b)| b.clone());
+            let keep_all = Scenario::power(Kept::Everything, "keep all");
+            self.check_state(cut, &allowed, &keep_all, base.as_deref());
+            for v in 0..2 {
+                let label = format!("random {v}");
+                let random = Scenario::power(random_choice(rng, n), &label);
+                self.check_state(cut, &allowed, &random, base.as_deref());
+            }
+        }
+        Baselines(baselines)
+    }
+
+    /// 2. Every FLUSH / FUA completion: what it promised must be there.
+    fn flush_completion_states(&mut self, baselines: &Baselines, rng: &mut StdRng) {
+        let n = self.r.log.len();
+        let mut completions: Vec<usize> = self.h.flushes.iter().map(|f| f.completed_at).collect();
+        completions.sort_unstable();
+        completions.dedup();
+        for cut in completions {
+            let allowed = self.allowed(cut);
+            let base = baselines.at(cut);
+            let keep_none = Scenario::power(Kept::Nothing, "FLUSH done, keep none");
+            self.check_state(cut, &allowed, &keep_none, base.as_deref());
+            let random = Scenario::power(random_choice(rng, n), "FLUSH done, random");
+            self.check_state(cut, &allowed, &random, base.as_deref());
+        }
+    }
+
+    /// 3. Random cuts with random subsets of the unflushed writes lost or torn.
+    fn random_cut_states(&mut self, baselines: &Baselines, cuts: usize, rng: &mut StdRng) {
+        let n = self.r.log.len();
+        for _ in 0..cuts {
+            let cut = rng.gen_range(0..=n);
+            let allowed = self.allowed(cut);
+            let base = baselines.at(cut);
+            let random = Scenario::power(random_choice(rng, n), "random cut");
+            self.check_state(cut, &allowed, &random, base.as_deref());
+        }
+    }
+}
+
+/// The hydrated bitmap of the state that lost every unflushed write, at each flush point
+/// where the metadata opened, in log order.
+struct Baselines(Vec<(usize, Vec<bool>)>);
+
+impl Baselines {
+    /// The baseline of the latest flush point at or before `cut`.
+    fn at(&self, cut: usize) -> Option<Vec<bool>> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(c, _)| *c <= cut)
+            .map(|(_, b)| b.clone())
+    }
+}
+
+/// Which log entries (writes) a crash state keeps, and how much of each.
+enum Kept {
+    /// None of the unflushed ones.
+    Nothing,
+    /// All of them, whole.
+    Everything,
+    /// Entry `i` is kept if `keep[i]`, and torn after `tear[i]` sectors if that is set.
+    Random {
+        keep: Vec<bool>,
+        tear: Vec<Option<u64>>,
+    },
+}
+
+impl Kept {
+    fn keep(&self, i: usize) -> bool {
+        match self {
+            Kept::Nothing => false,
+            Kept::Everything => true,
+            Kept::Random { keep, .. } => keep[i],
+        }
+    }
+
+    /// How many of the `s` sectors of entry `i` reach the device.
+    fn tear(&self, i: usize, s: u64) -> u64 {
+        match self {
+            Kept::Nothing | Kept::Everything => s,
+            Kept::Random { tear, .. } => tear[i].map_or(s, |t| t.min(s)),
+        }
+    }
+}
+
+/// One crash state to build at a cut: what survives, the kind of crash, and its label in
+/// violation messages.
+struct Scenario<'a> {
+    kept: Kept,
+    crash: Crash,
+    label: &'a str,
+}
+
+impl Scenario<'_> {
+    fn power(kept: Kept, label: &str) -> Scenario<'_> {
+        Scenario {
+            kept,
+            crash: Crash::Power,
+            label,
+        }
     }
 }
 
 /// Random keep/tear choices for one crash state.
-fn random_choice(rng: &mut StdRng, n: usize) -> (Vec<bool>, Vec<Option<u64>>) {
+fn random_choice(rng: &mut StdRng, n: usize) -> Kept {
     let p = [0.1, 0.5, 0.9][rng.gen_range(0..3)];
     let keep = (0..n).map(|_| rng.gen_bool(p)).collect();
     let tear = (0..n)
         .map(|_| rng.gen_bool(0.3).then(|| rng.gen_range(0..8)))
         .collect();
-    (keep, tear)
+    Kept::Random { keep, tear }
 }
 
 struct Outcome {
@@ -544,125 +756,21 @@ fn crash_run(seed: u64, bugs: Bugs, w: &Workload, random_cuts: usize) -> Outcome
         c.knobs.rate_bytes_per_sec = w.rate;
     });
     let h = run_workload(&r, seed, w);
-    let mut o = Oracle {
-        r: &r,
-        h: &h,
-        src: r.source.snapshot(),
-        seed,
-        states: 0,
-        read_throughs: 0,
-        violations: Vec::new(),
-    };
-    let n = r.log.len();
+    let mut o = Oracle::new(&r, &h, seed);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_c0de);
-    let none = |_: usize| false;
-    let all = |_: usize| true;
-    let whole = |_: usize, s: u64| s;
-    // 1. Every flush point: the state that lost every unflushed write (the baseline for the
-    //    monotonic check), the one that kept them all, and two random ones.
     let flush_points = r.log.flush_points();
-    let mut baselines: Vec<(usize, Vec<bool>)> = Vec::new();
-    for &cut in &flush_points {
-        let allowed = o.allowed(cut);
-        let prev = baselines.last().map(|(_, b)| b.clone());
-        if let Some(b) = o.check_state(
-            cut,
-            &allowed,
-            &none,
-            &whole,
-            prev.as_deref(),
-            "keep none",
-            Crash::Power,
-        ) {
-            baselines.push((cut, b));
-        }
-        let base = baselines.last().map(|(_, b)| b.clone());
-        o.check_state(
-            cut,
-            &allowed,
-            &all,
-            &whole,
-            base.as_deref(),
-            "keep all",
-            Crash::Power,
-        );
-        for v in 0..2 {
-            let (keep, tear) = random_choice(&mut rng, n);
-            o.check_state(
-                cut,
-                &allowed,
-                &|i| keep[i],
-                &|i, s| tear[i].map_or(s, |t| t.min(s)),
-                base.as_deref(),
-                &format!("random {v}"),
-                Crash::Power,
-            );
-        }
-    }
-    let baseline_at = |cut: usize| {
-        baselines
-            .iter()
-            .rev()
-            .find(|(c, _)| *c <= cut)
-            .map(|(_, b)| b.clone())
-    };
-    // 2. Every FLUSH / FUA completion: what it promised must be there.
-    let mut completions: Vec<usize> = h.flushes.iter().map(|f| f.completed_at).collect();
-    completions.sort_unstable();
-    completions.dedup();
-    for cut in completions {
-        let allowed = o.allowed(cut);
-        let base = baseline_at(cut);
-        o.check_state(
-            cut,
-            &allowed,
-            &none,
-            &whole,
-            base.as_deref(),
-            "FLUSH done, keep none",
-            Crash::Power,
-        );
-        let (keep, tear) = random_choice(&mut rng, n);
-        o.check_state(
-            cut,
-            &allowed,
-            &|i| keep[i],
-            &|i, s| tear[i].map_or(s, |t| t.min(s)),
-            base.as_deref(),
-            "FLUSH done, random",
-            Crash::Power,
-        );
-    }
-    // 3. Random cuts with random subsets of the unflushed writes lost or torn.
-    for _ in 0..random_cuts {
-        let cut = rng.gen_range(0..=n);
-        let allowed = o.allowed(cut);
-        let base = baseline_at(cut);
-        let (keep, tear) = random_choice(&mut rng, n);
-        o.check_state(
-            cut,
-            &allowed,
-            &|i| keep[i],
-            &|i, s| tear[i].map_or(s, |t| t.min(s)),
-            base.as_deref(),
-            "random cut",
-            Crash::Power,
-        );
-    }
+    let baselines = o.flush_point_states(&flush_points, &mut rng);
+    o.flush_completion_states(&baselines, &mut rng);
+    o.random_cut_states(&baselines, random_cuts, &mut rng);
     eprintln!(
         "seed {seed}: {} log entries, {} flush points, {} FLUSH/FUA, {} writes, {} states",
-        n,
+        r.log.len(),
         flush_points.len(),
         h.flushes.len(),
         h.writes.len(),
         o.states
     );
-    Outcome {
-        states: o.states,
-        read_throughs: o.read_throughs,
-        violations: o.violations,
-        live_violations: h.live_violations.clone(),
-    }
+    o.outcome()
 }
 
 fn long_mode() -> bool {
@@ -785,15 +893,7 @@ fn process_crash_run(
         c.knobs.rate_bytes_per_sec = w.rate;
     });
     let h = run_workload(&r, seed, w);
-    let mut o = Oracle {
-        r: &r,
-        h: &h,
-        src: r.source.snapshot(),
-        seed,
-        states: 0,
-        read_throughs: 0,
-        violations: Vec::new(),
-    };
+    let mut o = Oracle::new(&r, &h, seed);
     let n = r.log.len();
     let mut rng = StdRng::seed_from_u64(seed ^ 0xdead_da3a);
     let mut cuts: Vec<usize> = h.sectors.iter().flatten().map(|v| v.acked_at).collect();
@@ -803,22 +903,14 @@ fn process_crash_run(
     let crash = Crash::Process { merge };
     for cut in cuts {
         let allowed = o.allowed_after(cut, crash);
-        o.check_state(
-            cut,
-            &allowed,
-            &|_| true,
-            &|_, s| s,
-            None,
-            "process crash",
+        let scenario = Scenario {
+            kept: Kept::Everything,
             crash,
-        );
+            label: "process crash",
+        };
+        o.check_state(cut, &allowed, &scenario, None);
     }
-    Outcome {
-        states: o.states,
-        read_throughs: o.read_throughs,
-        violations: o.violations,
-        live_violations: h.live_violations.clone(),
-    }
+    o.outcome()
 }
 
 #[test]

@@ -102,9 +102,94 @@ impl RangeLocks {
     }
 }
 
+/// A random operation range `[a, b)` in sectors, on a device of `sectors` sectors with regions
+/// of `region_sectors`: most cover up to two regions, some up to 8 sectors, a few up to five
+/// regions (shared with `crash_tests`, whose workload draws its ranges the same way).
+pub(crate) fn random_span(rng: &mut impl Rng, sectors: u64, region_sectors: u64) -> (u64, u64) {
+    let len_sectors = match rng.gen_range(0..10) {
+        0..=5 => rng.gen_range(1..=region_sectors * 2),
+        6..=8 => rng.gen_range(1..=8),
+        _ => rng.gen_range(1..=region_sectors * 5),
+    }
+    .min(sectors);
+    let a = rng.gen_range(0..=sectors - len_sectors);
+    (a, a + len_sectors)
+}
+
 /// The expected content: `None` for discarded bytes (undefined).
 struct Model {
     bytes: Mutex<Vec<Option<u8>>>,
+}
+
+impl Model {
+    /// Sets the expected content of `[off, off + len)` to `value(i)` for byte `i` of the range.
+    fn set(&self, off: u64, len: u64, value: impl Fn(usize) -> Option<u8>) {
+        let mut m = self.bytes.lock();
+        for i in 0..len as usize {
+            m[off as usize + i] = value(i);
+        }
+    }
+}
+
+/// What the threads of one random workload share.
+struct RandomRun<'a> {
+    r: &'a Rig,
+    model: Model,
+    locks: RangeLocks,
+    seed: u64,
+    sectors: u64,
+    region_sectors: u64,
+}
+
+impl RandomRun<'_> {
+    /// One random operation on a random range, checked against (or applied to) the model.
+    fn one_op(&self, rng: &mut rand::rngs::StdRng) {
+        let r = self.r;
+        let (a, b) = random_span(rng, self.sectors, self.region_sectors);
+        let (off, len) = (a * SECTOR, (b - a) * SECTOR);
+        self.locks.lock(a, b);
+        match rng.gen_range(0..100) {
+            0..=44 => self.read_and_compare(off, len),
+            45..=84 => {
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let fua = rng.gen_range(0..10) == 0;
+                assert_eq!(block_on(r.engine.write(&r.path, off, &data, fua)), Ok(()));
+                self.model.set(off, len, |i| Some(data[i]));
+            }
+            85..=88 => {
+                assert_eq!(block_on(r.engine.discard(&r.path, off, len)), Ok(()));
+                self.model.set(off, len, |_| None);
+            }
+            89..=91 => {
+                let (unmap, fua) = (rng.gen(), rng.gen_range(0..10) == 0);
+                let res = r.engine.write_zeroes(&r.path, off, len, unmap, fua);
+                assert_eq!(block_on(res), Ok(()));
+                self.model.set(off, len, |_| Some(0));
+            }
+            _ => assert_eq!(block_on(r.engine.flush(&r.path)), Ok(())),
+        }
+        self.locks.unlock(a, b);
+    }
+
+    /// Reads `[off, off + len)` through the engine; every byte the model defines must match.
+    fn read_and_compare(&self, off: u64, len: u64) {
+        let r = self.r;
+        let mut buf = vec![0u8; len as usize];
+        let res = block_on(r.engine.read(&r.path, off, &mut buf));
+        assert_eq!(res, Ok(()));
+        let m = self.model.bytes.lock();
+        for (i, got) in buf.iter().enumerate() {
+            if let Some(want) = m[off as usize + i] {
+                assert_eq!(
+                    *got,
+                    want,
+                    "seed {}: byte {} read back wrong",
+                    self.seed,
+                    off as usize + i
+                );
+            }
+        }
+    }
 }
 
 fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, size: u64) {
@@ -113,77 +198,35 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
         c.knobs.threshold = 4;
         c.commit_period = Duration::from_millis(20);
     });
-    let model = Model {
-        bytes: Mutex::new(pattern(size, 1).into_iter().map(Some).collect()),
-    };
     let sectors = size / SECTOR;
-    let locks = RangeLocks::new(sectors);
+    let run = RandomRun {
+        r: &r,
+        model: Model {
+            bytes: Mutex::new(pattern(size, 1).into_iter().map(Some).collect()),
+        },
+        locks: RangeLocks::new(sectors),
+        seed,
+        sectors,
+        region_sectors: region_size / SECTOR,
+    };
     std::thread::scope(|s| {
         for t in 0..threads {
-            let (r, model, locks) = (&r, &model, &locks);
+            let run = &run;
             s.spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + t as u64);
                 for _ in 0..ops {
-                    let len_sectors = match rng.gen_range(0..10) {
-                        0..=5 => rng.gen_range(1..=region_size / SECTOR * 2),
-                        6..=8 => rng.gen_range(1..=8),
-                        _ => rng.gen_range(1..=(region_size / SECTOR) * 5),
-                    }
-                    .min(sectors);
-                    let a = rng.gen_range(0..=sectors - len_sectors);
-                    let b = a + len_sectors;
-                    let (off, len) = (a * SECTOR, len_sectors * SECTOR);
-                    locks.lock(a, b);
-                    match rng.gen_range(0..100) {
-                        0..=44 => {
-                            let mut buf = vec![0u8; len as usize];
-                            let res = block_on(r.engine.read(&r.path, off, &mut buf));
-                            assert_eq!(res, Ok(()));
-                            let m = model.bytes.lock();
-                            for (i, got) in buf.iter().enumerate() {
-                                if let Some(want) = m[off as usize + i] {
-                                    assert_eq!(
-                                        *got,
-                                        want,
-                                        "seed {seed}: byte {} read back wrong",
-                                        off as usize + i
-                                    );
-                                }
-                            }
-                        }
-                        45..=84 => {
-                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                            let fua = rng.gen_range(0..10) == 0;
-                            assert_eq!(block_on(r.engine.write(&r.path, off, &data, fua)), Ok(()));
-                            let mut m = model.bytes.lock();
-                            for (i, v) in data.iter().enumerate() {
-                                m[off as usize + i] = Some(*v);
-                            }
-                        }
-                        85..=88 => {
-                            assert_eq!(block_on(r.engine.discard(&r.path, off, len)), Ok(()));
-                            let mut m = model.bytes.lock();
-                            for i in off..off + len {
-                                m[i as usize] = None;
-                            }
-                        }
-                        89..=91 => {
-                            let (unmap, fua) = (rng.gen(), rng.gen_range(0..10) == 0);
-                            let res = r.engine.write_zeroes(&r.path, off, len, unmap, fua);
-                            assert_eq!(block_on(res), Ok(()));
-                            let mut m = model.bytes.lock();
-                            for i in off..off + len {
-                                m[i as usize] = Some(0);
-                            }
-                        }
-                        _ => assert_eq!(block_on(r.engine.flush(&r.path)), Ok(())),
-                    }
-                    locks.unlock(a, b);
+                    run.one_op(&mut rng);
                 }
             });
         }
     });
-    // Let background hydration finish, then check the destination against the model.
+    wait_until_hydrated(&r, seed);
+    assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
+    check_against_model(&r, &run.model, seed, size);
+}
+
+/// Lets background hydration finish (up to 20 s); it must.
+fn wait_until_hydrated(r: &Rig, seed: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
         r.engine
@@ -196,7 +239,10 @@ fn run_random_workload(seed: u64, threads: usize, ops: usize, region_size: u64, 
         "seed {seed}: hydration did not finish: {:?}",
         r.engine.status()
     );
-    assert_eq!(r.engine.shutdown().map_err(|e| e.to_string()), Ok(()));
+}
+
+/// The destination holds the model wherever the model is defined, and the source is untouched.
+fn check_against_model(r: &Rig, model: &Model, seed: u64, size: u64) {
     let dest = r.dest.snapshot();
     let m = model.bytes.lock();
     for (i, want) in m.iter().enumerate() {
