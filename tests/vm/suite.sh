@@ -501,7 +501,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         kill_and_recover \
+         \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
