@@ -204,7 +204,7 @@ pub fn list_records() -> Vec<DaemonRecord> {
                 if let Ok(s) = std::fs::read_to_string(&p) {
                     if let Ok(r) = serde_json::from_str::<DaemonRecord>(&s) {
                         // Only daemons that are still alive.
-                        if std::path::Path::new(&format!("/proc/{}", r.pid)).exists() {
+                        if !super::process::exited(r.pid) {
                             v.push(r);
                         }
                     }

@@ -47,7 +47,9 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
     dest.lock(true)?;
     meta.lock(true)?;
     check_source_unshared(&cfg.source)?;
-    check_number_free(cfg.number)?;
+    if !cfg.recover {
+        check_number_free(cfg.number)?;
+    }
     check_sizes(cfg, &source, &dest)?;
     // The region size of resumed metadata is checked again once it is known.
     let block_sizes = devices::clone_block_sizes(

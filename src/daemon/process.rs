@@ -36,6 +36,72 @@ pub(super) fn private_mount_namespace() {
     }
 }
 
+/// Detaches, in the daemon's private mount namespace, every mount of a ublk block device
+/// (call it once the devices are open: an open file keeps its own mount). Created as a copy
+/// of the caller's namespace, the private one holds every mount that existed then; a daemon
+/// that recovers a device under a mounted file system, or starts while another clone is
+/// mounted, would otherwise pin those file systems: after `umount` in the real namespace the
+/// device would stay claimed, `stop` would refuse, and e2fsck would see it in use.
+pub(super) fn detach_ublk_mounts() {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let targets: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let target = f.get(4)?;
+            is_ublk_disk(f.get(2)?).then(|| unescape_mount_path(target))
+        })
+        .collect();
+    // Children are listed after their parents: detach the deepest first.
+    for t in targets.iter().rev() {
+        let Ok(c) = std::ffi::CString::new(t.as_str()) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            log::warn!(
+                "cannot detach {t} from the daemon's mount namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Whether block device `major:minor` is a ublk disk (`/dev/ublkbN`; they have no major of
+/// their own, so the name tells).
+fn is_ublk_disk(major_minor: &str) -> bool {
+    std::fs::read_link(format!("/sys/dev/block/{major_minor}")).is_ok_and(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ublkb"))
+    })
+}
+
+/// A mountinfo path field with its octal escapes (`\040` for a space) decoded.
+fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Installs the handlers of SIGTERM and SIGINT.
 pub(super) fn install_signal_handlers() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -55,4 +121,37 @@ pub(super) fn abort_on_panic() {
         eprintln!("ublk-clone daemon: {info}; aborting");
         std::process::abort();
     }));
+}
+
+/// Whether process `pid` is gone: no such pid, or only its zombie group leader is left. A
+/// zombie leader alone is not enough: the other threads of the process may still be exiting,
+/// and the files they share are closed only when the last of them has. A zombie waits for
+/// its parent to reap it (in a minimal guest, PID 1 may never do so), so "/proc/PID exists"
+/// is not "the daemon is running".
+pub(crate) fn exited(pid: u32) -> bool {
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return true;
+    };
+    // The state follows the parenthesised command name, which may contain spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if !matches!(state, Some("Z") | Some("X")) {
+        return false;
+    }
+    std::fs::read_dir(proc_dir.join("task")).map_or(true, |rd| rd.count() <= 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(unescape_mount_path("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_mount_path("/trail\\04"), "/trail\\04");
+    }
 }

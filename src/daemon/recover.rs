@@ -20,8 +20,12 @@ use super::error::{refuse, Named, Result};
 use super::saved;
 use crate::ublk::{self, DeviceState};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// How long the kernel gets to quiesce a device after its daemon has exited.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a daemon that is still there gets to finish dying before its device counts as live.
+const DYING_GRACE: Duration = Duration::from_secs(3);
 
 /// The configuration that recovers device `dev` (`/dev/ublkbN` or `N`): the clone its dead
 /// daemon served, from the daemon's record and the clone's saved configuration.
@@ -60,15 +64,22 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
 }
 
 /// The state of device `id`. While it is still live but its daemon `pid` is gone, the kernel
-/// is tearing the dead daemon down: waits (up to 30 s) for the device to settle.
+/// is tearing the dead daemon down: waits (up to 30 s) for the device to settle. A daemon that
+/// is still there may be dying (`kill -9` returns before the process has exited): it gets a
+/// few seconds to go before the device counts as live.
 fn wait_quiesced(id: u32, pid: u32) -> Option<(DeviceState, bool)> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let start = Instant::now();
     loop {
         let state = ublk::device_state(id);
-        let daemon_gone = !Path::new(&format!("/proc/{pid}")).exists();
+        let waited = start.elapsed();
+        let limit = if super::process::exited(pid) {
+            QUIESCE_TIMEOUT
+        } else {
+            DYING_GRACE
+        };
         match state {
-            Some((DeviceState::Live, true)) if daemon_gone && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
+            Some((DeviceState::Live, true)) if waited < limit => {
+                std::thread::sleep(Duration::from_millis(20));
             }
             other => return other,
         }
@@ -106,7 +117,7 @@ pub(super) fn begin(cfg: &DaemonConfig, hold: bool) -> Result<()> {
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         refuse!("/dev/ublkb{id}: another `ublk-clone recover` of it is running");
     }
-    ublk::begin_recovery(id)?;
+    ublk::begin_recovery(id, hold)?;
     if hold {
         // Held until this process exits: the lock ends with the last descriptor.
         std::mem::forget(lock);

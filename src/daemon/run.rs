@@ -42,6 +42,7 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let o = open_devices(cfg, true)?;
     saved::save(cfg, &o.md, &o.source, &o.dest)?;
     let survival_path = survival::resume(cfg, &o.md)?;
+    process::detach_ublk_mounts();
     let region_size = o.md.region_size();
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
     ecfg.block_size = o.block_sizes.logical as u64;

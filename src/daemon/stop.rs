@@ -7,6 +7,7 @@
 
 use super::control::{self, DaemonRecord, Request};
 use super::error::{refuse, DaemonError, Named, Result};
+use super::process;
 use crate::io::file::block_device_unclaimed;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -135,10 +136,9 @@ fn mount_point(rdev: u64) -> Option<String> {
 /// left. A zombie leader alone is not enough: the other threads of the process may still be
 /// exiting, and the files they share are closed only when the last of them has.
 fn wait_exited(pid: u32) -> Result<()> {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let deadline = Instant::now() + EXIT_TIMEOUT;
     loop {
-        if exited(&proc_dir) {
+        if process::exited(pid) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -149,20 +149,6 @@ fn wait_exited(pid: u32) -> Result<()> {
         }
         std::thread::sleep(POLL);
     }
-}
-
-fn exited(proc_dir: &Path) -> bool {
-    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
-        return true;
-    };
-    // The state follows the parenthesised command name, which may contain spaces.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    if !matches!(state, Some("Z") | Some("X")) {
-        return false;
-    }
-    std::fs::read_dir(proc_dir.join("task")).map_or(true, |rd| rd.count() <= 1)
 }
 
 /// Waits until the daemon's destination and metadata block devices are no longer claimed

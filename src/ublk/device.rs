@@ -87,8 +87,16 @@ const RECOVERY_FLAGS: u32 =
 /// Starts the recovery of device `id`, whose daemon died: waits (up to 30 s) until the dead
 /// daemon's process is gone and its rings are torn down (the kernel refuses earlier), which is
 /// also when every I/O it had in flight has ended. Only then may a new daemon open the
-/// devices and write.
-pub fn begin_recovery(id: u32) -> Result<RecoveryStart, ServeError> {
+/// devices and write. Without `start`, only checks that the device waits for recovery (the
+/// process that checks a configuration before spawning the daemon: the kernel accepts
+/// `START_USER_RECOVERY` once per recovery, and the daemon must be the one that sends it).
+///
+/// An earlier recovery that sent `START_USER_RECOVERY` and died before attaching leaves the
+/// device quiesced with no queue ready, and the kernel then answers EINVAL: the barrier was
+/// passed then, that process is gone (the recovery lock is free), and its `/dev/ublkcN` is
+/// closed (attaching opens it, which the kernel allows one holder at a time), so recovery goes
+/// on.
+pub fn begin_recovery(id: u32, start_it: bool) -> Result<RecoveryStart, ServeError> {
     let not = |why: String| ServeError::NotRecoverable { id, why };
     let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| not(format!("no such device ({e})")))?;
     let info = ctrl.dev_info();
@@ -109,8 +117,15 @@ pub fn begin_recovery(id: u32) -> Result<RecoveryStart, ServeError> {
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
     };
+    if !start_it {
+        return Ok(start);
+    }
     match ctrl.start_user_recover() {
         Ok(r) if r >= 0 => Ok(start),
+        Err(libublk::UblkError::UringIOError(r)) if r == -libc::EINVAL => {
+            log::warn!("/dev/ublkb{id}: an earlier recovery started and did not finish; attaching");
+            Ok(start)
+        }
         Ok(r) => Err(not(format!(
             "the kernel refused to start recovery (errno {}): the dead daemon's process may \
              still be exiting",

@@ -66,8 +66,10 @@ run_test() {
     tail -n 15 "$LOG" | sed 's/^/    | /'
     [ -f /run/ublk-clone/daemon.log ] && tail -n 8 /run/ublk-clone/daemon.log | sed 's/^/    daemon| /'
   fi
-  # Leave no device behind for the next test.
-  for d in $("$BIN" list 2>/dev/null | awk '/^\/dev\/ublkb/ {print $1}'); do "$BIN" stop "$d" >/dev/null 2>&1; done
+  # Leave no mount and no device behind for the next test (a failed test may leave a clone
+  # mounted, and a guest cannot shut down with a file system on a ublk device).
+  findmnt -rn -o TARGET | grep "^$WORK" | sort -r | while read -r m; do umount -l "$m"; done
+  for d in $("$BIN" list 2>/dev/null | awk '/^\/dev\/ublkb/ {print $1}'); do "$BIN" stop --force "$d" >/dev/null 2>&1; done
 }
 
 #---------------------------------------------------------------------------------------------
@@ -201,13 +203,11 @@ test_kill_and_recover() {
   # recovers the device under the mounted file system. Every acknowledged write must then
   # read back from the device (page cache dropped), and the file system must be clean.
   mk_images 64
-  mkfs.ext4 -q -F "$WORK/src"
   local mnt=$WORK/mnt round f pid dev2 sha_golden
-  mkdir -p "$mnt"
-  mount -o loop "$WORK/src" "$mnt"
-  head -c 3M /dev/urandom >"$mnt/golden"
-  sha_golden=$(sha256sum <"$mnt/golden")
-  umount "$mnt"
+  mkdir -p "$mnt" "$WORK/gold"
+  head -c 3M /dev/urandom >"$WORK/gold/golden"
+  sha_golden=$(sha256sum <"$WORK/gold/golden")
+  mkfs.ext4 -q -F -b 4096 -d "$WORK/gold" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d of the golden image"
   dev=$(create --region-size 64K --rate 2M)
   mount "$dev" "$mnt" || fail "mount of the clone failed"
   for round in 1 2 3 4 5; do
@@ -501,7 +501,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         \
+         kill_and_recover \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
