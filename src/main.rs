@@ -23,6 +23,8 @@ enum Command {
     Start(clone::StartArgs),
     /// Attach a new daemon to a device whose daemon died (the device and its file system stayed).
     Recover(clone::RecoverArgs),
+    /// Hand a running device over to a new daemon (the binary now on disk) without unmounting.
+    Restart(clone::RestartArgs),
     /// List running clone devices.
     List,
     /// Show hydration progress and mode.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Command::Create(a) => done(clone::run_create(a)),
         Command::Start(a) => done(clone::run_start(a)),
         Command::Recover(a) => done(clone::run_recover(a)),
+        Command::Restart(a) => done(clone::run_restart(a)),
         Command::List => done(cli::status::run_list()),
         Command::Status(a) => done(cli::status::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),

@@ -230,6 +230,23 @@ pub fn run_recover(a: &RecoverArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+pub struct RestartArgs {
+    /// The running device: /dev/ublkbN or N.
+    pub dev: String,
+    /// Run the new daemon in the foreground.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// `ublk-clone restart DEV`: a live handover to a new daemon (the binary now on disk); the
+/// device and the file system on it stay, their I/O pauses meanwhile.
+pub fn run_restart(a: &RestartArgs) -> Result<()> {
+    let mut cfg = daemon::restart::handover(&a.dev)?;
+    cfg.foreground = a.foreground;
+    create(&cfg)
+}
+
+#[derive(Args, Debug)]
 pub struct SetArgs {
     pub dev: String,
     /// Enable or disable background hydration.

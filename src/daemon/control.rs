@@ -36,6 +36,9 @@ pub enum Request {
         hydrate_on_read: Option<bool>,
     },
     Stop,
+    /// Hand the device over to a new daemon (`ublk-clone restart`): commit, then exit without
+    /// removing the device, which the kernel then holds quiesced for the next daemon.
+    Handover,
     /// Log a mark in the daemon's dm-log-writes recording.
     Mark {
         name: String,

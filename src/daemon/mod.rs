@@ -22,6 +22,7 @@ mod open_metadata;
 mod process;
 mod record;
 pub mod recover;
+pub mod restart;
 mod run;
 pub mod saved;
 mod server;

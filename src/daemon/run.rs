@@ -162,7 +162,14 @@ impl Live {
         } else {
             println!("{}", info.path);
         }
-        server::control_loop(&listener, &self.engine, self.recording.as_ref());
+        if server::control_loop(&listener, &self.engine, self.recording.as_ref())
+            == server::LoopEnd::Handover
+        {
+            // The device stays: the kernel quiesces it once this process (every thread and
+            // ring) is gone, and the next daemon recovers it. The record stays for it too.
+            log::info!("{}: handed over; exiting without removing the device", info.path);
+            std::process::exit(0);
+        }
         kill_dev();
         let _ = std::fs::remove_file(control::socket_path(rec.id));
         let _ = std::fs::remove_file(control::record_path(rec.id));

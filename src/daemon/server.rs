@@ -32,21 +32,34 @@ pub(super) fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Answers requests on `l` until a stop request, a signal, or the device was stopped from
-/// outside (all its queues ended).
-pub(super) fn control_loop(l: &UnixListener, engine: &Engine, rec: Option<&CtlRecording>) {
+/// How the control loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LoopEnd {
+    /// Stop: the final commit, then remove the device.
+    Stop,
+    /// Hand over (`restart`): the commit is made; exit and leave the device to the next daemon.
+    Handover,
+}
+
+/// Answers requests on `l` until a stop or handover request, a signal, or the device was
+/// stopped from outside (all its queues ended).
+pub(super) fn control_loop(
+    l: &UnixListener,
+    engine: &Engine,
+    rec: Option<&CtlRecording>,
+) -> LoopEnd {
     loop {
         if process::stop_requested() {
-            return;
+            return LoopEnd::Stop;
         }
         if ublk::queues_alive() == 0 {
             log::warn!("the device was stopped from outside (all queues ended); shutting down");
-            return;
+            return LoopEnd::Stop;
         }
         match l.accept() {
             Ok((s, _)) => {
-                if answer(&s, engine, rec) {
-                    return;
+                if let Some(end) = answer(&s, engine, rec) {
+                    return end;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -60,17 +73,16 @@ pub(super) fn control_loop(l: &UnixListener, engine: &Engine, rec: Option<&CtlRe
     }
 }
 
-/// Reads one request line from `s` and answers it. Returns whether it asked to stop.
-fn answer(s: &UnixStream, engine: &Engine, rec: Option<&CtlRecording>) -> bool {
+/// Reads one request line from `s` and answers it. Returns how the loop ends, if it asked to.
+fn answer(s: &UnixStream, engine: &Engine, rec: Option<&CtlRecording>) -> Option<LoopEnd> {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let mut reader = BufReader::new(s);
     if reader.read_line(&mut line).is_err() {
-        return false;
+        return None;
     }
     let (resp, stop) = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => (ok_status(engine, rec), false),
         Ok(Request::Set {
             hydration,
             threshold,
@@ -95,16 +107,41 @@ fn answer(s: &UnixStream, engine: &Engine, rec: Option<&CtlRecording>) -> bool {
                 k.hydrate_on_read = h;
             }
             engine.set_knobs(k);
-            (ok_status(engine, rec), false)
+            (ok_status(engine, rec), None)
         }
-        Ok(Request::Mark { name }) => (mark(rec, &name), false),
-        Ok(Request::Stop) => (Response::ok(), true),
-        Err(e) => (Response::err(format!("bad request: {e}")), false),
+        Ok(Request::Mark { name }) => (mark(rec, &name), None),
+        Ok(Request::Stop) => (Response::ok(), Some(LoopEnd::Stop)),
+        Ok(Request::Handover) => handover(engine, rec),
+        Ok(Request::Status) => (ok_status(engine, rec), None),
+        Err(e) => (Response::err(format!("bad request: {e}")), None),
     };
     let mut w = s;
     let _ =
         w.write_all(format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes());
     stop
+}
+
+/// A handover request: refused while recording (the log would end without its end mark and
+/// the next daemon would start a new one); otherwise the hydration stops and a commit makes
+/// everything done so far durable, so the next daemon has little to take from the survival
+/// copy. Requests that arrive meanwhile are still served (their bits go to the survival
+/// copy); those in flight when the process exits are re-issued to the next daemon.
+fn handover(engine: &Engine, rec: Option<&CtlRecording>) -> (Response, Option<LoopEnd>) {
+    if rec.is_some() {
+        return (
+            Response::err(
+                "a daemon that records (--log-writes) cannot be restarted: stop it and start \
+                 the clone again"
+                    .into(),
+            ),
+            None,
+        );
+    }
+    if let Err(e) = engine.flush_blocking() {
+        // Degraded now, and persisted as such: the next daemon starts in that mode.
+        log::error!("commit before the handover failed: {e}; handing over anyway");
+    }
+    (Response::ok(), Some(LoopEnd::Handover))
 }
 
 fn recording_status(rec: Option<&CtlRecording>) -> Option<RecordingStatus> {

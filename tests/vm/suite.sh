@@ -240,6 +240,78 @@ test_kill_and_recover() {
   stop "$dev"
 }
 
+test_kill_and_restart_under_load() {
+  # Issue 11: ext4 on a clone of a golden image (copy-on-write), background hydration
+  # rate-limited so that it runs throughout; a model-checked single-file exerciser (fsx), a
+  # checked tree workload (fsstress's part) and a 4 KiB O_DIRECT write probe run throughout.
+  # 10 SIGKILLs of the daemon at random moments, each followed by `recover`, then 10 live
+  # `restart`s. Every read is checked against the workloads' models; no EIO; then umount,
+  # e2fsck clean, golden files unchanged. The probe's longest pause per round is the stall.
+  mk_images 256
+  local mnt=$WORK/mnt stopf=$WORK/stop-load round pid t0 t1 total hyd rc=0
+  local pfsx ptree pprobe
+  mkdir -p "$mnt" "$WORK/gold"
+  rm -f "$stopf" "$WORK"/rounds
+  for f in 1 2 3 4 5 6; do head -c 8M /dev/urandom >"$WORK/gold/g$f"; done
+  (cd "$WORK/gold" && sha256sum g*) >"$WORK/gold.sha"
+  mkfs.ext4 -q -F -b 4096 -d "$WORK/gold" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d of the golden image"
+  dev=$(create --region-size 64K --rate 512K)
+  mount "$dev" "$mnt" || fail "mount of the clone failed"
+  local fsxpy
+  fsxpy="$(dirname "$0")/fsx.py"
+  python3 "$fsxpy" fsx "$mnt" "$stopf" >"$WORK/fsx.out" 2>&1 & pfsx=$!
+  python3 "$fsxpy" tree "$mnt" "$stopf" >"$WORK/tree.out" 2>&1 & ptree=$!
+  python3 "$fsxpy" probe "$mnt/probe" "$stopf" >"$WORK/probe.out" 2>&1 & pprobe=$!
+  for round in $(seq 1 10); do
+    sleep "$(python3 -c 'import random; print(random.uniform(0.5, 3))')" # a random moment
+    pid=$(daemon_pid "$dev")
+    t0=$(date +%s.%N)
+    kill -9 "$pid"
+    "$BIN" recover "$dev" >/dev/null 2>>"$LOG" || fail "kill round $round: recover failed"
+    t1=$(date +%s.%N)
+    echo "kill $round $t0 $t1" >>"$WORK/rounds"
+    [ "$(daemon_pid "$dev")" != "$pid" ] || fail "kill round $round: no new daemon"
+  done
+  for round in $(seq 1 10); do
+    sleep "$(python3 -c 'import random; print(random.uniform(0.5, 3))')"
+    pid=$(daemon_pid "$dev")
+    t0=$(date +%s.%N)
+    "$BIN" restart "$dev" >/dev/null 2>>"$LOG" || fail "restart round $round failed"
+    t1=$(date +%s.%N)
+    echo "restart $round $t0 $t1" >>"$WORK/rounds"
+    [ "$(daemon_pid "$dev")" != "$pid" ] || fail "restart round $round: no new daemon"
+  done
+  total=$(status_json "$dev" | json_field regions); hyd=$(status_json "$dev" | json_field hydrated)
+  say "hydrated $hyd of $total regions after the rounds"
+  [ "$hyd" -lt "$total" ] || fail "hydration finished before the rounds did: no round was partially hydrated"
+  touch "$stopf"
+  wait "$pfsx" || rc=1; wait "$ptree" || rc=1; wait "$pprobe" || rc=1
+  cat "$WORK/fsx.out" "$WORK/tree.out" >>"$LOG"; tail -n 1 "$WORK/probe.out" >>"$LOG"
+  [ $rc -eq 0 ] || fail "a workload failed: $(grep -h FAIL "$WORK"/*.out | head -n 3)"
+  python3 - "$WORK/rounds" "$WORK/probe.out" <<'PY'
+import statistics, sys
+rounds = [l.split() for l in open(sys.argv[1])]
+gaps = [(float(a), float(b)) for k, a, b in (l.split() for l in open(sys.argv[2])) if k == "gap"]
+for kind in ("kill", "restart"):
+    stalls, cmds = [], []
+    for k, _, t0, t1 in (r for r in rounds if r[0] == kind):
+        t0, t1 = float(t0), float(t1)
+        # The probe's longest pause that overlaps the round (from the kill or handover on).
+        s = [g for st, g in gaps if st + g >= t0 and st <= t1 + 1]
+        stalls.append(max(s, default=0.0))
+        cmds.append(t1 - t0)
+    print(f"stall {kind}: I/O pause median {statistics.median(stalls) * 1000:.0f} ms, max "
+          f"{max(stalls) * 1000:.0f} ms; command median {statistics.median(cmds) * 1000:.0f} ms, "
+          f"max {max(cmds) * 1000:.0f} ms ({len(stalls)} rounds)")
+PY
+  umount "$mnt"
+  e2fsck -fn "$dev" >>"$LOG" 2>&1 || fail "e2fsck found errors after the kills and restarts"
+  mount -o ro "$dev" "$mnt" || fail "read-only mount after e2fsck failed"
+  (cd "$mnt" && sha256sum -c --quiet "$WORK/gold.sha") >>"$LOG" 2>&1 || fail "a golden file changed"
+  umount "$mnt"
+  stop "$dev"
+}
+
 expect_error() { # DESCRIPTION PATTERN COMMAND...
   local what=$1 pat=$2; shift 2
   local out rc
@@ -501,7 +573,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         kill_and_recover \
+         kill_and_recover kill_and_restart_under_load \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
