@@ -47,6 +47,7 @@ fn help_lists_the_subcommands() {
         "reset-mode",
         "mark",
         "recover",
+        "restart",
     ] {
         assert!(text.contains(sub), "--help does not mention {sub}");
     }
@@ -893,6 +894,8 @@ const CASES: &[Case] = &[
     case("stop sda", &["'sda' is not a ublk-clone device", "/dev/ublkbN"], &[]),
     case("recover 4242", &["/dev/ublkb4242", "no record of a ublk-clone daemon"], &[]),
     case("recover sda", &["'sda' is not a ublk-clone device", "/dev/ublkbN"], &[]),
+    case("restart 4242", &["/dev/ublkb4242", "no running ublk-clone daemon"], &[]),
+    case("restart sda", &["'sda' is not a ublk-clone device", "/dev/ublkbN"], &[]),
     case("status /dev/ublkb4242", &["/dev/ublkb4242", "ublk-clone list"], &[]),
     case("set 4242 --rate 1M", &["/dev/ublkb4242", "ublk-clone list"], &[]),
     case("set 4242 --rate 12Q", &["--rate", "12Q", "unknown suffix"], &[]),

@@ -167,7 +167,10 @@ impl Live {
         {
             // The device stays: the kernel quiesces it once this process (every thread and
             // ring) is gone, and the next daemon recovers it. The record stays for it too.
-            log::info!("{}: handed over; exiting without removing the device", info.path);
+            log::info!(
+                "{}: handed over; exiting without removing the device",
+                info.path
+            );
             std::process::exit(0);
         }
         kill_dev();

@@ -35,12 +35,22 @@ fn boot_id() -> Result<[u8; 16]> {
     }
 }
 
+/// Set (to anything) in the daemon's environment, no survival copy is kept: for measuring its
+/// cost only.
+pub const BENCH_NO_SURVIVAL: &str = "UBLK_CLONE_BENCH_NO_SURVIVAL";
+
 /// Merges what a dead daemon of this clone left, then starts the survival copy that this
 /// daemon writes every region bit through to. Returns its path.
 pub(super) fn resume(cfg: &DaemonConfig, md: &Metadata) -> Result<PathBuf> {
     let path = survival_path(&md.uuid());
     let dir = run_dir();
     std::fs::create_dir_all(&dir).named(|| format!("cannot create {}", dir.display()))?;
+    if std::env::var_os(BENCH_NO_SURVIVAL).is_some() {
+        // Benchmarks only (tools/bench-survival.sh measures what the copy costs): a daemon
+        // death then loses the bits set since the last commit, as before issue 11.
+        log::warn!("{BENCH_NO_SURVIVAL} is set: no survival copy (benchmarks only)");
+        return Ok(path);
+    }
     resume_at(&path, cfg.dest_moved, md, boot_id()?)?;
     Ok(path)
 }
