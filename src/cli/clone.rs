@@ -4,7 +4,7 @@
 use super::size::parse_size;
 use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonConfig};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -241,9 +241,24 @@ pub struct RestartArgs {
 /// `ublk-clone restart DEV`: a live handover to a new daemon (the binary now on disk); the
 /// device and the file system on it stay, their I/O pauses meanwhile.
 pub fn run_restart(a: &RestartArgs) -> Result<()> {
-    let mut cfg = daemon::restart::handover(&a.dev)?;
+    let (mut cfg, knobs) = daemon::restart::handover(&a.dev)?;
     cfg.foreground = a.foreground;
-    create(&cfg)
+    let waits = || {
+        format!(
+            "{}: restart: the old daemon has handed over and exited; the new one failed, and \
+             the device waits for `ublk-clone recover {}`",
+            a.dev, a.dev
+        )
+    };
+    if a.foreground {
+        // Runs until stopped; the settings from `create` options apply.
+        return create(&cfg).with_context(waits);
+    }
+    create(&cfg).with_context(waits)?;
+    if let Some(k) = knobs {
+        daemon::restart::reapply(&a.dev, &k)?;
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]

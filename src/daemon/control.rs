@@ -116,6 +116,11 @@ pub fn parse_dev(dev: &str) -> Result<u32> {
 /// Sends `req` to the daemon of `/dev/ublkb<id>` and returns its answer; an answer that is
 /// not `ok` is an error carrying the daemon's message.
 pub fn request(id: u32, req: &Request) -> Result<Response> {
+    request_within(id, req, std::time::Duration::from_secs(30))
+}
+
+/// [`request`], waiting up to `wait` for the answer.
+pub fn request_within(id: u32, req: &Request, wait: std::time::Duration) -> Result<Response> {
     let path = socket_path(id);
     let mut s = UnixStream::connect(&path).named(|| {
         format!(
@@ -124,16 +129,19 @@ pub fn request(id: u32, req: &Request) -> Result<Response> {
         )
     })?;
     // A wedged daemon must not hang the CLI.
-    let timeout = Some(std::time::Duration::from_secs(30));
+    let timeout = Some(wait);
     s.set_read_timeout(timeout)?;
     s.set_write_timeout(timeout)?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;
     let mut resp = String::new();
-    BufReader::new(s)
-        .read_line(&mut resp)
-        .named(|| format!("/dev/ublkb{id}: the daemon did not answer within 30 s (see its log)"))?;
+    BufReader::new(s).read_line(&mut resp).named(|| {
+        format!(
+            "/dev/ublkb{id}: the daemon did not answer within {} s (see its log)",
+            wait.as_secs()
+        )
+    })?;
     if resp.is_empty() {
         return Err(DaemonError::Daemon(format!(
             "/dev/ublkb{id}: the daemon closed the control connection without answering"

@@ -41,11 +41,9 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
     }
     let direct = !cfg.buffered_io;
     let source = Arc::new(FileDev::open(&cfg.source, Access::ReadOnly, direct)?);
-    let dest = Arc::new(FileDev::open(&cfg.dest, Access::ReadWrite, direct)?);
-    let meta = Arc::new(FileDev::open(&cfg.metadata, Access::ReadWrite, true)?);
+    let dest = Arc::new(open_claimed(cfg, &cfg.dest, direct)?);
+    let meta = Arc::new(open_claimed(cfg, &cfg.metadata, true)?);
     source.lock(false)?;
-    dest.lock(true)?;
-    meta.lock(true)?;
     check_source_unshared(&cfg.source)?;
     if !cfg.recover {
         check_number_free(cfg.number)?;
@@ -130,6 +128,30 @@ fn check_source_unshared(source: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Opens and locks the destination or metadata. While recovering, the dead daemon may still
+/// hold them for a moment after the kernel let the recovery start (the queue rings' files are
+/// released by a kernel worker, after `/dev/ublkcN`): busy is retried for a while then.
+fn open_claimed(cfg: &DaemonConfig, path: &Path, direct: bool) -> Result<FileDev> {
+    let deadline = std::time::Instant::now() + RECOVER_BUSY_WAIT;
+    loop {
+        let dev =
+            FileDev::open(path, Access::ReadWrite, direct).and_then(|d| d.lock(true).map(|()| d));
+        match dev {
+            Err(e)
+                if cfg.recover
+                    && e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// How long a recovering daemon waits for the dead one's hold on a device to go.
+const RECOVER_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A requested device number must be free.
 fn check_number_free(number: i32) -> Result<()> {

@@ -20,19 +20,20 @@ pub(super) fn stop_requested() -> bool {
 /// Moves the process into its own mount namespace, so that the daemon's exit never flushes
 /// a file system that lives on its own device (which would deadlock: the flush waits for the
 /// daemon). Best effort: without the privilege the daemon runs in the shared namespace.
-pub(super) fn private_mount_namespace() {
+/// Returns whether the process has a private namespace now (unshared, and every mount's
+/// propagation made private, so that nothing done to it reaches the real one).
+pub(super) fn private_mount_namespace() -> bool {
     // SAFETY: plain syscalls with valid arguments (a NUL-terminated path, null optional
     // arguments).
     unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) == 0 {
-            libc::mount(
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
                 std::ptr::null(),
                 c"/".as_ptr(),
                 std::ptr::null(),
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
-            );
-        }
+            ) == 0
     }
 }
 
@@ -42,16 +43,25 @@ pub(super) fn private_mount_namespace() {
 /// that recovers a device under a mounted file system, or starts while another clone is
 /// mounted, would otherwise pin those file systems: after `umount` in the real namespace the
 /// device would stay claimed, `stop` would refuse, and e2fsck would see it in use.
-pub(super) fn detach_ublk_mounts() {
+///
+/// Only in a private namespace (`private`, from [`private_mount_namespace`]): in the real one
+/// this would unmount the users' file systems. Never a mount that holds what the daemon still
+/// needs by path (`/`, and those above the run directory, `/dev`, `/proc`, `/sys`).
+pub(super) fn detach_ublk_mounts(private: bool, run_dir: &std::path::Path) {
+    if !private {
+        return;
+    }
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
+    let needed = [run_dir, "/dev".as_ref(), "/proc".as_ref(), "/sys".as_ref()];
     let targets: Vec<String> = text
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let target = f.get(4)?;
-            is_ublk_disk(f.get(2)?).then(|| unescape_mount_path(target))
+            let target = unescape_mount_path(f.get(4)?);
+            let holds_needed = needed.iter().any(|n| n.starts_with(&target));
+            (is_ublk_disk(f.get(2)?) && !holds_needed).then_some(target)
         })
         .collect();
     // Children are listed after their parents: detach the deepest first.

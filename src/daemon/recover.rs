@@ -43,6 +43,12 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
         serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
     match wait_quiesced(id, rec.pid) {
         None => refuse!("/dev/ublkb{id}: no such ublk device"),
+        Some((DeviceState::Live, _)) if super::process::exited(rec.pid) => refuse!(
+            "/dev/ublkb{id}: its daemon (pid {}) is gone but the kernel has not quiesced the \
+             device within {} s",
+            rec.pid,
+            QUIESCE_TIMEOUT.as_secs()
+        ),
         Some((DeviceState::Live, _)) => {
             refuse!("/dev/ublkb{id} is live: its daemon is running; nothing to recover")
         }

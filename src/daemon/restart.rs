@@ -8,17 +8,20 @@
 //! device before the old process is gone and the kernel has accepted `START_USER_RECOVERY`.
 
 use super::control::{self, Request};
-use super::error::{refuse, Named, Result};
+use super::error::{refuse, DaemonError, Named, Result};
 use super::{process, recover, DaemonConfig};
+use crate::engine::Knobs;
 use crate::ublk::{self, DeviceState};
 use std::time::{Duration, Instant};
 
 /// How long the old daemon may take to commit and exit.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Asks the daemon of `dev` to hand its device over, waits until its process is gone, and
-/// returns the configuration that recovers the device (the caller spawns the new daemon).
-pub fn handover(dev: &str) -> Result<DaemonConfig> {
+/// returns the configuration that recovers the device, with the run-time settings the old
+/// daemon had (`ublk-clone set`), which the caller passes on once the new daemon is live.
+/// An error after the request was sent says that the device waits for `recover`.
+pub fn handover(dev: &str) -> Result<(DaemonConfig, Option<Knobs>)> {
     let id = control::parse_dev(dev)?;
     let Some(rec) = control::list_records().into_iter().find(|r| r.id == id) else {
         refuse!(
@@ -35,18 +38,67 @@ pub fn handover(dev: &str) -> Result<DaemonConfig> {
         Some((state, _)) => refuse!("/dev/ublkb{id} is not live (state {state:?})"),
         None => refuse!("/dev/ublkb{id}: no such ublk device"),
     }
-    control::request(id, &Request::Handover)?;
+    if let Some(unit) = systemd_unit(rec.pid) {
+        refuse!(
+            "/dev/ublkb{id}: its daemon runs under systemd ({unit}); a restart would move it \
+             out of the unit. Use `systemctl kill --signal=SIGKILL {unit}`: the unit brings \
+             the daemon back through recovery (nothing acknowledged is lost)"
+        );
+    }
+    let knobs = control::request(id, &Request::Status)?
+        .status
+        .and_then(|s| serde_json::from_value::<Knobs>(s.get("knobs")?.clone()).ok());
+    let waits = || {
+        format!(
+            "/dev/ublkb{id}: restart: the old daemon was asked to hand over; once it has \
+             exited, the device waits for `ublk-clone recover /dev/ublkb{id}`"
+        )
+    };
+    // The commit before the handover may take long (a large dirty page cache with
+    // --buffered-io); the daemon exits after it in any case.
+    control::request_within(id, &Request::Handover, EXIT_TIMEOUT).named(waits)?;
     let deadline = Instant::now() + EXIT_TIMEOUT;
     while !process::exited(rec.pid) {
         if Instant::now() >= deadline {
-            refuse!(
-                "/dev/ublkb{id}: the daemon (pid {}) did not exit within {} s after the \
-                 handover",
+            return Err(DaemonError::Daemon(format!(
+                "the daemon (pid {}) did not exit within {} s",
                 rec.pid,
                 EXIT_TIMEOUT.as_secs()
-            );
+            )))
+            .named(waits);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    recover::config_for_recover(&id.to_string()).named(|| format!("/dev/ublkb{id}: restart"))
+    let mut cfg = recover::config_for_recover(&id.to_string()).named(waits)?;
+    if let Some(k) = &knobs {
+        cfg.no_hydration = !k.hydration_enabled;
+        cfg.hydration_threshold = Some(k.threshold);
+        cfg.batch_size = Some(k.batch_size);
+        cfg.rate = k.rate_bytes_per_sec;
+    }
+    Ok((cfg, knobs))
+}
+
+/// After a restart: the settings the old daemon had (including those `create` options do not
+/// carry, such as hydrate-on-read).
+pub fn reapply(dev: &str, k: &Knobs) -> Result<()> {
+    let id = control::parse_dev(dev)?;
+    let req = Request::Set {
+        hydration: Some(k.hydration_enabled),
+        threshold: Some(k.threshold),
+        batch_size: Some(k.batch_size),
+        rate: Some(k.rate_bytes_per_sec),
+        hydrate_on_read: Some(k.hydrate_on_read),
+    };
+    control::request(id, &req).map(|_| ())
+}
+
+/// The systemd service that process `pid` runs in, if any (from its cgroup path).
+fn systemd_unit(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/'))
+        .find(|c| c.ends_with(".service"))
+        .map(str::to_string)
 }

@@ -36,13 +36,13 @@ pub fn run(cfg: &DaemonConfig) -> Result<()> {
 }
 
 fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
-    process::private_mount_namespace();
+    let private_ns = process::private_mount_namespace();
     process::install_signal_handlers();
     process::abort_on_panic();
     let o = open_devices(cfg, true)?;
     saved::save(cfg, &o.md, &o.source, &o.dest)?;
     let survival_path = survival::resume(cfg, &o.md)?;
-    process::detach_ublk_mounts();
+    process::detach_ublk_mounts(private_ns, &control::run_dir());
     let region_size = o.md.region_size();
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
     ecfg.block_size = o.block_sizes.logical as u64;
@@ -171,7 +171,9 @@ impl Live {
                 "{}: handed over; exiting without removing the device",
                 info.path
             );
-            std::process::exit(0);
+            // SAFETY: _exit ends the process at once (no atexit handlers, which would run
+            // while the queue threads still serve); the kernel tears the rings down.
+            unsafe { libc::_exit(0) };
         }
         kill_dev();
         let _ = std::fs::remove_file(control::socket_path(rec.id));

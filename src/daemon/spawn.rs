@@ -26,7 +26,13 @@ const NOTIFY_ENV: &str = "UBLK_CLONE_NOTIFY";
 /// program with `daemon_args` (the command line that runs `cfg` in the foreground) as a
 /// background daemon, and returns its device path once it is ready.
 pub fn spawn(cfg: &DaemonConfig, daemon_args: &[OsString]) -> Result<String> {
-    drop(open_devices(cfg, false)?);
+    if !cfg.recover {
+        // The checks run here first, so that errors reach the caller before a daemon
+        // exists. A recovery skips them: only the daemon may start it (the kernel accepts
+        // START_USER_RECOVERY once), and the devices may be held by the dead daemon until
+        // then; the daemon reports its errors through the notify pipe.
+        drop(open_devices(cfg, false)?);
+    }
     let run_dir = control::run_dir();
     std::fs::create_dir_all(&run_dir).named(|| format!("cannot create {}", run_dir.display()))?;
     let log_path = run_dir.join("daemon.log");

@@ -91,11 +91,13 @@ const RECOVERY_FLAGS: u32 =
 /// process that checks a configuration before spawning the daemon: the kernel accepts
 /// `START_USER_RECOVERY` once per recovery, and the daemon must be the one that sends it).
 ///
-/// An earlier recovery that sent `START_USER_RECOVERY` and died before attaching leaves the
-/// device quiesced with no queue ready, and the kernel then answers EINVAL: the barrier was
-/// passed then, that process is gone (the recovery lock is free), and its `/dev/ublkcN` is
-/// closed (attaching opens it, which the kernel allows one holder at a time), so recovery goes
-/// on.
+/// An earlier recovery that sent `START_USER_RECOVERY` and died before its queues were all
+/// ready leaves the device quiesced with no queue counted ready, and the kernel then answers
+/// EINVAL (it checks that before whether `/dev/ublkcN` is open, so EINVAL alone proves
+/// nothing about the barrier). Recovery goes on because the other holds are enough then: that
+/// process is gone (the recovery lock is free), the destination and metadata are claimed
+/// exclusively until every file of the dead daemon is released (the new daemon waits for
+/// them), and `/dev/ublkcN` admits one opener at a time (attaching fails while it is held).
 pub fn begin_recovery(id: u32, start_it: bool) -> Result<RecoveryStart, ServeError> {
     let not = |why: String| ServeError::NotRecoverable { id, why };
     let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| not(format!("no such device ({e})")))?;

@@ -247,24 +247,27 @@ test_kill_and_restart_under_load() {
   # 10 SIGKILLs of the daemon at random moments, each followed by `recover`, then 10 live
   # `restart`s. Every read is checked against the workloads' models; no EIO; then umount,
   # e2fsck clean, golden files unchanged. The probe's longest pause per round is the stall.
-  mk_images 256
+  mk_images 128
   local mnt=$WORK/mnt stopf=$WORK/stop-load round pid t0 t1 total hyd rc=0
-  local pfsx ptree pprobe
+  local pfsx ptree pprobe partial=0
   mkdir -p "$mnt" "$WORK/gold"
   rm -f "$stopf" "$WORK"/rounds
-  for f in 1 2 3 4 5 6; do head -c 8M /dev/urandom >"$WORK/gold/g$f"; done
+  for f in 1 2 3 4 5 6; do head -c 4M /dev/urandom >"$WORK/gold/g$f"; done
   (cd "$WORK/gold" && sha256sum g*) >"$WORK/gold.sha"
   mkfs.ext4 -q -F -b 4096 -d "$WORK/gold" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d of the golden image"
-  dev=$(create --region-size 64K --rate 512K)
+  dev=$(create --region-size 64K --rate 256K)
   mount "$dev" "$mnt" || fail "mount of the clone failed"
-  local fsxpy
+  local ioerr0 fsxpy
+  ioerr0=$(dmesg | grep -c "I/O error" || true)
   fsxpy="$(dirname "$0")/fsx.py"
   python3 "$fsxpy" fsx "$mnt" "$stopf" >"$WORK/fsx.out" 2>&1 & pfsx=$!
   python3 "$fsxpy" tree "$mnt" "$stopf" >"$WORK/tree.out" 2>&1 & ptree=$!
   python3 "$fsxpy" probe "$mnt/probe" "$stopf" >"$WORK/probe.out" 2>&1 & pprobe=$!
   for round in $(seq 1 10); do
-    sleep "$(python3 -c 'import random; print(random.uniform(0.5, 3))')" # a random moment
+    sleep "$(python3 -c 'import random; print(random.uniform(0.3, 2))')" # a random moment
     pid=$(daemon_pid "$dev")
+    total=$(status_json "$dev" | json_field regions); hyd=$(status_json "$dev" | json_field hydrated)
+    [ "$hyd" -lt "$total" ] && partial=$((partial + 1))
     t0=$(date +%s.%N)
     kill -9 "$pid"
     "$BIN" recover "$dev" >/dev/null 2>>"$LOG" || fail "kill round $round: recover failed"
@@ -273,7 +276,7 @@ test_kill_and_restart_under_load() {
     [ "$(daemon_pid "$dev")" != "$pid" ] || fail "kill round $round: no new daemon"
   done
   for round in $(seq 1 10); do
-    sleep "$(python3 -c 'import random; print(random.uniform(0.5, 3))')"
+    sleep "$(python3 -c 'import random; print(random.uniform(0.3, 2))')"
     pid=$(daemon_pid "$dev")
     t0=$(date +%s.%N)
     "$BIN" restart "$dev" >/dev/null 2>>"$LOG" || fail "restart round $round failed"
@@ -281,13 +284,17 @@ test_kill_and_restart_under_load() {
     echo "restart $round $t0 $t1" >>"$WORK/rounds"
     [ "$(daemon_pid "$dev")" != "$pid" ] || fail "restart round $round: no new daemon"
   done
-  total=$(status_json "$dev" | json_field regions); hyd=$(status_json "$dev" | json_field hydrated)
-  say "hydrated $hyd of $total regions after the rounds"
-  [ "$hyd" -lt "$total" ] || fail "hydration finished before the rounds did: no round was partially hydrated"
+  say "$partial of 10 kills hit a partially hydrated clone"
+  # The workloads' writes hydrate regions too (copy-on-write), so the clone may be complete
+  # before the restarts; most kills must still land while it is partial.
+  [ "$partial" -ge 5 ] || fail "only $partial of 10 kills hit a partially hydrated clone"
   touch "$stopf"
   wait "$pfsx" || rc=1; wait "$ptree" || rc=1; wait "$pprobe" || rc=1
   cat "$WORK/fsx.out" "$WORK/tree.out" >>"$LOG"; tail -n 1 "$WORK/probe.out" >>"$LOG"
   [ $rc -eq 0 ] || fail "a workload failed: $(grep -h FAIL "$WORK"/*.out | head -n 3)"
+  # No I/O error reached the kernel's log (ext4 continues after some of them, and sync()
+  # reports none): a kill or restart must be a pause, never an error.
+  [ "$(dmesg | grep -c "I/O error" || true)" = "$ioerr0" ] || fail "I/O errors in dmesg: $(dmesg | grep "I/O error" | tail -n 3)"
   python3 - "$WORK/rounds" "$WORK/probe.out" <<'PY'
 import statistics, sys
 rounds = [l.split() for l in open(sys.argv[1])]
@@ -310,6 +317,53 @@ PY
   (cd "$mnt" && sha256sum -c --quiet "$WORK/gold.sha") >>"$LOG" 2>&1 || fail "a golden file changed"
   umount "$mnt"
   stop "$dev"
+}
+
+test_recover_waits_for_old_writes() {
+  # Issue 11, the barrier (seed 000): a write of the dead daemon still in flight must land
+  # before the new daemon writes. The destination is dm-delay (writes held 3 s). A full-region
+  # write is in flight in dm-delay when the daemon is SIGKILLed; `recover` must not attach
+  # before that write has ended (the dead daemon's /dev/ublkcN is a fixed file of its queue
+  # rings, released only when every I/O on them completed; the kernel refuses
+  # START_USER_RECOVERY before). Then a newer write to the same region must win: if the old
+  # write could land late, dm-delay's flush on suspend would put it back over the new data.
+  mk_images 16
+  modprobe loop; modprobe dm_delay 2>/dev/null || modprobe dm-delay || fail "no dm-delay"
+  truncate -s 16M "$WORK/dd.img"
+  local ld sectors pid t0 t1 pdd dm i
+  ld=$(losetup -f --show "$WORK/dd.img")
+  sectors=$((16 * 2048))
+  dmsetup create ubc-delay --table "0 $sectors delay $ld 0 0 $ld 0 3000" || fail "dmsetup create delay"
+  udevadm settle
+  dev=$("$BIN" create --source "$WORK/src" --dest /dev/mapper/ubc-delay --metadata "$WORK/meta" \
+    --region-size 64K --no-hydration 2>>"$LOG") || fail "create on dm-delay"
+  head -c 64K /dev/urandom >"$WORK/A"; head -c 64K /dev/urandom >"$WORK/B"
+  dm=$(basename "$(readlink -f /dev/mapper/ubc-delay)")
+  dd if="$WORK/A" of="$dev" bs=64K seek=5 oflag=direct status=none & pdd=$!
+  # Until the daemon's write of A is held in dm-delay.
+  for ((i = 0; i < 500; i++)); do
+    [ "$(awk '{print $2}' /sys/block/$dm/inflight)" -gt 0 ] && break
+    sleep 0.01
+  done
+  [ "$(awk '{print $2}' /sys/block/$dm/inflight)" -gt 0 ] || fail "the write never reached dm-delay"
+  pid=$(daemon_pid "$dev")
+  t0=$(date +%s.%N)
+  kill -9 "$pid"
+  "$BIN" recover "$dev" >/dev/null 2>>"$LOG" || fail "recover failed"
+  t1=$(date +%s.%N)
+  [ "$(awk '{print $2}' /sys/block/$dm/inflight)" -eq 0 ] || say "writes in flight after recover: the re-issued ones"
+  wait "$pdd" || fail "the write in flight at the kill failed (it must be re-issued, not failed)"
+  say "recover returned after $(python3 -c "print(round($t1 - $t0, 2))") s (dm-delay holds writes 3 s)"
+  dd if="$WORK/B" of="$dev" bs=64K seek=5 oflag=direct status=none || fail "the newer write failed"
+  # dm-delay submits every write it still holds on suspend: a late write of the dead daemon
+  # would land now, over B.
+  dmsetup suspend ubc-delay && dmsetup resume ubc-delay
+  cmp <(dd if="$dev" bs=64K skip=5 count=1 iflag=direct status=none) "$WORK/B" \
+    || fail "the region does not hold the newer write: an old write landed after it"
+  cmp <(dd if="$ld" bs=64K skip=5 count=1 iflag=direct status=none) "$WORK/B" \
+    || fail "the destination does not hold the newer write"
+  stop "$dev"
+  dmsetup remove ubc-delay; losetup -d "$ld"
 }
 
 expect_error() { # DESCRIPTION PATTERN COMMAND...
