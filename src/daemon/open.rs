@@ -36,8 +36,12 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
     cfg.validate()?;
     check_exist(cfg)?;
     if cfg.recover {
+        if !record {
+            // Only the daemon starts a recovery (`spawn` runs no check process for one).
+            refuse!("a recovery is checked and started by the daemon itself");
+        }
         // Before any device is opened: the dead daemon's I/O must have ended.
-        super::recover::begin(cfg, record)?;
+        super::recover::begin(cfg)?;
     }
     let direct = !cfg.buffered_io;
     let source = Arc::new(FileDev::open(&cfg.source, Access::ReadOnly, direct)?);

@@ -104,11 +104,10 @@ pub fn quiesced_device_of(metadata: &std::path::Path) -> Option<u32> {
         .map(|d| d.record.id)
 }
 
-/// Starts the recovery of `cfg`'s device, before any device is opened: takes the recovery
-/// lock (kept for the process's life with `hold`, else released again: the check of a
-/// process that only spawns the daemon) and waits for the kernel's barrier (see the module
-/// doc).
-pub(super) fn begin(cfg: &DaemonConfig, hold: bool) -> Result<()> {
+/// Starts the recovery of `cfg`'s device in the daemon that will attach to it, before any
+/// device is opened: takes the recovery lock (kept for the process's life) and waits for the
+/// kernel's barrier (see the module doc).
+pub(super) fn begin(cfg: &DaemonConfig) -> Result<()> {
     let id = cfg.number.max(0) as u32;
     let dir = run_dir();
     std::fs::create_dir_all(&dir).named(|| format!("cannot create {}", dir.display()))?;
@@ -123,10 +122,8 @@ pub(super) fn begin(cfg: &DaemonConfig, hold: bool) -> Result<()> {
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         refuse!("/dev/ublkb{id}: another `ublk-clone recover` of it is running");
     }
-    ublk::begin_recovery(id, hold)?;
-    if hold {
-        // Held until this process exits: the lock ends with the last descriptor.
-        std::mem::forget(lock);
-    }
+    ublk::begin_recovery(id)?;
+    // Held until this process exits: the lock ends with the last descriptor.
+    std::mem::forget(lock);
     Ok(())
 }

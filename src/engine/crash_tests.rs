@@ -923,7 +923,10 @@ fn process_crash_states_keep_every_acknowledged_write() {
     };
     let (mut states, mut violations) = (0, Vec::new());
     let mut seed = 0;
-    while seed < min_seeds || (states < target && seed < 8 * min_seeds) {
+    // States per seed depend on how the workload's threads interleave (fewer on a loaded
+    // machine: seen once with the other tests running on 2 cores), so seeds go on until the
+    // target is reached, within a generous cap.
+    while seed < min_seeds || (states < target && seed < 40 * min_seeds) {
         let w = Workload::for_seed(seed, 3, 100);
         let o = process_crash_run(seed, Bugs::default(), &w, 200, true);
         states += o.states;

@@ -87,9 +87,8 @@ const RECOVERY_FLAGS: u32 =
 /// Starts the recovery of device `id`, whose daemon died: waits (up to 30 s) until the dead
 /// daemon's process is gone and its rings are torn down (the kernel refuses earlier), which is
 /// also when every I/O it had in flight has ended. Only then may a new daemon open the
-/// devices and write. Without `start`, only checks that the device waits for recovery (the
-/// process that checks a configuration before spawning the daemon: the kernel accepts
-/// `START_USER_RECOVERY` once per recovery, and the daemon must be the one that sends it).
+/// devices and write. The kernel accepts `START_USER_RECOVERY` once per recovery: only the
+/// daemon that will attach calls this.
 ///
 /// An earlier recovery that sent `START_USER_RECOVERY` and died before its queues were all
 /// ready leaves the device quiesced with no queue counted ready, and the kernel then answers
@@ -98,7 +97,7 @@ const RECOVERY_FLAGS: u32 =
 /// process is gone (the recovery lock is free), the destination and metadata are claimed
 /// exclusively until every file of the dead daemon is released (the new daemon waits for
 /// them), and `/dev/ublkcN` admits one opener at a time (attaching fails while it is held).
-pub fn begin_recovery(id: u32, start_it: bool) -> Result<RecoveryStart, ServeError> {
+pub fn begin_recovery(id: u32) -> Result<RecoveryStart, ServeError> {
     let not = |why: String| ServeError::NotRecoverable { id, why };
     let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| not(format!("no such device ({e})")))?;
     let info = ctrl.dev_info();
@@ -119,9 +118,6 @@ pub fn begin_recovery(id: u32, start_it: bool) -> Result<RecoveryStart, ServeErr
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
     };
-    if !start_it {
-        return Ok(start);
-    }
     match ctrl.start_user_recover() {
         Ok(r) if r >= 0 => Ok(start),
         Err(libublk::UblkError::UringIOError(r)) if r == -libc::EINVAL => {
