@@ -241,7 +241,7 @@ pub struct RestartArgs {
 /// `ublk-clone restart DEV`: a live handover to a new daemon (the binary now on disk); the
 /// device and the file system on it stay, their I/O pauses meanwhile.
 pub fn run_restart(a: &RestartArgs) -> Result<()> {
-    let (mut cfg, knobs) = daemon::restart::handover(&a.dev)?;
+    let mut cfg = daemon::restart::handover(&a.dev)?;
     cfg.foreground = a.foreground;
     let waits = || {
         format!(
@@ -250,15 +250,7 @@ pub fn run_restart(a: &RestartArgs) -> Result<()> {
             a.dev, a.dev
         )
     };
-    if a.foreground {
-        // Runs until stopped; the settings from `create` options apply.
-        return create(&cfg).with_context(waits);
-    }
-    create(&cfg).with_context(waits)?;
-    if let Some(k) = knobs {
-        daemon::restart::reapply(&a.dev, &k)?;
-    }
-    Ok(())
+    create(&cfg).with_context(waits)
 }
 
 #[derive(Args, Debug)]

@@ -27,6 +27,7 @@ mod run;
 pub mod saved;
 mod server;
 mod spawn;
+mod sticky;
 pub mod stop;
 pub mod survival;
 

@@ -10,7 +10,6 @@
 use super::control::{self, Request};
 use super::error::{refuse, DaemonError, Named, Result};
 use super::{process, recover, DaemonConfig};
-use crate::engine::Knobs;
 use crate::ublk::{self, DeviceState};
 use std::time::{Duration, Instant};
 
@@ -18,10 +17,10 @@ use std::time::{Duration, Instant};
 const EXIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Asks the daemon of `dev` to hand its device over, waits until its process is gone, and
-/// returns the configuration that recovers the device, with the run-time settings the old
-/// daemon had (`ublk-clone set`), which the caller passes on once the new daemon is live.
-/// An error after the request was sent says that the device waits for `recover`.
-pub fn handover(dev: &str) -> Result<(DaemonConfig, Option<Knobs>)> {
+/// returns the configuration that recovers the device (the new daemon takes the old one's
+/// run-time settings from its sticky state, see `sticky`). An error after the request was
+/// sent says that the device waits for `recover`.
+pub fn handover(dev: &str) -> Result<DaemonConfig> {
     let id = control::parse_dev(dev)?;
     let Some(rec) = control::list_records().into_iter().find(|r| r.id == id) else {
         refuse!(
@@ -45,9 +44,6 @@ pub fn handover(dev: &str) -> Result<(DaemonConfig, Option<Knobs>)> {
              the daemon back through recovery (nothing acknowledged is lost)"
         );
     }
-    let knobs = control::request(id, &Request::Status)?
-        .status
-        .and_then(|s| serde_json::from_value::<Knobs>(s.get("knobs")?.clone()).ok());
     let waits = || {
         format!(
             "/dev/ublkb{id}: restart: the old daemon was asked to hand over; once it has \
@@ -69,28 +65,7 @@ pub fn handover(dev: &str) -> Result<(DaemonConfig, Option<Knobs>)> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut cfg = recover::config_for_recover(&id.to_string()).named(waits)?;
-    if let Some(k) = &knobs {
-        cfg.no_hydration = !k.hydration_enabled;
-        cfg.hydration_threshold = Some(k.threshold);
-        cfg.batch_size = Some(k.batch_size);
-        cfg.rate = k.rate_bytes_per_sec;
-    }
-    Ok((cfg, knobs))
-}
-
-/// After a restart: the settings the old daemon had (including those `create` options do not
-/// carry, such as hydrate-on-read).
-pub fn reapply(dev: &str, k: &Knobs) -> Result<()> {
-    let id = control::parse_dev(dev)?;
-    let req = Request::Set {
-        hydration: Some(k.hydration_enabled),
-        threshold: Some(k.threshold),
-        batch_size: Some(k.batch_size),
-        rate: Some(k.rate_bytes_per_sec),
-        hydrate_on_read: Some(k.hydrate_on_read),
-    };
-    control::request(id, &req).map(|_| ())
+    recover::config_for_recover(&id.to_string()).named(waits)
 }
 
 /// The systemd service that process `pid` runs in, if any (from its cgroup path).

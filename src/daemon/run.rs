@@ -13,6 +13,7 @@ use super::control::{self, DaemonRecord};
 use super::error::{DaemonError, Named, Result};
 use super::open::{open_devices, Opened};
 use super::server::{self, CtlRecording};
+use super::sticky::Sticky;
 use super::{process, saved, spawn, survival};
 use crate::engine::{Engine, Mode};
 use crate::io::BlockDev;
@@ -41,13 +42,26 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     process::abort_on_panic();
     let o = open_devices(cfg, true)?;
     saved::save(cfg, &o.md, &o.source, &o.dest)?;
-    let survival_path = survival::resume(cfg, &o.md)?;
+    let (survival_path, degraded) = survival::resume(cfg, &o.md)?;
     process::detach_ublk_mounts(private_ns, &control::run_dir());
     let region_size = o.md.region_size();
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
     ecfg.block_size = o.block_sizes.logical as u64;
+    ecfg.start_mode = degraded.map(|(m, reason)| (Mode::from_metadata(m), reason));
+    // A recovering daemon continues the dead one: its settings and failed regions.
+    let sticky = Arc::new(Sticky::new(&o.md.uuid(), survival::boot_id()?));
+    let taken = cfg.recover.then(|| sticky.take_over()).flatten();
+    if let Some(t) = &taken {
+        ecfg.knobs = t.knobs.clone();
+    }
     let engine = Engine::start(o.md.clone(), o.source.clone(), o.dest_dyn.clone(), ecfg)?;
-    let served = serve_device(cfg, &o, &engine, notify);
+    if let Some(t) = &taken {
+        engine.restore_failed_regions(&t.failed_regions);
+    }
+    if let Err(e) = sticky.record(&engine) {
+        log::warn!("{}", super::error::chain(&e));
+    }
+    let served = serve_device(cfg, &o, &engine, &sticky, notify);
     let shut = engine.shutdown();
     // Ends the log after the final commit: the unflushed writes, then the end mark.
     let closed = o.recording.as_ref().map(|r| r.space.close());
@@ -57,6 +71,7 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
         // Shut down clean: the committed bitmap holds every bit of the survival copy.
         survival::remove(&survival_path);
     }
+    sticky.remove();
     if let (Some(closed), Some(log)) = (closed, &cfg.log_writes) {
         let n = closed.named(|| format!("--log-writes {}", log.display()))?;
         log::info!("log {} closed with {n} entries", log.display());
@@ -65,7 +80,13 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
 }
 
 /// Serves the ublk device until it is stopped; [`Live::run`] runs once it is live.
-fn serve_device(cfg: &DaemonConfig, o: &Opened, engine: &Arc<Engine>, notify: bool) -> Result<()> {
+fn serve_device(
+    cfg: &DaemonConfig,
+    o: &Opened,
+    engine: &Arc<Engine>,
+    sticky: &Arc<Sticky>,
+    notify: bool,
+) -> Result<()> {
     let queues = cfg.queues.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u16)
@@ -88,6 +109,7 @@ fn serve_device(cfg: &DaemonConfig, o: &Opened, engine: &Arc<Engine>, notify: bo
         metadata: absolute(&cfg.metadata),
         region_size: o.md.region_size(),
         engine: engine.clone(),
+        sticky: sticky.clone(),
         recording: o.recording.clone().map(|r| {
             let log = cfg.log_writes.clone().unwrap_or_default();
             (r, log.display().to_string())
@@ -123,6 +145,7 @@ struct Live {
     metadata: PathBuf,
     region_size: u64,
     engine: Arc<Engine>,
+    sticky: Arc<Sticky>,
     recording: Option<CtlRecording>,
     notify: bool,
 }
@@ -162,8 +185,12 @@ impl Live {
         } else {
             println!("{}", info.path);
         }
-        if server::control_loop(&listener, &self.engine, self.recording.as_ref())
-            == server::LoopEnd::Handover
+        if server::control_loop(
+            &listener,
+            &self.engine,
+            &self.sticky,
+            self.recording.as_ref(),
+        ) == server::LoopEnd::Handover
         {
             // The device stays: the kernel quiesces it once this process (every thread and
             // ring) is gone, and the next daemon recovers it. The record stays for it too.

@@ -8,6 +8,7 @@
 use super::control::{self, DaemonRecord, RecordingStatus, Request, Response};
 use super::error::{Named, Result};
 use super::process;
+use super::sticky::Sticky;
 use crate::engine::Engine;
 use crate::logwrites::Recording;
 use crate::ublk;
@@ -46,9 +47,14 @@ pub(super) enum LoopEnd {
 pub(super) fn control_loop(
     l: &UnixListener,
     engine: &Engine,
+    sticky: &Sticky,
     rec: Option<&CtlRecording>,
 ) -> LoopEnd {
     loop {
+        // Failed regions found since the last tick (a `set` is recorded before its answer).
+        if let Err(e) = sticky.record(engine) {
+            log::warn!("{}", super::error::chain(&e));
+        }
         if process::stop_requested() {
             return LoopEnd::Stop;
         }
@@ -58,7 +64,7 @@ pub(super) fn control_loop(
         }
         match l.accept() {
             Ok((s, _)) => {
-                if let Some(end) = answer(&s, engine, rec) {
+                if let Some(end) = answer(&s, engine, sticky, rec) {
                     return end;
                 }
             }
@@ -74,7 +80,12 @@ pub(super) fn control_loop(
 }
 
 /// Reads one request line from `s` and answers it. Returns how the loop ends, if it asked to.
-fn answer(s: &UnixStream, engine: &Engine, rec: Option<&CtlRecording>) -> Option<LoopEnd> {
+fn answer(
+    s: &UnixStream,
+    engine: &Engine,
+    sticky: &Sticky,
+    rec: Option<&CtlRecording>,
+) -> Option<LoopEnd> {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
@@ -107,7 +118,18 @@ fn answer(s: &UnixStream, engine: &Engine, rec: Option<&CtlRecording>) -> Option
                 k.hydrate_on_read = h;
             }
             engine.set_knobs(k);
-            (ok_status(engine, rec), None)
+            // Answered once a daemon started after this one dies would keep the settings.
+            match sticky.record(engine) {
+                Ok(()) => (ok_status(engine, rec), None),
+                Err(e) => (
+                    Response::err(format!(
+                        "the settings apply, but a daemon recovering this one would not keep \
+                         them: {}",
+                        super::error::chain(&e)
+                    )),
+                    None,
+                ),
+            }
         }
         Ok(Request::Mark { name }) => (mark(rec, &name), None),
         Ok(Request::Stop) => (Response::ok(), Some(LoopEnd::Stop)),

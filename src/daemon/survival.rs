@@ -26,7 +26,7 @@ pub fn survival_path(uuid: &uuid::Uuid) -> PathBuf {
 
 /// This boot's ID (`/proc/sys/kernel/random/boot_id`): a survival copy from another boot
 /// (before a reboot or a power loss) is never merged.
-fn boot_id() -> Result<[u8; 16]> {
+pub(super) fn boot_id() -> Result<[u8; 16]> {
     const PATH: &str = "/proc/sys/kernel/random/boot_id";
     let text = std::fs::read_to_string(PATH).named(|| format!("cannot read {PATH}"))?;
     match uuid::Uuid::parse_str(text.trim()) {
@@ -39,9 +39,13 @@ fn boot_id() -> Result<[u8; 16]> {
 /// cost only.
 pub const BENCH_NO_SURVIVAL: &str = "UBLK_CLONE_BENCH_NO_SURVIVAL";
 
+/// The degraded mode a dead daemon was in, and why: the new daemon starts in it.
+pub(super) type Degraded = Option<(MetadataMode, String)>;
+
 /// Merges what a dead daemon of this clone left, then starts the survival copy that this
-/// daemon writes every region bit through to. Returns its path.
-pub(super) fn resume(cfg: &DaemonConfig, md: &Metadata) -> Result<PathBuf> {
+/// daemon writes every region bit through to. Returns its path, and the degraded mode the
+/// dead daemon was in (the engine starts in it).
+pub(super) fn resume(cfg: &DaemonConfig, md: &Metadata) -> Result<(PathBuf, Degraded)> {
     let path = survival_path(&md.uuid());
     let dir = run_dir();
     std::fs::create_dir_all(&dir).named(|| format!("cannot create {}", dir.display()))?;
@@ -52,8 +56,8 @@ pub(super) fn resume(cfg: &DaemonConfig, md: &Metadata) -> Result<PathBuf> {
     if !attach {
         log::warn!("{BENCH_NO_SURVIVAL} is set: no survival copy (benchmarks only)");
     }
-    resume_at(&path, cfg.dest_moved, md, boot_id()?, attach)?;
-    Ok(path)
+    let degraded = resume_at(&path, cfg.dest_moved, md, boot_id()?, attach)?;
+    Ok((path, degraded))
 }
 
 /// [`resume`] with the survival copy at `path`, in boot `boot`.
@@ -63,8 +67,9 @@ fn resume_at(
     md: &Metadata,
     boot: [u8; 16],
     attach: bool,
-) -> Result<()> {
+) -> Result<Degraded> {
     let dev = open_file(path, survival_size(md.nr_regions()))?;
+    let mut degraded = None;
     match SurvivalFile::read(&dev, md.uuid(), boot, md.nr_regions())? {
         None => {}
         Some(_) if dest_moved => log::warn!(
@@ -85,16 +90,31 @@ fn resume_at(
                 let n = md.merge_survived(&s)?;
                 log::warn!(
                     "{}: a daemon of this clone died; {n} regions hydrated since its last \
-                     commit are taken back from its survival copy",
+                         commit are taken back from its survival copy",
                     path.display()
                 );
+                let severity = crate::engine::Mode::from_metadata;
+                degraded = s
+                    .degraded
+                    .filter(|(m, _)| severity(*m) > severity(md.mode().0));
+                if let Some((m, reason)) = &degraded {
+                    log::error!(
+                        "{}: the dead daemon was in {m:?} mode ({reason}); so is this one",
+                        path.display()
+                    );
+                }
             }
         },
     }
     if attach {
         md.attach_survival(Arc::new(dev), boot)?;
+        if let Some((m, reason)) = &degraded {
+            // Until the metadata records it, the new copy does: a death before then
+            // must not bring the clone back read-write.
+            md.degrade_survival(*m, reason);
+        }
     }
-    Ok(())
+    Ok(degraded)
 }
 
 /// Opens (creating it if needed) the survival file, at least `size` bytes long.
@@ -207,7 +227,11 @@ mod tests {
         md.poison_survival("destination flush: EIO");
         drop(md);
         let md = c.open();
-        resume_at(&path, false, &md, BOOT, true).expect("restart");
+        assert_eq!(
+            resume_at(&path, false, &md, BOOT, true).expect("restart"),
+            None,
+            "the poison's mode is in the metadata"
+        );
         assert!(
             !md.is_hydrated(9),
             "a bit set before the failed flush was merged"
@@ -215,5 +239,34 @@ mod tests {
         let (mode, reason) = md.mode();
         assert_eq!(mode, MetadataMode::ReadOnly);
         assert!(reason.contains("destination flush: EIO"), "{reason}");
+    }
+
+    #[test]
+    fn a_dead_daemons_degraded_mode_comes_back_with_its_bits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("clone.bits");
+        let c = Clone::new();
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT, true).expect("first start");
+        md.set_hydrated(7).expect("set");
+        // A commit failed; the metadata could not record the mode either.
+        md.degrade_survival(MetadataMode::ReadOnly, "commit failed: EIO");
+        drop(md);
+        let md = c.open();
+        assert_eq!(md.mode().0, MetadataMode::ReadWrite);
+        let degraded = resume_at(&path, false, &md, BOOT, true).expect("restart");
+        assert_eq!(
+            degraded,
+            Some((MetadataMode::ReadOnly, "commit failed: EIO".to_string()))
+        );
+        assert!(
+            md.is_hydrated(7),
+            "the bits of a degraded daemon are trusted"
+        );
+        // The new copy records it too: a second death before the metadata does.
+        drop(md);
+        let md = c.open();
+        let again = resume_at(&path, false, &md, BOOT, true).expect("second restart");
+        assert_eq!(again, degraded);
     }
 }

@@ -98,6 +98,13 @@ impl Committer {
         self.mode.lock().0
     }
 
+    /// The mode the engine started in is not recorded in the metadata yet: the commit thread
+    /// records it.
+    pub(super) fn persist_start_mode(&self) {
+        self.mode_unpersisted.store(true, Ordering::Release);
+        self.cv.notify_one();
+    }
+
     pub fn mode_and_reason(&self) -> (Mode, String) {
         self.mode.lock().clone()
     }
@@ -312,6 +319,7 @@ impl Committer {
         let shadows = shadows
             .map_err(|_| CommitError::ShadowWriterPanicked)?
             .map_err(CommitError::Shadows)?;
+        super::pause::point(super::pause::Point::Commit);
         self.md
             .finish_commit(frozen, shadows, dest)
             .map_err(CommitError::Superblock)?;
@@ -386,6 +394,8 @@ impl Committer {
             return;
         }
         log::error!("switching to {} mode: {reason}", mode.name());
+        // Before anything is reported: a daemon started after this one dies starts degraded.
+        self.md.degrade_survival(mode.to_metadata(), reason);
         *cur = (mode, reason.to_string());
         // No bit may be set from now on (a write in flight that would set one fails); the
         // commit thread then settles the map.
@@ -436,6 +446,8 @@ impl Committer {
         if let Err(e) = self.md.persist_mode(mode.to_metadata(), &reason) {
             let reason = format!("{reason}; persisting the mode failed too: {e}");
             log::error!("switching to fail mode: {reason}");
+            self.md
+                .degrade_survival(crate::metadata::MetadataMode::Fail, &reason);
             *self.mode.lock() = (Mode::Fail, reason);
         }
     }

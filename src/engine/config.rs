@@ -83,6 +83,9 @@ pub struct EngineConfig {
     /// Memory for copy buffers (copy-on-write and background hydration), in bytes.
     pub copy_budget: u64,
     pub knobs: Knobs,
+    /// A degraded mode to start in, and why, when the metadata records a milder one (the mode
+    /// a dead daemon of this clone was in: see [`crate::metadata::survival`]).
+    pub start_mode: Option<(Mode, String)>,
     /// Deliberate protocol violations, for the crash oracle's own tests only.
     #[cfg(test)]
     pub(crate) bugs: Bugs,
@@ -120,6 +123,7 @@ impl EngineConfig {
             hydration_workers: 2,
             copy_budget: 64 << 20,
             knobs: Knobs::defaults_for(region_size),
+            start_mode: None,
             #[cfg(test)]
             bugs: Bugs::default(),
         }

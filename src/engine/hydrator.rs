@@ -150,7 +150,7 @@ impl Hydrator {
         self.has_failed.load(Ordering::Acquire) && self.failed.lock().contains(&r)
     }
 
-    fn mark_failed(&self, r: u64) {
+    pub fn mark_failed(&self, r: u64) {
         self.failed.lock().insert(r);
         self.has_failed.store(true, Ordering::Release);
     }

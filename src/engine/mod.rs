@@ -25,6 +25,7 @@ mod error;
 pub mod flush;
 mod hydrator;
 pub mod path;
+pub mod pause;
 mod readwrite;
 pub mod regions;
 mod view;
@@ -100,20 +101,30 @@ impl Engine {
         // A clone whose metadata records a degraded mode starts in it (dm-clone's ro): its
         // data can be read and copied off; `reset-mode` is the explicit way back to rw.
         let (md_mode, md_reason) = md.mode();
-        let mode = Mode::from_metadata(md_mode);
-        if mode != Mode::ReadWrite {
+        let mut mode = (Mode::from_metadata(md_mode), md_reason);
+        // A dead daemon's degraded mode that its metadata does not record yet (the write that
+        // would have recorded it may have failed): start in it, and record it.
+        let start_mode = config.start_mode.clone().filter(|(m, _)| *m > mode.0);
+        if let Some(m) = &start_mode {
+            log::error!("starting in {} mode: {}", m.0.name(), m.1);
+            mode = m.clone();
+        }
+        if mode.0 != Mode::ReadWrite {
             // The bitmap just loaded is the committed one; nothing may change it.
             md.seal();
         }
-        let map = Arc::new(RegionMap::new(md.clone(), mode != Mode::ReadWrite));
+        let map = Arc::new(RegionMap::new(md.clone(), mode.0 != Mode::ReadWrite));
         let committer = Arc::new(Committer::new(
             md,
             dest.clone(),
             map.clone(),
             &config,
-            (mode, md_reason),
+            mode,
             &kickers,
         ));
+        if start_mode.is_some() {
+            committer.persist_start_mode();
+        }
         let engine = Arc::new(Engine {
             knobs: Mutex::new(config.knobs.clone()),
             geo,
@@ -262,6 +273,20 @@ impl Engine {
         self.hydrator.wake.notify();
     }
 
+    /// Regions whose source could not be read, as a dead daemon of this clone left them:
+    /// reads of them fail again, and the sweep skips them.
+    pub fn restore_failed_regions(&self, regions: &[u64]) {
+        for &r in regions.iter().filter(|r| **r < self.geo.nr_regions) {
+            self.hydrator.mark_failed(r);
+        }
+        self.hydrator.wake.notify();
+    }
+
+    /// Regions whose source could not be read.
+    pub fn failed_regions(&self) -> Vec<u64> {
+        self.hydrator.failed_regions()
+    }
+
     pub fn is_fully_hydrated(&self) -> bool {
         self.map.is_fully_hydrated()
     }
@@ -269,6 +294,7 @@ impl Engine {
     /// FLUSH (see `committer`): completes once a destination flush that started after it
     /// arrived has completed and every bit set before it arrived is durable.
     pub async fn flush<P: DataPath>(&self, p: &P) -> Result<(), IoError> {
+        pause::point(pause::Point::Flush);
         self.committer.flush(p).await
     }
 

@@ -191,6 +191,9 @@ impl Engine {
         let result = self.write_hydrating(p, (start, stop), offset, data).await;
         self.hydrator.end_hydrations(guards.len() as u64);
         result.map_err(|e| IoError::eio(e.to_string()))?;
+        if (start, stop) != (offset, end) {
+            super::pause::point(super::pause::Point::CopyOnWrite);
+        }
         // The data of every locked region is now complete on the destination.
         self.set_written(&guards)?;
         drop(guards);

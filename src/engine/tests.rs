@@ -1413,3 +1413,101 @@ fn record_largest_io(devs: &[&Arc<MemDev>]) -> Arc<AtomicU64> {
     }
     largest
 }
+
+/// A clone whose survival copy is attached, as a daemon runs it; returns the rig's parts and
+/// the copy's device.
+fn rig_with_survival(size: u64, region_size: u64) -> (Rig, Arc<MemDev>) {
+    let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
+    let dest = Arc::new(MemDev::new("dest", size + 4096));
+    let meta = Arc::new(MemDev::new("meta", 1 << 20));
+    let md = Arc::new(open_md(&meta, &source, &dest, region_size));
+    let nr = size / region_size;
+    let surv = Arc::new(MemDev::new("surv", crate::metadata::survival_size(nr)));
+    md.attach_survival(surv.clone(), [5; 16]).expect("attach");
+    let mut cfg = EngineConfig::new(size, region_size);
+    no_hydration(&mut cfg);
+    let engine = match Engine::start(md, source.clone(), dest.clone(), cfg) {
+        Ok(e) => e,
+        Err(e) => panic!("engine start: {e}"),
+    };
+    let path = SyncPath {
+        source: source.clone(),
+        dest: dest.clone(),
+    };
+    let r = Rig {
+        source,
+        dest,
+        meta,
+        engine,
+        path,
+    };
+    (r, surv)
+}
+
+#[test]
+fn a_failed_commit_is_in_the_survival_copy_before_the_flush_fails() {
+    // Seed 004 across a daemon death: the metadata may not record the degraded mode (its
+    // write is what failed), so the survival copy must, before the FLUSH is answered.
+    let (r, surv) = rig_with_survival(16 * 4096, 4096);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 2 * 4096, &[6; 4096], false)),
+        Ok(())
+    );
+    // Only the commit's first metadata write fails; recording the mode then succeeds, so
+    // only the switch to read-only itself can have written the survival copy.
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let f = failed_once.clone();
+    r.meta.set_fault(Some(Arc::new(move |op: &Op| {
+        (matches!(op, Op::Write { .. }) && !f.swap(true, Ordering::SeqCst))
+            .then(|| io::Error::other("md write lost"))
+    })));
+    assert!(block_on(r.engine.flush(&r.path)).is_err());
+    let uuid = r.engine.map.md().uuid();
+    // The daemon dies now: what the next one finds.
+    let s = crate::metadata::SurvivalFile::read(surv.as_ref(), uuid, [5; 16], 16)
+        .expect("read")
+        .expect("same boot");
+    assert_eq!(s.poisoned, None, "the destination flush did not fail");
+    let (mode, reason) = s
+        .degraded
+        .expect("the degraded mode is not in the survival copy");
+    assert_eq!(mode, crate::metadata::MetadataMode::ReadOnly);
+    assert!(reason.contains("md write lost"), "{reason}");
+    assert_eq!(s.words[0] & (1 << 2), 1 << 2, "the written region's bit");
+    let _ = r.engine.shutdown();
+}
+
+#[test]
+fn an_engine_started_in_a_dead_daemons_degraded_mode_refuses_flushes_and_records_it() {
+    let size = 16 * 4096;
+    let r = rig(size, 4096, no_hydration);
+    assert_eq!(
+        block_on(r.engine.write(&r.path, 4096, &[7; 4096], false)),
+        Ok(())
+    );
+    assert_eq!(block_on(r.engine.flush(&r.path)), Ok(()));
+    assert!(r.engine.shutdown().is_ok());
+    let md = Arc::new(open_md(&r.meta, &r.source, &r.dest, 4096));
+    assert_eq!(md.mode().0, crate::metadata::MetadataMode::ReadWrite);
+    let mut cfg = EngineConfig::new(size, 4096);
+    no_hydration(&mut cfg);
+    cfg.start_mode = Some((Mode::ReadOnly, "commit failed: EIO".into()));
+    let engine = match Engine::start(md, r.source.clone(), r.dest.clone(), cfg) {
+        Ok(e) => e,
+        Err(e) => panic!("engine start: {e}"),
+    };
+    assert_eq!(engine.mode(), Mode::ReadOnly);
+    assert_eq!(
+        block_on(engine.flush(&r.path)).map_err(|e| e.errno),
+        Err(libc::EIO)
+    );
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(block_on(engine.read(&r.path, 4096, &mut buf)), Ok(()));
+    assert_eq!(buf, vec![7; 4096]);
+    let _ = engine.shutdown();
+    // The commit thread recorded the mode in the metadata.
+    let md = open_md(&r.meta, &r.source, &r.dest, 4096);
+    let (mode, reason) = md.mode();
+    assert_eq!(mode, crate::metadata::MetadataMode::ReadOnly);
+    assert!(reason.contains("commit failed: EIO"), "{reason}");
+}

@@ -17,7 +17,7 @@ use super::checksum::BLOCK_SIZE;
 use super::commit::{take_changed_blocks, CommitGuard};
 use super::error::{MetadataError, Result};
 use super::format::valid_mask;
-use super::superblock::Superblock;
+use super::superblock::{MetadataMode, Superblock};
 use super::survival::{SurvivalFile, Survived};
 use super::Metadata;
 use crate::io::BlockDev;
@@ -396,6 +396,19 @@ impl Metadata {
             if let Err(e) = s.poison(reason) {
                 log::error!(
                     "{}: recording the flush failure in the survival copy: {e}",
+                    self.name()
+                );
+            }
+        }
+    }
+
+    /// Records in the survival copy that the daemon switched to the degraded `mode`: a later
+    /// daemon starts in it. Best effort, like [`Self::poison_survival`].
+    pub fn degrade_survival(&self, mode: MetadataMode, reason: &str) {
+        if let Some(s) = self.core.survival.get() {
+            if let Err(e) = s.degrade(mode, reason) {
+                log::error!(
+                    "{}: recording the {mode:?} mode in the survival copy: {e}",
                     self.name()
                 );
             }

@@ -27,7 +27,15 @@
 //! Poison: after a destination flush failed, the bits set since the last commit may describe
 //! data that the destination lost. The header then records the failure, and a later daemon
 //! does not merge the file: it starts read-only with the recorded reason.
+//!
+//! Degraded: any other switch to a degraded mode (a failed commit or metadata write, repeated
+//! destination write failures) is recorded in the header too, before the failure is reported.
+//! The bits stay trustworthy (their data reached the destination), so a later daemon merges
+//! them, and then starts in the recorded mode with its reason: the metadata write that would
+//! have made the mode sticky may have failed too, and a FLUSH that failed must not succeed
+//! after a restart (seed 004).
 
+use super::MetadataMode;
 use crate::io::BlockDev;
 use parking_lot::Mutex;
 use std::io;
@@ -41,6 +49,8 @@ const HEADER_SIZE: u64 = 4096;
 const SECTOR: usize = 512;
 const WORDS_PER_SECTOR: usize = SECTOR / 8;
 const FLAG_POISONED: u32 = 1;
+const FLAG_READ_ONLY: u32 = 2;
+const FLAG_FAIL: u32 = 4;
 const OFF_FLAGS: usize = 12;
 const OFF_UUID: usize = 16;
 const OFF_BOOT: usize = 32;
@@ -80,6 +90,8 @@ pub struct Survived {
     pub words: Vec<u64>,
     /// Why the bits since the last commit cannot be trusted, if a destination flush failed.
     pub poisoned: Option<String>,
+    /// The degraded mode the daemon was in, and why (the first reason recorded).
+    pub degraded: Option<(MetadataMode, String)>,
 }
 
 /// An open survival file, written through by the in-core bitmap.
@@ -154,10 +166,19 @@ impl SurvivalFile {
         if dev.size() < survival_size(nr_regions) {
             return Err(corrupt(format!("{} bytes, too short", dev.size())));
         }
-        let poisoned = (u32_at(&h, OFF_FLAGS) & FLAG_POISONED != 0).then(|| {
+        let flags = u32_at(&h, OFF_FLAGS);
+        let reason = || {
             let len = (u32_at(&h, OFF_REASON_LEN) as usize).min(MAX_REASON);
             String::from_utf8_lossy(&h[OFF_REASON..OFF_REASON + len]).into_owned()
-        });
+        };
+        let poisoned = (flags & FLAG_POISONED != 0).then(reason);
+        let degraded = if flags & FLAG_FAIL != 0 {
+            Some((MetadataMode::Fail, reason()))
+        } else if flags & (FLAG_READ_ONLY | FLAG_POISONED) != 0 {
+            Some((MetadataMode::ReadOnly, reason()))
+        } else {
+            None
+        };
         let mut bytes = vec![0u8; (survival_size(nr_regions) - HEADER_SIZE) as usize];
         dev.read_at(&mut bytes, HEADER_SIZE)
             .map_err(io_err("reading the bitmap"))?;
@@ -166,7 +187,11 @@ impl SurvivalFile {
             .take(nr_regions.div_ceil(64) as usize)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
-        Ok(Some(Survived { words, poisoned }))
+        Ok(Some(Survived {
+            words,
+            poisoned,
+            degraded,
+        }))
     }
 
     /// Starts a survival copy in `dev` (at least [`survival_size`] bytes) holding `words`,
@@ -227,16 +252,39 @@ impl SurvivalFile {
     /// Records that the bits set since the last commit cannot be trusted (a destination
     /// flush failed): a later daemon will not merge them.
     pub fn poison(&self, reason: &str) -> io::Result<()> {
-        let mut h = self.header.lock();
-        let flags = u32_at(&h, OFF_FLAGS) | FLAG_POISONED;
-        h[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
-        let mut reason = reason.as_bytes();
-        if reason.len() > MAX_REASON {
-            reason = &reason[..MAX_REASON];
+        self.add_flag(FLAG_POISONED, reason)
+    }
+
+    /// Records that the daemon switched to the degraded `mode` (read-only or fail) because of
+    /// `reason`: a later daemon merges the bits and starts in that mode.
+    pub fn degrade(&self, mode: MetadataMode, reason: &str) -> io::Result<()> {
+        match mode {
+            MetadataMode::ReadWrite => Ok(()),
+            MetadataMode::ReadOnly => self.add_flag(FLAG_READ_ONLY, reason),
+            MetadataMode::Fail => self.add_flag(FLAG_FAIL, reason),
         }
-        h[OFF_REASON_LEN..OFF_REASON_LEN + 4].copy_from_slice(&(reason.len() as u32).to_le_bytes());
-        h[OFF_REASON..OFF_REASON + MAX_REASON].fill(0);
-        h[OFF_REASON..OFF_REASON + reason.len()].copy_from_slice(reason);
+    }
+
+    /// Sets `flag` in the header, with `reason` if none was recorded yet (the first failure
+    /// is the one to report), and writes the header.
+    fn add_flag(&self, flag: u32, reason: &str) -> io::Result<()> {
+        let mut h = self.header.lock();
+        let flags = u32_at(&h, OFF_FLAGS);
+        h[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&(flags | flag).to_le_bytes());
+        if flags == 0 {
+            let mut reason = reason.as_bytes();
+            if reason.len() > MAX_REASON {
+                let mut end = MAX_REASON;
+                while std::str::from_utf8(&reason[..end]).is_err() {
+                    end -= 1;
+                }
+                reason = &reason[..end];
+            }
+            h[OFF_REASON_LEN..OFF_REASON_LEN + 4]
+                .copy_from_slice(&(reason.len() as u32).to_le_bytes());
+            h[OFF_REASON..OFF_REASON + MAX_REASON].fill(0);
+            h[OFF_REASON..OFF_REASON + reason.len()].copy_from_slice(reason);
+        }
         seal_header(&mut h);
         self.dev.write_at(&h, 0)
     }
@@ -300,6 +348,41 @@ mod tests {
             got.and_then(|s| s.poisoned).as_deref(),
             Some("destination flush failed: EIO")
         );
+    }
+
+    #[test]
+    fn a_degraded_mode_is_recorded_with_its_first_reason_and_the_bits_stay_trusted() {
+        let uuid = Uuid::new_v4();
+        let nr = 100;
+        let dev = Arc::new(MemDev::new("surv", survival_size(nr)));
+        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[5, 0]).expect("create");
+        f.degrade(MetadataMode::ReadWrite, "nothing").expect("rw");
+        let got = SurvivalFile::read(dev.as_ref(), uuid, BOOT, nr).expect("read");
+        assert_eq!(got.and_then(|s| s.degraded), None);
+        f.degrade(MetadataMode::ReadOnly, "commit failed: EIO")
+            .expect("ro");
+        f.degrade(MetadataMode::Fail, "persisting the mode failed")
+            .expect("fail");
+        let got = SurvivalFile::read(dev.as_ref(), uuid, BOOT, nr)
+            .expect("read")
+            .expect("same boot");
+        assert_eq!(got.poisoned, None, "a degraded mode is not a poison");
+        assert_eq!(got.words, vec![5, 0]);
+        assert_eq!(
+            got.degraded,
+            Some((MetadataMode::Fail, "commit failed: EIO".to_string()))
+        );
+        // A poison is also read-only; a long reason is cut at a character boundary.
+        let dev = Arc::new(MemDev::new("surv2", survival_size(nr)));
+        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[]).expect("create");
+        f.poison(&"é".repeat(300)).expect("poison");
+        let got = SurvivalFile::read(dev.as_ref(), uuid, BOOT, nr)
+            .expect("read")
+            .expect("same boot");
+        let (mode, reason) = got.degraded.expect("degraded");
+        assert_eq!(mode, MetadataMode::ReadOnly);
+        assert_eq!(reason, "é".repeat(MAX_REASON / 2));
+        assert_eq!(got.poisoned, Some(reason));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-kernel suite. Runs INSIDE the test guest (tools/vm-run), as root.
-# Usage: tests/vm/suite.sh PATH/TO/ublk-clone [TEST-NAME-FILTER]
+# Usage: tests/vm/suite.sh PATH/TO/ublk-clone [FILTER] (FILTER: name substrings, separated by |)
 # Prints one "ok"/"not ok" line per test and a final "N passed, M failed" line; exits non-zero
 # if any test failed. It fails (never skips) when ublk is unavailable.
 set -uo pipefail
@@ -53,7 +53,12 @@ wait_hydrated() { # DEV TIMEOUT_S
 
 run_test() {
   local name=$1
-  [ -n "$FILTER" ] && [[ $name != *$FILTER* ]] && return 0
+  if [ -n "$FILTER" ]; then # FILTER: substrings of test names, separated by |
+    local f hit=
+    IFS='|' read -ra fs <<<"$FILTER"
+    for f in "${fs[@]}"; do [[ $name == *"$f"* ]] && hit=1; done
+    [ -n "$hit" ] || return 0
+  fi
   echo "=== $name" >>"$LOG"
   local t0=$SECONDS
   # Not inside an `if`: errexit must stay active in the subshell.
@@ -217,6 +222,8 @@ test_kill_and_recover() {
         || fail "round $round: write $f failed"
     done
     pid=$(daemon_pid "$dev")
+    # A run-time setting outlives the daemon (sticky state), the create option does not win.
+    [ $round = 2 ] && { "$BIN" set "$dev" --rate 1M --hydrate-on-read false >>"$LOG" 2>&1 || fail "set"; }
     kill -9 "$pid"
     # The device and the mount stay; the next daemon attaches to the same device.
     dev2=$("$BIN" recover "$dev" 2>>"$LOG") || fail "round $round: recover failed"
@@ -224,6 +231,11 @@ test_kill_and_recover() {
     [ "$(daemon_pid "$dev")" != "$pid" ] || fail "round $round: no new daemon"
     say "round $round: daemon $pid killed, recovered by $(daemon_pid "$dev")"
   done
+  status_json "$dev" | python3 -c '
+import json, sys
+k = json.load(sys.stdin)["knobs"]
+sys.exit(0 if (k["rate_bytes_per_sec"], k["hydrate_on_read"]) == (1 << 20, False) else f"settings lost: {k}")' \
+    || fail "the settings made with set did not survive the daemon deaths"
   # A second recover while the device is live is refused.
   expect_error "recover of a live device" "live" "$BIN" recover "$dev"
   sync
@@ -330,7 +342,7 @@ test_recover_waits_for_old_writes() {
   mk_images 16
   modprobe loop; modprobe dm_delay 2>/dev/null || modprobe dm-delay || fail "no dm-delay"
   truncate -s 16M "$WORK/dd.img"
-  local ld sectors pid t0 t1 pdd dm i
+  local ld sectors pid t0 t1 pdd i
   ld=$(losetup -f --show "$WORK/dd.img")
   sectors=$((16 * 2048))
   dmsetup create ubc-delay --table "0 $sectors delay $ld 0 0 $ld 0 3000" || fail "dmsetup create delay"
@@ -338,20 +350,20 @@ test_recover_waits_for_old_writes() {
   dev=$("$BIN" create --source "$WORK/src" --dest /dev/mapper/ubc-delay --metadata "$WORK/meta" \
     --region-size 64K --no-hydration 2>>"$LOG") || fail "create on dm-delay"
   head -c 64K /dev/urandom >"$WORK/A"; head -c 64K /dev/urandom >"$WORK/B"
-  dm=$(basename "$(readlink -f /dev/mapper/ubc-delay)")
   dd if="$WORK/A" of="$dev" bs=64K seek=5 oflag=direct status=none & pdd=$!
-  # Until the daemon's write of A is held in dm-delay.
+  # Until dm-delay holds the daemon's write of A (its status counts the writes it holds).
+  held() { dmsetup status ubc-delay | awk '{print $5}'; }
   for ((i = 0; i < 500; i++)); do
-    [ "$(awk '{print $2}' /sys/block/$dm/inflight)" -gt 0 ] && break
+    [ "$(held)" -gt 0 ] && break
     sleep 0.01
   done
-  [ "$(awk '{print $2}' /sys/block/$dm/inflight)" -gt 0 ] || fail "the write never reached dm-delay"
+  [ "$(held)" -gt 0 ] || fail "the write never reached dm-delay: $(dmsetup status ubc-delay)"
   pid=$(daemon_pid "$dev")
   t0=$(date +%s.%N)
   kill -9 "$pid"
   "$BIN" recover "$dev" >/dev/null 2>>"$LOG" || fail "recover failed"
   t1=$(date +%s.%N)
-  [ "$(awk '{print $2}' /sys/block/$dm/inflight)" -eq 0 ] || say "writes in flight after recover: the re-issued ones"
+  say "dm-delay after recover: $(dmsetup status ubc-delay)"
   wait "$pdd" || fail "the write in flight at the kill failed (it must be re-issued, not failed)"
   say "recover returned after $(python3 -c "print(round($t1 - $t0, 2))") s (dm-delay holds writes 3 s)"
   dd if="$WORK/B" of="$dev" bs=64K seek=5 oflag=direct status=none || fail "the newer write failed"
@@ -364,6 +376,43 @@ test_recover_waits_for_old_writes() {
     || fail "the destination does not hold the newer write"
   stop "$dev"
   dmsetup remove ubc-delay; losetup -d "$ld"
+}
+
+test_kill_at_pause_points() {
+  # Issue 11: the daemon is killed exactly inside a copy-on-write (the region's data on the
+  # destination, its bit not set, the write not acknowledged), a commit (destination flushed
+  # and shadows written, superblock not) and a FLUSH (taken, nothing done), using the
+  # test-only pause points (UBLK_CLONE_TEST_PAUSE). After `recover` the held request is
+  # re-issued and completes; every acknowledged write reads back, then again after a clean
+  # stop and start.
+  local point pf pw pid i
+  for point in cow commit flush; do
+    mk_images 16
+    pf=$WORK/paused-$point; rm -f "$pf"
+    dev=$(UBLK_CLONE_TEST_PAUSE="$point:$pf" create --region-size 64K --no-hydration) \
+      || fail "$point: create"
+    head -c 4K /dev/urandom >"$WORK/A"; head -c 64K /dev/urandom >"$WORK/B"
+    cp "$WORK/src" "$WORK/expected"
+    # Acknowledged before the pause: a whole-region write (its bit set, not committed).
+    dd if="$WORK/B" of="$dev" bs=64K seek=3 oflag=direct status=none || fail "$point: write B"
+    dd if="$WORK/B" of="$WORK/expected" bs=64K seek=3 conv=notrunc status=none
+    dd if="$WORK/A" of="$WORK/expected" bs=4K seek=17 conv=notrunc status=none
+    # A partial write into region 1 (copy-on-write), then a FLUSH (fsync of the device).
+    dd if="$WORK/A" of="$dev" bs=4K seek=17 oflag=direct conv=fsync status=none & pw=$!
+    for ((i = 0; i < 300; i++)); do [ -s "$pf" ] && break; sleep 0.05; done
+    [ -s "$pf" ] || fail "$point: the daemon never reached the pause point"
+    pid=$(daemon_pid "$dev")
+    [ "$(cat "$pf")" = "$pid" ] || fail "$point: paused process $(cat "$pf") is not the daemon $pid"
+    kill -9 "$pid"
+    "$BIN" recover "$dev" >/dev/null 2>>"$LOG" || fail "$point: recover failed"
+    wait "$pw" || fail "$point: the request held at the kill failed (it must be re-issued)"
+    cmp "$dev" "$WORK/expected" >>"$LOG" 2>&1 || fail "$point: the device differs after recovery"
+    stop "$dev"
+    dev=$("$BIN" start --metadata "$WORK/meta" 2>>"$LOG") || fail "$point: start after stop"
+    cmp "$dev" "$WORK/expected" >>"$LOG" 2>&1 || fail "$point: the device differs after stop and start"
+    stop "$dev"
+    say "$point: killed at the pause point, recovered, data intact"
+  done
 }
 
 expect_error() { # DESCRIPTION PATTERN COMMAND...
@@ -627,7 +676,7 @@ modprobe ublk_drv 2>/dev/null
 truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
-         kill_and_recover kill_and_restart_under_load \
+         kill_and_recover kill_at_pause_points recover_waits_for_old_writes kill_and_restart_under_load \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
