@@ -20,7 +20,6 @@
 //! lock is released (see `regions`). No region lock is held while waiting for the rate limit
 //! or a backoff: a user write to those regions never waits for them.
 
-use super::budget::COPY_CHUNK;
 use super::config::{Knobs, Mode};
 use super::wake::{Kickers, Signal};
 use super::Engine;
@@ -70,6 +69,8 @@ pub(crate) struct Hydrator {
     /// Background destination writes that failed in a row.
     pub dest_write_failures: AtomicU32,
     pub bytes_hydrated: AtomicU64,
+    /// Of which hydrated by zeroing (the source reported zeroes), not copied.
+    pub bytes_zeroed: AtomicU64,
     pub regions_hydrated_bg: AtomicU64,
     pub dest_write_errors: AtomicU64,
     /// Background batches picked (each one a look at the bitmap).
@@ -93,6 +94,7 @@ impl Hydrator {
             rate_sample: Mutex::new((Instant::now(), 0, 0)),
             dest_write_failures: AtomicU32::new(0),
             bytes_hydrated: AtomicU64::new(0),
+            bytes_zeroed: AtomicU64::new(0),
             regions_hydrated_bg: AtomicU64::new(0),
             dest_write_errors: AtomicU64::new(0),
             scans: AtomicU64::new(0),
@@ -178,7 +180,7 @@ impl Hydrator {
     }
 
     /// Charges a copy of `bytes` to the rate limit (never waits).
-    fn charge_rate(&self, bytes: u64, rate: u64) {
+    pub(super) fn charge_rate(&self, bytes: u64, rate: u64) {
         if rate == 0 {
             return;
         }
@@ -386,94 +388,9 @@ impl Engine {
             return Batch::Copied;
         };
         let count = guards.len() as u64;
-        let outcome = self.copy_regions(head, count);
+        let outcome = self.hydrate_regions(head, count);
         drop(guards);
         outcome
-    }
-
-    /// Copies regions `[head, head+count)` (locks held by the caller); on a persistent
-    /// source error splits the batch to isolate failing regions.
-    fn copy_regions(&self, head: u64, count: u64) -> Batch {
-        let (off, len) = self.geo.regions_span(head, count);
-        self.hydrator
-            .charge_rate(len, self.knobs().rate_bytes_per_sec);
-        #[cfg(test)]
-        if self.config.bugs.bit_before_copy {
-            // BUG (test only): the bits become durable before the copy is written. The wait is
-            // bounded: at shutdown the commit thread may already be gone.
-            let _ = self.map.md().set_range_hydrated(head, count);
-            let epoch = self.committer.request_commit();
-            self.committer
-                .wait_epoch_blocking(epoch, Duration::from_millis(200));
-        }
-        // A chunk at a time from the copy budget (a batch of large regions never sits in
-        // memory whole).
-        let mut pos = off;
-        while pos < off + len {
-            let n = (off + len - pos).min(COPY_CHUNK as u64) as usize;
-            let mut buf = self.copy_budget.take_blocking(n);
-            let mut attempt = 0;
-            let read = loop {
-                match self.source.read_at(&mut buf, pos) {
-                    Ok(()) => break Ok(()),
-                    Err(e) if count > 1 => break Err(e),
-                    Err(e) => {
-                        if attempt >= self.config.source_retries {
-                            break Err(e);
-                        }
-                        std::thread::sleep(self.config.retry_backoff * (1 << attempt.min(10)));
-                        attempt += 1;
-                    }
-                }
-            };
-            if let Err(e) = read {
-                drop(buf);
-                if count > 1 {
-                    let mut outcome = Batch::Copied;
-                    for r in head..head + count {
-                        if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
-                            outcome = Batch::WriteFailed(e);
-                        }
-                    }
-                    return outcome;
-                }
-                log::error!("hydration of region {head} failed: {e}; marking it failed");
-                self.hydrator.mark_failed(head);
-                return Batch::Copied;
-            }
-            if self.committer.mode() != Mode::ReadWrite {
-                return Batch::Copied;
-            }
-            if let Err(e) = self.dest.write_at(&buf, pos) {
-                log::error!(
-                    "hydration write of regions {head}..{} failed: {e}",
-                    head + count
-                );
-                self.hydrator
-                    .dest_write_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                return Batch::WriteFailed(e.to_string());
-            }
-            pos += n as u64;
-        }
-        // The copy completed: only now may the bits be set.
-        if let Err(e) = self.map.md().set_range_hydrated(head, count) {
-            log::error!("recording regions {head}..{} hydrated: {e}", head + count);
-            if matches!(e, crate::metadata::MetadataError::Survival { .. }) {
-                // A user write to these regions would go straight to the destination, with
-                // nothing that outlives the daemon to make it visible.
-                self.committer.degrade(Mode::ReadOnly, &e.to_string());
-            }
-            return Batch::Copied;
-        }
-        self.hydrator
-            .bytes_hydrated
-            .fetch_add(len, Ordering::Relaxed);
-        self.hydrator
-            .regions_hydrated_bg
-            .fetch_add(count, Ordering::Relaxed);
-        self.map.check_fully_hydrated();
-        Batch::Copied
     }
 
     /// Waits, holding no region lock, until the rate limit allows another copy. Returns

@@ -21,6 +21,7 @@
 pub mod budget;
 mod committer;
 mod config;
+mod copy;
 mod error;
 pub mod flush;
 mod hydrator;
@@ -65,6 +66,8 @@ pub struct Status {
     pub commits: u64,
     pub flushes: u64,
     pub bytes_hydrated: u64,
+    /// Of which hydrated by zeroing, where the source reported zeroes (no copy).
+    pub bytes_zeroed: u64,
     pub hydration_rate_bytes_per_sec: u64,
     /// Memory held by the in-core bitmap (released once hydration is complete and committed).
     pub bitmap_bytes: u64,
@@ -344,6 +347,7 @@ impl Engine {
             commits,
             flushes,
             bytes_hydrated: self.hydrator.bytes_hydrated.load(Ordering::Relaxed),
+            bytes_zeroed: self.hydrator.bytes_zeroed.load(Ordering::Relaxed),
             hydration_rate_bytes_per_sec: self.hydrator.measured_rate(),
             bitmap_bytes: md.in_core_bytes(),
             knobs: self.knobs(),

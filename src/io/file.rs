@@ -319,6 +319,35 @@ impl BlockDev for FileDev {
         })
     }
 
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        check_range(&self.name, self.size, offset, len)?;
+        if self.is_block || len == 0 {
+            return Ok(Vec::new());
+        }
+        super::sparse::holes(self.file.as_raw_fd(), offset, len)
+            .map_err(|e| self.err(e, "finding holes", offset, len as usize))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(&self.name, self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let zeroed = super::sparse::zero_range(self.file.as_raw_fd(), offset, len)
+            .map_err(|e| self.err(e, "zeroing", offset, len as usize))?;
+        if zeroed {
+            return Ok(());
+        }
+        let zeroes = super::ZEROES.as_slice();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(&self.name, self.size, offset, len)?;
         if len == 0 {

@@ -15,7 +15,8 @@
 //! - [`AlignedBuf`]: page-aligned buffers for O_DIRECT;
 //! - [`signature`]: what a device holds before it is overwritten (file-system, partition-table,
 //!   RAID, LVM, LUKS and swap magic numbers) and whether it is blank;
-//! - [`identity::DeviceIdentity`]: recognises a device again under any path.
+//! - [`identity::DeviceIdentity`]: recognises a device again under any path;
+//! - [`sparse`]: a sparse file's holes, and zeroing a range without writing it.
 //!
 //! The metadata commit protocol, the background hydrator and the tests all use this trait. The
 //! ublk queues' hot path uses io_uring on the same file descriptors instead (see `ublk`).
@@ -33,6 +34,7 @@ pub mod observe;
 pub mod record;
 pub mod signature;
 pub mod span;
+pub mod sparse;
 
 pub use aligned::AlignedBuf;
 
@@ -96,6 +98,13 @@ pub trait BlockDev: Send + Sync {
         self.write_at(buf, offset)?;
         self.flush()
     }
+    /// Ranges inside `[offset, offset+len)` known to read as zeroes without reading them (the
+    /// holes of a sparse file; an NBD export's zero extents), in order, as `(offset, len)`.
+    /// The default knows nothing: a range not reported must be read.
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        check_range(self.name(), self.size(), offset, len)?;
+        Ok(Vec::new())
+    }
     /// Writes zeroes over `len` bytes at `offset` (like a write: not durable until a flush).
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.name(), self.size(), offset, len)?;
@@ -149,6 +158,9 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        (**self).zero_ranges(offset, len)
     }
 }
 

@@ -1,0 +1,320 @@
+//! One background batch, carried out: its regions are copied from the source, or zeroed on
+//! the destination where the source says they read as zeroes (hole-aware hydration: the
+//! holes of a sparse file, an NBD export's zero extents), so that hydrating a mostly empty
+//! image costs the time of its data, not of its size.
+//!
+//! Invariants (with [`super::hydrator`]): the caller holds the regions' locks; their bits are
+//! set only after their data, copied or zeroed, is on the destination (a commit then flushes
+//! the destination before it records them). A region is zeroed instead of copied only if the
+//! source reports every byte of it as zeroes; anything else is read. Zeroing is not charged
+//! to the rate limit, which meters the source.
+
+use super::budget::COPY_CHUNK;
+use super::config::Mode;
+use super::hydrator::Batch;
+use super::Engine;
+use std::sync::atomic::Ordering;
+#[cfg(test)]
+use std::time::Duration;
+
+impl Engine {
+    /// Hydrates regions `[head, head+count)`: runs of regions the source reports as zeroes
+    /// are zeroed on the destination, the others copied.
+    pub(super) fn hydrate_regions(&self, head: u64, count: u64) -> Batch {
+        let zero = self.zero_regions(head, count);
+        let mut r = head;
+        while r < head + count {
+            let z = zero[(r - head) as usize];
+            let run = zero[(r - head) as usize..]
+                .iter()
+                .take_while(|x| **x == z)
+                .count() as u64;
+            let outcome = if z {
+                self.zero_fill_regions(r, run)
+            } else {
+                self.copy_regions(r, run)
+            };
+            if let Batch::WriteFailed(_) = outcome {
+                return outcome;
+            }
+            r += run;
+        }
+        Batch::Copied
+    }
+
+    /// For each region of `[head, head+count)`: whether the source reports all of it as
+    /// zeroes. A source that cannot tell, or fails to, reports nothing.
+    fn zero_regions(&self, head: u64, count: u64) -> Vec<bool> {
+        let (off, len) = self.geo.regions_span(head, count);
+        let ranges = match self.source.zero_ranges(off, len) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("{}: cannot tell its zeroes: {e}", self.source.name());
+                Vec::new()
+            }
+        };
+        let merged = merge_adjacent(&ranges);
+        (head..head + count)
+            .map(|r| {
+                let (s, l) = self.geo.regions_span(r, 1);
+                merged.iter().any(|&(o, n)| o <= s && s + l <= o + n)
+            })
+            .collect()
+    }
+
+    /// Zeroes regions `[head, head+count)` on the destination instead of copying them.
+    fn zero_fill_regions(&self, head: u64, count: u64) -> Batch {
+        let (off, len) = self.geo.regions_span(head, count);
+        if self.committer.mode() != Mode::ReadWrite {
+            return Batch::Copied;
+        }
+        if let Err(e) = self.dest.write_zeroes(off, len) {
+            log::error!(
+                "hydration by zeroing regions {head}..{} failed: {e}",
+                head + count
+            );
+            self.hydrator
+                .dest_write_errors
+                .fetch_add(1, Ordering::Relaxed);
+            return Batch::WriteFailed(e.to_string());
+        }
+        self.finish_regions(head, count, len, true)
+    }
+
+    /// Copies regions `[head, head+count)` (locks held by the caller); on a persistent
+    /// source error splits the batch to isolate failing regions.
+    fn copy_regions(&self, head: u64, count: u64) -> Batch {
+        let (off, len) = self.geo.regions_span(head, count);
+        self.hydrator
+            .charge_rate(len, self.knobs().rate_bytes_per_sec);
+        #[cfg(test)]
+        if self.config.bugs.bit_before_copy {
+            // BUG (test only): the bits become durable before the copy is written. The wait is
+            // bounded: at shutdown the commit thread may already be gone.
+            let _ = self.map.md().set_range_hydrated(head, count);
+            let epoch = self.committer.request_commit();
+            self.committer
+                .wait_epoch_blocking(epoch, Duration::from_millis(200));
+        }
+        // A chunk at a time from the copy budget (a batch of large regions never sits in
+        // memory whole).
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(COPY_CHUNK as u64) as usize;
+            let mut buf = self.copy_budget.take_blocking(n);
+            let mut attempt = 0;
+            let read = loop {
+                match self.source.read_at(&mut buf, pos) {
+                    Ok(()) => break Ok(()),
+                    Err(e) if count > 1 => break Err(e),
+                    Err(e) => {
+                        if attempt >= self.config.source_retries {
+                            break Err(e);
+                        }
+                        std::thread::sleep(self.config.retry_backoff * (1 << attempt.min(10)));
+                        attempt += 1;
+                    }
+                }
+            };
+            if let Err(e) = read {
+                drop(buf);
+                if count > 1 {
+                    let mut outcome = Batch::Copied;
+                    for r in head..head + count {
+                        if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
+                            outcome = Batch::WriteFailed(e);
+                        }
+                    }
+                    return outcome;
+                }
+                log::error!("hydration of region {head} failed: {e}; marking it failed");
+                self.hydrator.mark_failed(head);
+                return Batch::Copied;
+            }
+            if self.committer.mode() != Mode::ReadWrite {
+                return Batch::Copied;
+            }
+            if let Err(e) = self.dest.write_at(&buf, pos) {
+                log::error!(
+                    "hydration write of regions {head}..{} failed: {e}",
+                    head + count
+                );
+                self.hydrator
+                    .dest_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return Batch::WriteFailed(e.to_string());
+            }
+            pos += n as u64;
+        }
+        // The copy completed: only now may the bits be set.
+        self.finish_regions(head, count, len, false)
+    }
+
+    /// Sets the bits of regions `[head, head+count)`, whose `len` bytes of data are on the
+    /// destination (`zeroed`: by zeroing, not a copy), and counts them.
+    fn finish_regions(&self, head: u64, count: u64, len: u64, zeroed: bool) -> Batch {
+        if let Err(e) = self.map.md().set_range_hydrated(head, count) {
+            log::error!("recording regions {head}..{} hydrated: {e}", head + count);
+            if matches!(e, crate::metadata::MetadataError::Survival { .. }) {
+                // A user write to these regions would go straight to the destination, with
+                // nothing that outlives the daemon to make it visible.
+                self.committer.degrade(Mode::ReadOnly, &e.to_string());
+            }
+            return Batch::Copied;
+        }
+        self.hydrator
+            .bytes_hydrated
+            .fetch_add(len, Ordering::Relaxed);
+        if zeroed {
+            self.hydrator.bytes_zeroed.fetch_add(len, Ordering::Relaxed);
+        }
+        self.hydrator
+            .regions_hydrated_bg
+            .fetch_add(count, Ordering::Relaxed);
+        self.map.check_fully_hydrated();
+        Batch::Copied
+    }
+}
+
+/// `ranges` (in order, not overlapping) with touching ones joined.
+fn merge_adjacent(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(o, l) in ranges {
+        match out.last_mut() {
+            Some((po, pl)) if *po + *pl == o => *pl += l,
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineConfig;
+    use crate::io::file::{Access, FileDev};
+    use crate::io::mem::MemDev;
+    use crate::io::BlockDev;
+    use crate::metadata::{Expect, FormatParams, Metadata};
+    use rand::{Rng, SeedableRng};
+    use std::io;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// A source that counts the bytes read from it.
+    struct Counting {
+        inner: FileDev,
+        read: AtomicU64,
+    }
+
+    impl BlockDev for Counting {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Err(io::Error::other("the source is read-only"))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(io::Error::other("the source is read-only"))
+        }
+        fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+            self.inner.zero_ranges(offset, len)
+        }
+    }
+
+    #[test]
+    fn a_sparse_source_hydrates_by_reading_only_its_data() {
+        const SIZE: u64 = 64 << 20;
+        const REGION: u64 = 64 << 10;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src_path, dst_path) = (dir.path().join("src"), dir.path().join("dst"));
+        // A sparse source: about 10% of its regions hold data, some of them only one 4 KiB
+        // block (the rest of such a region is a hole, but the region must still be read).
+        let src = std::fs::File::create(&src_path).expect("source");
+        src.set_len(SIZE).expect("size");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let nr = SIZE / REGION;
+        let mut data_regions = std::collections::BTreeSet::new();
+        while data_regions.len() < (nr / 10) as usize {
+            let r = rng.gen_range(0..nr);
+            let len = if rng.gen_bool(0.5) { REGION } else { 4096 };
+            let at = r * REGION
+                + if len == 4096 {
+                    4096 * rng.gen_range(0..16)
+                } else {
+                    0
+                };
+            let bytes: Vec<u8> = (0..len).map(|_| rng.gen_range(1..=255)).collect();
+            src.write_all_at(&bytes, at).expect("data");
+            data_regions.insert(r);
+        }
+        src.sync_all().expect("sync");
+        // A destination full of old data: zeroed regions must really be zeroed.
+        std::fs::write(&dst_path, vec![0xaa; SIZE as usize]).expect("destination");
+        let source = Arc::new(Counting {
+            inner: FileDev::open(&src_path, Access::ReadOnly, false).expect("open source"),
+            read: AtomicU64::new(0),
+        });
+        let dest: Arc<dyn BlockDev> =
+            Arc::new(FileDev::open(&dst_path, Access::ReadWrite, false).expect("open dest"));
+        let meta = Arc::new(MemDev::new("meta", 1 << 20));
+        let params = FormatParams::from_devices(source.as_ref(), dest.as_ref(), REGION)
+            .expect("fingerprint");
+        Metadata::format(meta.clone(), &params, false).expect("format");
+        let read_by_fingerprint = source.read.swap(0, Ordering::Relaxed);
+        let expect = Expect::from_devices(source.as_ref(), dest.as_ref()).expect("expect");
+        let md = Arc::new(Metadata::open(meta, &expect).expect("open").0);
+        let read_by_open = source.read.swap(0, Ordering::Relaxed);
+        let mut cfg = EngineConfig::new(SIZE, REGION);
+        cfg.retry_backoff = Duration::ZERO;
+        let engine = match Engine::start(md, source.clone(), dest.clone(), cfg) {
+            Ok(e) => e,
+            Err(e) => panic!("engine start: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !engine.is_fully_hydrated() && Instant::now() < deadline {
+            engine
+                .hydrator
+                .wake
+                .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
+        }
+        assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
+        let status = engine.status();
+        assert!(engine.shutdown().is_ok());
+        let data_bytes = data_regions.len() as u64 * REGION;
+        let read = source.read.load(Ordering::Relaxed);
+        eprintln!(
+            "sparse hydration: {read} bytes read for {data_bytes} bytes of data regions \
+             ({read_by_fingerprint} + {read_by_open} by the fingerprint), {} zeroed",
+            status.bytes_zeroed
+        );
+        assert_eq!(read, data_bytes, "only the regions holding data are read");
+        assert_eq!(status.bytes_zeroed, SIZE - data_bytes);
+        let (s, d) = (
+            std::fs::read(&src_path).expect("read source"),
+            std::fs::read(&dst_path).expect("read dest"),
+        );
+        assert!(s == d, "the destination differs from the source");
+    }
+
+    #[test]
+    fn touching_zero_ranges_are_joined() {
+        assert_eq!(
+            merge_adjacent(&[(0, 4), (4, 4), (10, 2), (12, 1), (20, 1)]),
+            vec![(0, 8), (10, 3), (20, 1)]
+        );
+        assert_eq!(merge_adjacent(&[]), vec![]);
+    }
+}
