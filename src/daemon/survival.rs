@@ -269,4 +269,39 @@ mod tests {
         let again = resume_at(&path, false, &md, BOOT, true).expect("second restart");
         assert_eq!(again, degraded);
     }
+
+    #[test]
+    fn a_bit_is_in_the_survival_copy_before_anyone_can_see_it() {
+        // A user write on another queue that finds a region's bit set goes straight to the
+        // destination and is acknowledged: the bit must outlive the daemon by then.
+        use crate::io::mem::Op;
+        use std::sync::atomic::{AtomicU8, Ordering};
+        let c = Clone::new();
+        let md = Arc::new(c.open());
+        let nr = md.nr_regions();
+        let surv = Arc::new(MemDev::new("surv", survival_size(nr)));
+        md.attach_survival(surv.clone(), BOOT).expect("attach");
+        // 0: no write seen; 1: the bit was visible during the copy's write; 2: it was not.
+        let seen = Arc::new(AtomicU8::new(0));
+        let (m, s) = (Arc::downgrade(&md), seen.clone());
+        surv.set_fault(Some(Arc::new(move |op: &Op| {
+            if let (Op::Write { .. }, Some(m)) = (op, m.upgrade()) {
+                s.store(if m.is_hydrated(5) { 1 } else { 2 }, Ordering::SeqCst);
+            }
+            None
+        })));
+        md.set_hydrated(5).expect("set");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            2,
+            "the bit was visible before the survival copy held it"
+        );
+        assert!(md.is_hydrated(5));
+        // A survival copy that cannot be written: the bit is not set at all.
+        surv.set_fault(Some(Arc::new(|op: &Op| {
+            matches!(op, Op::Write { .. }).then(|| std::io::Error::other("tmpfs full"))
+        })));
+        assert!(md.set_hydrated(6).is_err());
+        assert!(!md.is_hydrated(6), "a bit the survival copy lacks was set");
+    }
 }

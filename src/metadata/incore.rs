@@ -236,6 +236,7 @@ impl Metadata {
                     what: "marked hydrated (the clone is read-only after a failure)",
                 });
             }
+            let mut masks = Vec::new();
             let mut r = first;
             while r < end {
                 let bit = r % 64;
@@ -245,28 +246,38 @@ impl Metadata {
                 } else {
                     ((1u64 << n) - 1) << bit
                 };
-                let w = (r / 64) as usize;
-                // Order matters: the bit first, then the dirty mark. A commit that sees the
-                // dirty mark (swap in begin_commit) therefore also sees the bit when it copies
-                // the words.
-                let old = words[w].fetch_or(mask, Ordering::SeqCst);
-                let new = mask & !old;
-                if new != 0 {
-                    core.hydrated
-                        .fetch_add(new.count_ones() as u64, Ordering::SeqCst);
-                }
-                core.mark_dirty(w as u64 / WORDS_PER_BITMAP_BLOCK as u64);
+                masks.push(((r / 64) as usize, mask));
                 r += n;
             }
-            // Before returning: the caller acknowledges writes that depend on these bits.
+            let publish = || {
+                for &(w, mask) in &masks {
+                    // Order matters: the bit first, then the dirty mark. A commit that sees
+                    // the dirty mark (swap in begin_commit) therefore also sees the bit when
+                    // it copies the words.
+                    let old = words[w].fetch_or(mask, Ordering::SeqCst);
+                    let new = mask & !old;
+                    if new != 0 {
+                        core.hydrated
+                            .fetch_add(new.count_ones() as u64, Ordering::SeqCst);
+                    }
+                    core.mark_dirty(w as u64 / WORDS_PER_BITMAP_BLOCK as u64);
+                }
+            };
+            // The survival copy gets the bits before anyone can see them: a user write that
+            // finds a bit set (on any queue, without a region lock) goes to the destination
+            // and is acknowledged, so the bit must already outlive the daemon. If the copy
+            // cannot be written, the bits are not set.
             match core.survival.get() {
                 Some(s) if mirror && end > first => s
-                    .write_words(words, (first / 64) as usize, ((end - 1) / 64) as usize)
+                    .write_words_then(words, &masks, publish)
                     .map_err(|error| MetadataError::Survival {
                         dev: core.name().to_string(),
                         error,
                     }),
-                _ => Ok(()),
+                _ => {
+                    publish();
+                    Ok(())
+                }
             }
         })
         .unwrap_or(Ok(()))

@@ -241,6 +241,40 @@ impl SurvivalFile {
         self.dev.write_at(&buf, HEADER_SIZE + start as u64 * 8)
     }
 
+    /// Writes the sectors holding the words of `pending` (word index, mask of bits to set;
+    /// consecutive words in order, one entry each) from the in-core `words` with the pending bits added, then, if that succeeded,
+    /// `publish`es them in core, all under one lock: the file holds a bit before anyone can
+    /// see it in core, and a later writer of the same sector reads it back from the core.
+    pub(crate) fn write_words_then(
+        &self,
+        words: &[AtomicU64],
+        pending: &[(usize, u64)],
+        publish: impl FnOnce(),
+    ) -> io::Result<()> {
+        let (Some(first), Some(last)) = (
+            pending.iter().map(|p| p.0).min(),
+            pending.iter().map(|p| p.0).max(),
+        ) else {
+            publish();
+            return Ok(());
+        };
+        let _g = self.write_lock.lock();
+        let start = first / WORDS_PER_SECTOR * WORDS_PER_SECTOR;
+        let end = ((last / WORDS_PER_SECTOR + 1) * WORDS_PER_SECTOR).min(words.len());
+        let mut buf = vec![0u8; (end - start).next_multiple_of(WORDS_PER_SECTOR) * 8];
+        for (i, c) in buf.chunks_exact_mut(8).enumerate().take(end - start) {
+            let w = start + i;
+            let add = match pending.get(w.wrapping_sub(first)) {
+                Some(&(pw, mask)) if pw == w => mask,
+                _ => 0,
+            };
+            c.copy_from_slice(&(words[w].load(Ordering::SeqCst) | add).to_le_bytes());
+        }
+        self.dev.write_at(&buf, HEADER_SIZE + start as u64 * 8)?;
+        publish();
+        Ok(())
+    }
+
     /// Rewrites every word (after the in-core bitmap went back to the committed one).
     pub(crate) fn write_all(&self, words: &[AtomicU64]) -> io::Result<()> {
         match words.len() {
