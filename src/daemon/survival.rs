@@ -56,7 +56,7 @@ pub(super) fn resume(cfg: &DaemonConfig, md: &Metadata) -> Result<(PathBuf, Degr
     if !attach {
         log::warn!("{BENCH_NO_SURVIVAL} is set: no survival copy (benchmarks only)");
     }
-    let degraded = resume_at(&path, cfg.dest_moved, md, boot_id()?, attach)?;
+    let degraded = resume_at(&path, cfg.dest_moved, md, boot_id()?, attach, cfg.recover)?;
     Ok((path, degraded))
 }
 
@@ -67,6 +67,7 @@ fn resume_at(
     md: &Metadata,
     boot: [u8; 16],
     attach: bool,
+    recovering: bool,
 ) -> Result<Degraded> {
     let dev = open_file(path, survival_size(md.nr_regions()))?;
     let mut degraded = None;
@@ -93,10 +94,14 @@ fn resume_at(
                          commit are taken back from its survival copy",
                     path.display()
                 );
+                // Only a recovery continues the dead daemon's mode: the file system above it
+                // still runs and must not see a FLUSH succeed. A new device (after a stop, or
+                // when the device is gone) starts in the mode the metadata records, which
+                // `reset-mode` governs.
                 let severity = crate::engine::Mode::from_metadata;
                 degraded = s
                     .degraded
-                    .filter(|(m, _)| severity(*m) > severity(md.mode().0));
+                    .filter(|(m, _)| recovering && severity(*m) > severity(md.mode().0));
                 if let Some((m, reason)) = &degraded {
                     log::error!(
                         "{}: the dead daemon was in {m:?} mode ({reason}); so is this one",
@@ -188,13 +193,13 @@ mod tests {
         let path = dir.path().join("clone.bits");
         let c = Clone::new();
         let md = c.open();
-        resume_at(&path, false, &md, BOOT, true).expect("first start");
+        resume_at(&path, false, &md, BOOT, true, true).expect("first start");
         md.set_hydrated(5).expect("set");
         // The daemon dies: nothing committed, nothing closed.
         drop(md);
         let md = c.open();
         assert!(!md.is_hydrated(5), "the bit was never committed");
-        resume_at(&path, false, &md, BOOT, true).expect("restart");
+        resume_at(&path, false, &md, BOOT, true, true).expect("restart");
         assert!(
             md.is_hydrated(5),
             "the dead daemon's bit was not taken back"
@@ -203,16 +208,16 @@ mod tests {
         drop(md);
         // After a reboot the copy describes nothing durable: not merged.
         let md = c.open();
-        resume_at(&path, false, &md, [4; 16], true).expect("other boot");
+        resume_at(&path, false, &md, [4; 16], true, true).expect("other boot");
         assert!(!md.is_hydrated(5));
         drop(md);
         // A moved destination may be older than the copy: not merged.
         let md = c.open();
-        resume_at(&path, false, &md, BOOT, true).expect("restart");
+        resume_at(&path, false, &md, BOOT, true, true).expect("restart");
         md.set_hydrated(6).expect("set");
         drop(md);
         let md = c.open();
-        resume_at(&path, true, &md, BOOT, true).expect("moved");
+        resume_at(&path, true, &md, BOOT, true, true).expect("moved");
         assert!(!md.is_hydrated(6));
     }
 
@@ -222,13 +227,13 @@ mod tests {
         let path = dir.path().join("clone.bits");
         let c = Clone::new();
         let md = c.open();
-        resume_at(&path, false, &md, BOOT, true).expect("first start");
+        resume_at(&path, false, &md, BOOT, true, true).expect("first start");
         md.set_hydrated(9).expect("set");
         md.poison_survival("destination flush: EIO");
         drop(md);
         let md = c.open();
         assert_eq!(
-            resume_at(&path, false, &md, BOOT, true).expect("restart"),
+            resume_at(&path, false, &md, BOOT, true, true).expect("restart"),
             None,
             "the poison's mode is in the metadata"
         );
@@ -247,14 +252,14 @@ mod tests {
         let path = dir.path().join("clone.bits");
         let c = Clone::new();
         let md = c.open();
-        resume_at(&path, false, &md, BOOT, true).expect("first start");
+        resume_at(&path, false, &md, BOOT, true, true).expect("first start");
         md.set_hydrated(7).expect("set");
         // A commit failed; the metadata could not record the mode either.
         md.degrade_survival(MetadataMode::ReadOnly, "commit failed: EIO");
         drop(md);
         let md = c.open();
         assert_eq!(md.mode().0, MetadataMode::ReadWrite);
-        let degraded = resume_at(&path, false, &md, BOOT, true).expect("restart");
+        let degraded = resume_at(&path, false, &md, BOOT, true, true).expect("restart");
         assert_eq!(
             degraded,
             Some((MetadataMode::ReadOnly, "commit failed: EIO".to_string()))
@@ -266,8 +271,13 @@ mod tests {
         // The new copy records it too: a second death before the metadata does.
         drop(md);
         let md = c.open();
-        let again = resume_at(&path, false, &md, BOOT, true).expect("second restart");
+        let again = resume_at(&path, false, &md, BOOT, true, true).expect("second restart");
         assert_eq!(again, degraded);
+        // A new device, not a recovery (after a stop): the metadata's mode applies.
+        drop(md);
+        let md = c.open();
+        let fresh = resume_at(&path, false, &md, BOOT, true, false).expect("start");
+        assert_eq!(fresh, None);
     }
 
     #[test]
