@@ -26,10 +26,21 @@ pub(crate) fn pattern(size: u64, seed: u64) -> Vec<u8> {
 }
 
 pub(crate) fn rig(size: u64, region_size: u64, tweak: impl FnOnce(&mut EngineConfig)) -> Rig {
+    rig_prepared(size, region_size, |_| {}, tweak)
+}
+
+/// [`rig`], with `prepare` called on the metadata before the engine starts.
+fn rig_prepared(
+    size: u64,
+    region_size: u64,
+    prepare: impl FnOnce(&Metadata),
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> Rig {
     let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
     let dest = Arc::new(MemDev::new("dest", size + 4096));
     let meta = Arc::new(MemDev::new("meta", 1 << 20));
     let md = Arc::new(open_md(&meta, &source, &dest, region_size));
+    prepare(&md);
     let mut cfg = EngineConfig::new(size, region_size);
     cfg.retry_backoff = Duration::ZERO;
     tweak(&mut cfg);
@@ -1417,31 +1428,10 @@ fn record_largest_io(devs: &[&Arc<MemDev>]) -> Arc<AtomicU64> {
 /// A clone whose survival copy is attached, as a daemon runs it; returns the rig's parts and
 /// the copy's device.
 fn rig_with_survival(size: u64, region_size: u64) -> (Rig, Arc<MemDev>) {
-    let source = Arc::new(MemDev::from_image("source", pattern(size, 1)));
-    let dest = Arc::new(MemDev::new("dest", size + 4096));
-    let meta = Arc::new(MemDev::new("meta", 1 << 20));
-    let md = Arc::new(open_md(&meta, &source, &dest, region_size));
     let nr = size / region_size;
     let surv = Arc::new(MemDev::new("surv", crate::metadata::survival_size(nr)));
-    md.attach_survival(surv.clone(), [5; 16]).expect("attach");
-    let mut cfg = EngineConfig::new(size, region_size);
-    no_hydration(&mut cfg);
-    let engine = match Engine::start(md, source.clone(), dest.clone(), cfg) {
-        Ok(e) => e,
-        Err(e) => panic!("engine start: {e}"),
-    };
-    let path = SyncPath {
-        source: source.clone(),
-        dest: dest.clone(),
-    };
-    let r = Rig {
-        source,
-        dest,
-        meta,
-        engine,
-        path,
-    };
-    (r, surv)
+    let attach = |md: &Metadata| md.attach_survival(surv.clone(), [5; 16]).expect("attach");
+    (rig_prepared(size, region_size, attach, no_hydration), surv)
 }
 
 #[test]

@@ -338,14 +338,7 @@ impl BlockDev for FileDev {
         if zeroed {
             return Ok(());
         }
-        let zeroes = super::ZEROES.as_slice();
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.write_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        super::write_zero_buffers(self, offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
