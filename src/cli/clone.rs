@@ -202,7 +202,7 @@ pub struct StartArgs {
 /// opened (see [`daemon::saved`]).
 pub fn run_start(a: &StartArgs) -> Result<()> {
     // Its device still there, waiting (the daemon died): recover it, file system and all.
-    if let Some(id) = daemon::recover::quiesced_device_of(&a.metadata) {
+    if let Some(id) = daemon::recover::recoverable_device_of(&a.metadata) {
         let mut cfg = daemon::recover::config_for_recover(&id.to_string())?;
         cfg.foreground = a.foreground;
         return create(&cfg);

@@ -177,21 +177,16 @@ pub fn list_devices() -> Vec<Listed> {
             daemon_running: true,
         })
         .collect();
-    if let Ok(rd) = std::fs::read_dir(run_dir()) {
-        for e in rd.flatten() {
-            let Some(r) = read_record(&e.path()) else {
-                continue;
-            };
-            let quiesced = matches!(
-                crate::ublk::device_state(r.id),
-                Some((crate::ublk::DeviceState::Quiesced, true))
-            );
-            if quiesced && !running.iter().any(|x| x.id == r.id) {
-                v.push(Listed {
-                    record: r,
-                    daemon_running: false,
-                });
-            }
+    for r in all_records() {
+        let quiesced = matches!(
+            crate::ublk::device_state(r.id),
+            Some((crate::ublk::DeviceState::Quiesced, true))
+        );
+        if quiesced && !running.iter().any(|x| x.id == r.id) {
+            v.push(Listed {
+                record: r,
+                daemon_running: false,
+            });
         }
     }
     v.sort_by_key(|l| l.record.id);
@@ -205,24 +200,23 @@ fn read_record(p: &Path) -> Option<DaemonRecord> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
-/// The records of the daemons that are running, by device number.
-pub fn list_records() -> Vec<DaemonRecord> {
-    let mut v = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(run_dir()) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "json") {
-                if let Ok(s) = std::fs::read_to_string(&p) {
-                    if let Ok(r) = serde_json::from_str::<DaemonRecord>(&s) {
-                        // Only daemons that are still alive.
-                        if !super::process::exited(r.pid) {
-                            v.push(r);
-                        }
-                    }
-                }
-            }
-        }
-    }
+/// Every daemon record in the run directory, whether or not its daemon still runs.
+pub fn all_records() -> Vec<DaemonRecord> {
+    let mut v: Vec<DaemonRecord> = std::fs::read_dir(run_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| read_record(&e.path()))
+                .collect()
+        })
+        .unwrap_or_default();
     v.sort_by_key(|r| r.id);
     v
+}
+
+/// The records of the daemons that are running, by device number.
+pub fn list_records() -> Vec<DaemonRecord> {
+    all_records()
+        .into_iter()
+        .filter(|r| !super::process::exited(r.pid))
+        .collect()
 }

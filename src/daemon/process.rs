@@ -153,6 +153,41 @@ pub(crate) fn exited(pid: u32) -> bool {
     std::fs::read_dir(proc_dir.join("task")).map_or(true, |rd| rd.count() <= 1)
 }
 
+/// Whether process `pid` is gone or on its way out: [`exited`], or a thread of it is exiting,
+/// or a SIGKILL waits for it (`kill -9` returns before the target has even begun to exit, and
+/// a thread blocked on I/O in the kernel exits only once that I/O has ended, which may take
+/// long on a slow or stuck device).
+pub(crate) fn dying(pid: u32) -> bool {
+    if exited(pid) {
+        return true;
+    }
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    if let Ok(status) = std::fs::read_to_string(proc_dir.join("status")) {
+        let kill_pending = status.lines().any(|l| {
+            l.strip_prefix("ShdPnd:")
+                .or_else(|| l.strip_prefix("SigPnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|mask| mask & SIGKILL_BIT != 0)
+        });
+        if kill_pending {
+            return true;
+        }
+    }
+    let Ok(tasks) = std::fs::read_dir(proc_dir.join("task")) else {
+        return true;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+                .and_then(|f| f.parse::<u64>().ok())
+                .is_some_and(|flags| flags & PF_EXITING != 0)
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +198,23 @@ mod tests {
         assert_eq!(unescape_mount_path("/plain"), "/plain");
         assert_eq!(unescape_mount_path("/x\\134y"), "/x\\y");
         assert_eq!(unescape_mount_path("/trail\\04"), "/trail\\04");
+    }
+
+    #[test]
+    fn a_killed_process_counts_as_dying_before_it_is_reaped() {
+        // Running, it is not dying; killed, it is dying from the moment `kill` returns
+        // (SIGKILL stays in the shared pending set until the last thread is released),
+        // before anyone reaps it.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(!dying(pid), "a sleeping process counts as dying");
+        // SAFETY: kill on our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        assert!(dying(pid), "a SIGKILLed process does not count as dying");
+        let _ = child.wait();
+        assert!(dying(pid) && exited(pid));
     }
 }

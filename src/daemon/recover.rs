@@ -43,9 +43,10 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
         serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
     match wait_quiesced(id, rec.pid) {
         None => refuse!("/dev/ublkb{id}: no such ublk device"),
-        Some((DeviceState::Live, _)) if super::process::exited(rec.pid) => refuse!(
-            "/dev/ublkb{id}: its daemon (pid {}) is gone but the kernel has not quiesced the \
-             device within {} s",
+        Some((DeviceState::Live, _)) if super::process::dying(rec.pid) => refuse!(
+            "/dev/ublkb{id}: its daemon (pid {}) was killed but the kernel has not quiesced the \
+             device within {} s (the I/O the daemon started has not ended: a slow or stuck \
+             backing device?); try again later",
             rec.pid,
             QUIESCE_TIMEOUT.as_secs()
         ),
@@ -69,16 +70,17 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
     Ok(cfg)
 }
 
-/// The state of device `id`. While it is still live but its daemon `pid` is gone, the kernel
-/// is tearing the dead daemon down: waits (up to 30 s) for the device to settle. A daemon that
-/// is still there may be dying (`kill -9` returns before the process has exited): it gets a
-/// few seconds to go before the device counts as live.
+/// The state of device `id`. While it is still live but its daemon `pid` is gone or dying
+/// (killed: its threads end only once the backing I/O they wait for has), the kernel is
+/// tearing the dead daemon down: waits (up to 30 s) for the device to settle. A daemon that
+/// shows no sign of dying gets a few seconds (a signal other than SIGKILL may still end it)
+/// before the device counts as live.
 fn wait_quiesced(id: u32, pid: u32) -> Option<(DeviceState, bool)> {
     let start = Instant::now();
     loop {
         let state = ublk::device_state(id);
         let waited = start.elapsed();
-        let limit = if super::process::exited(pid) {
+        let limit = if super::process::dying(pid) {
             QUIESCE_TIMEOUT
         } else {
             DYING_GRACE
@@ -92,16 +94,21 @@ fn wait_quiesced(id: u32, pid: u32) -> Option<(DeviceState, bool)> {
     }
 }
 
-/// The quiesced device (its daemon died) that served the clone whose metadata is at
-/// `metadata`, if there is one: `start` recovers it rather than adding a new device.
-pub fn quiesced_device_of(metadata: &std::path::Path) -> Option<u32> {
+/// The device that served the clone whose metadata is at `metadata` and whose daemon died or
+/// is dying, if it is still there and recoverable: `start` recovers it rather than adding a
+/// new device (a supervisor restarting the daemon right after a crash finds the device
+/// still live, the kernel tearing the dead daemon down; `recover` waits for that).
+pub fn recoverable_device_of(metadata: &std::path::Path) -> Option<u32> {
     let want = std::fs::canonicalize(metadata).ok()?;
-    control::list_devices()
-        .into_iter()
-        .find(|d| {
-            !d.daemon_running && std::fs::canonicalize(&d.record.metadata).is_ok_and(|m| m == want)
-        })
-        .map(|d| d.record.id)
+    control::all_records().into_iter().find_map(|rec| {
+        let same = std::fs::canonicalize(&rec.metadata).is_ok_and(|m| m == want);
+        let waiting = match ublk::device_state(rec.id) {
+            Some((DeviceState::Quiesced, true)) => true,
+            Some((DeviceState::Live, true)) => super::process::dying(rec.pid),
+            _ => false,
+        };
+        (same && waiting).then_some(rec.id)
+    })
 }
 
 /// Starts the recovery of `cfg`'s device in the daemon that will attach to it, before any

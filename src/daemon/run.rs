@@ -115,6 +115,7 @@ fn serve_device(
             (r, log.display().to_string())
         }),
         notify,
+        recovering: cfg.recover,
     };
     ublk::serve(
         engine.clone(),
@@ -148,6 +149,8 @@ struct Live {
     sticky: Arc<Sticky>,
     recording: Option<CtlRecording>,
     notify: bool,
+    /// Attached to an existing device (`recover`): an error never removes it.
+    recovering: bool,
 }
 
 impl Live {
@@ -167,6 +170,20 @@ impl Live {
         };
         let listener = match server::bind_control(&rec) {
             Ok(l) => l,
+            Err(e) if self.recovering => {
+                // The device may hold a mounted file system: leave it quiesced for the next
+                // `recover` rather than remove it. The kernel quiesces it once this process
+                // (every thread and ring) is gone.
+                log::error!(
+                    "{}; exiting, the device stays for `recover`",
+                    super::error::chain(&e)
+                );
+                if self.notify {
+                    spawn::notify_error(&e);
+                }
+                // SAFETY: _exit ends the process at once, as on a handover (below).
+                unsafe { libc::_exit(1) };
+            }
             Err(e) => {
                 log::error!("{}", super::error::chain(&e));
                 kill_dev();

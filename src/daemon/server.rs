@@ -144,10 +144,12 @@ fn answer(
 }
 
 /// A handover request: refused while recording (the log would end without its end mark and
-/// the next daemon would start a new one); otherwise the hydration stops and a commit makes
-/// everything done so far durable, so the next daemon has little to take from the survival
-/// copy. Requests that arrive meanwhile are still served (their bits go to the survival
-/// copy); those in flight when the process exits are re-issued to the next daemon.
+/// the next daemon would start a new one); otherwise a commit makes everything done so far
+/// durable, so the next daemon has little to take from the survival copy, and the process
+/// exits. Hydration and requests that run meanwhile go on as usual (their bits go to the
+/// survival copy); copies and requests in flight when the process exits are cut short
+/// exactly as by a crash: a copy's bit is not set, and a request is re-issued to the next
+/// daemon.
 fn handover(engine: &Engine, rec: Option<&CtlRecording>) -> (Response, Option<LoopEnd>) {
     if rec.is_some() {
         return (

@@ -73,7 +73,9 @@ fn resume_at(
     let mut degraded = None;
     match SurvivalFile::read(&dev, md.uuid(), boot, md.nr_regions())? {
         None => {}
-        Some(_) if dest_moved => log::warn!(
+        // A failed destination flush is kept even when the destination moved (it may be a
+        // copy of the one that lost the writes); only the bits are not merged.
+        Some(s) if dest_moved && s.poisoned.is_none() => log::warn!(
             "{}: not merged: the destination moved, and the copy may be older than these \
              region bits",
             path.display()
@@ -244,6 +246,20 @@ mod tests {
         let (mode, reason) = md.mode();
         assert_eq!(mode, MetadataMode::ReadOnly);
         assert!(reason.contains("destination flush: EIO"), "{reason}");
+        // The same with the destination moved (`start --dest-moved`): still read-only.
+        let path = dir.path().join("moved.bits");
+        let c = Clone::new();
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT, true, true).expect("first start");
+        md.poison_survival("destination flush: EIO");
+        drop(md);
+        let md = c.open();
+        resume_at(&path, true, &md, BOOT, true, false).expect("start, moved");
+        assert_eq!(
+            md.mode().0,
+            MetadataMode::ReadOnly,
+            "a moved destination dropped the failed flush"
+        );
     }
 
     #[test]

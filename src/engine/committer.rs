@@ -429,6 +429,10 @@ impl Committer {
                     self.mode.lock().1
                 );
                 log::error!("switching to fail mode: {reason}");
+                // Before anyone sees it: a daemon recovering after this one dies starts in
+                // fail mode too.
+                self.md
+                    .degrade_survival(crate::metadata::MetadataMode::Fail, &reason);
                 *self.mode.lock() = (Mode::Fail, reason);
                 // Fail mode first: no user I/O reads the map after this.
                 self.map.mark_settled();

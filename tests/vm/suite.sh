@@ -332,20 +332,24 @@ PY
 }
 
 test_recover_waits_for_old_writes() {
-  # Issue 11, the barrier (seed 000): a write of the dead daemon still in flight must land
-  # before the new daemon writes. The destination is dm-delay (writes held 3 s). A full-region
-  # write is in flight in dm-delay when the daemon is SIGKILLed; `recover` must not attach
-  # before that write has ended (the dead daemon's /dev/ublkcN is a fixed file of its queue
-  # rings, released only when every I/O on them completed; the kernel refuses
-  # START_USER_RECOVERY before). Then a newer write to the same region must win: if the old
-  # write could land late, dm-delay's flush on suspend would put it back over the new data.
+  # Issue 11, the barrier (seed 000): a write of the dead daemon still in flight must end
+  # before the new daemon attaches. The destination is dm-delay, holding writes HOLD ms
+  # (flushes pass at once, so the new daemon's own start-up commit is not held). A full-region
+  # write is in flight in dm-delay when the daemon is SIGKILLed, and `start --metadata` (what
+  # a supervisor runs at once) must recover the device, not start a new one. It must not
+  # return before the old write has left dm-delay: the dead daemon's /dev/ublkcN is a fixed
+  # file of its queue rings, released only when every I/O on them ended, and the kernel
+  # refuses START_USER_RECOVERY before. (The kernel's barrier; a writer outside it, as in a
+  # run with the write sent straight to dm-delay, makes this check fail: see the issue note.)
+  # Then a newer write to the same region must win.
   mk_images 16
   modprobe loop; modprobe dm_delay 2>/dev/null || modprobe dm-delay || fail "no dm-delay"
   truncate -s 16M "$WORK/dd.img"
-  local ld sectors pid t0 t1 pdd i
+  local ld sectors pid tw t0 t1 pdd i hold=4000
   ld=$(losetup -f --show "$WORK/dd.img")
   sectors=$((16 * 2048))
-  dmsetup create ubc-delay --table "0 $sectors delay $ld 0 0 $ld 0 3000" || fail "dmsetup create delay"
+  dmsetup create ubc-delay --table "0 $sectors delay $ld 0 0 $ld 0 $hold $ld 0 0" \
+    || fail "dmsetup create delay"
   udevadm settle
   dev=$("$BIN" create --source "$WORK/src" --dest /dev/mapper/ubc-delay --metadata "$WORK/meta" \
     --region-size 64K --no-hydration 2>>"$LOG") || fail "create on dm-delay"
@@ -358,17 +362,22 @@ test_recover_waits_for_old_writes() {
     sleep 0.01
   done
   [ "$(held)" -gt 0 ] || fail "the write never reached dm-delay: $(dmsetup status ubc-delay)"
+  tw=$(date +%s.%N)
   pid=$(daemon_pid "$dev")
   t0=$(date +%s.%N)
   kill -9 "$pid"
-  "$BIN" recover "$dev" >/dev/null 2>>"$LOG" || fail "recover failed"
+  local again
+  again=$("$BIN" start --metadata "$WORK/meta" 2>>"$LOG") || fail "start right after the kill failed"
   t1=$(date +%s.%N)
+  [ "$again" = "$dev" ] || fail "start right after the kill made $again, not a recovery of $dev"
   say "dm-delay after recover: $(dmsetup status ubc-delay)"
+  say "recover returned $(python3 -c "print(round($t1 - $t0, 2))") s after the kill, \
+$(python3 -c "print(round($t1 - $tw, 2))") s after the old write entered dm-delay (held $hold ms)"
+  python3 -c "import sys; sys.exit(0 if $t1 - $tw >= $hold / 1000 - 0.3 else 1)" \
+    || fail "the device was recovered while the dead daemon's write was still held"
   wait "$pdd" || fail "the write in flight at the kill failed (it must be re-issued, not failed)"
-  say "recover returned after $(python3 -c "print(round($t1 - $t0, 2))") s (dm-delay holds writes 3 s)"
   dd if="$WORK/B" of="$dev" bs=64K seek=5 oflag=direct status=none || fail "the newer write failed"
-  # dm-delay submits every write it still holds on suspend: a late write of the dead daemon
-  # would land now, over B.
+  # dm-delay submits every write it still holds on suspend.
   dmsetup suspend ubc-delay && dmsetup resume ubc-delay
   cmp <(dd if="$dev" bs=64K skip=5 count=1 iflag=direct status=none) "$WORK/B" \
     || fail "the region does not hold the newer write: an old write landed after it"
