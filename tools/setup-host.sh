@@ -19,10 +19,11 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-pkgs=(libclang-dev linux-libc-dev fio e2fsprogs xfsprogs util-linux fdisk kmod busybox-static)
+pkgs=(libclang-dev linux-libc-dev fio e2fsprogs xfsprogs util-linux fdisk kmod busybox-static
+      nbdkit libnbd-bin)
 # QEMU comes from bookworm-backports: the image's qemu-utils is the backports one and breaks
 # bookworm's own qemu-system-common.
-bpo_pkgs=(qemu-system-x86)
+bpo_pkgs=(qemu-system-x86 qemu-utils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 bpo_missing=()

@@ -258,6 +258,10 @@ fn busy(path: &Path) -> io::Error {
 }
 
 impl BlockDev for FileDev {
+    fn block_sizes(&self) -> BlockSizes {
+        self.block_sizes
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -30,6 +30,7 @@ pub mod holders;
 pub mod identity;
 pub mod kernel;
 pub mod mem;
+pub mod nbd;
 pub mod observe;
 pub mod record;
 pub mod signature;
@@ -73,6 +74,13 @@ impl BlockSizes {
     }
 }
 
+/// A remote device out of reach: since when, and the last reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkDown {
+    pub since: std::time::SystemTime,
+    pub reason: String,
+}
+
 /// A device addressed by byte offset. All methods transfer the whole buffer or fail.
 pub trait BlockDev: Send + Sync {
     /// A human-readable name (path) used in error messages.
@@ -109,6 +117,16 @@ pub trait BlockDev: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.name(), self.size(), offset, len)?;
         write_zero_buffers(self, offset, len)
+    }
+    /// Whether the device is out of reach now (a remote source whose connections are all
+    /// down), since when and why; `None` for a device that is there.
+    fn link_down(&self) -> Option<LinkDown> {
+        None
+    }
+
+    /// The device's logical and physical block sizes.
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes::SECTOR
     }
 }
 
@@ -167,6 +185,12 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         (**self).zero_ranges(offset, len)
+    }
+    fn link_down(&self) -> Option<LinkDown> {
+        (**self).link_down()
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        (**self).block_sizes()
     }
 }
 
