@@ -88,6 +88,10 @@ impl Response {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DaemonRecord {
     pub pid: u32,
+    /// While a daemon recovers the device: the dead daemon it replaces (the kernel still
+    /// names that one until the recovery starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces_pid: Option<u32>,
     pub id: u32,
     pub device: String,
     pub source: PathBuf,
@@ -193,10 +197,10 @@ pub fn list_devices() -> Vec<Listed> {
     v
 }
 
+/// The daemon record at `p`, if `p` is one (`<N>.json`; the run directory holds other files).
 fn read_record(p: &Path) -> Option<DaemonRecord> {
-    if p.extension().is_none_or(|x| x != "json") {
-        return None;
-    }
+    let stem = p.file_name()?.to_str()?.strip_suffix(".json")?;
+    stem.parse::<u32>().ok()?;
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 

@@ -153,7 +153,7 @@ pub(crate) fn exited(pid: u32) -> bool {
     std::fs::read_dir(proc_dir.join("task")).map_or(true, |rd| rd.count() <= 1)
 }
 
-/// Whether process `pid` is gone or on its way out: [`exited`], or a thread of it is exiting,
+/// Whether process `pid` is gone or on its way out: [`exited`], or its main thread is exiting,
 /// or a SIGKILL waits for it (`kill -9` returns before the target has even begun to exit, and
 /// a thread blocked on I/O in the kernel exits only once that I/O has ended, which may take
 /// long on a slow or stuck device).
@@ -175,17 +175,15 @@ pub(crate) fn dying(pid: u32) -> bool {
             return true;
         }
     }
-    let Ok(tasks) = std::fs::read_dir(proc_dir.join("task")) else {
+    // The main thread's flags only: the daemon's other threads come and go (a commit runs
+    // one), and one that ends shows PF_EXITING while the process lives on.
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
         return true;
     };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(6))
-                .and_then(|f| f.parse::<u64>().ok())
-                .is_some_and(|flags| flags & PF_EXITING != 0)
-        })
-    })
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
 #[cfg(test)]

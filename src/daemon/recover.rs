@@ -41,13 +41,26 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
     })?;
     let rec: DaemonRecord =
         serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
-    match wait_quiesced(id, rec.pid) {
+    if !record_is_the_devices(&rec) {
+        refuse!(
+            "/dev/ublkb{id}: {} is stale: the device's daemon was pid {}, not pid {}; was the \
+             device made by another program?",
+            path.display(),
+            ublk::device_daemon_pid(id).unwrap_or(0),
+            rec.pid
+        );
+    }
+    // The process to wait for: the one the kernel names (a daemon that died while
+    // recovering may not have replaced the record's).
+    let daemon = ublk::device_daemon_pid(id)
+        .filter(|&p| p > 0)
+        .map_or(rec.pid, |p| p as u32);
+    match wait_quiesced(id, daemon) {
         None => refuse!("/dev/ublkb{id}: no such ublk device"),
-        Some((DeviceState::Live, _)) if super::process::dying(rec.pid) => refuse!(
-            "/dev/ublkb{id}: its daemon (pid {}) was killed but the kernel has not quiesced the \
-             device within {} s (the I/O the daemon started has not ended: a slow or stuck \
-             backing device?); try again later",
-            rec.pid,
+        Some((DeviceState::Live, _)) if super::process::dying(daemon) => refuse!(
+            "/dev/ublkb{id}: its daemon (pid {daemon}) was killed but the kernel has not \
+             quiesced the device within {} s (the I/O the daemon started has not ended: a slow \
+             or stuck backing device?); try again later",
             QUIESCE_TIMEOUT.as_secs()
         ),
         Some((DeviceState::Live, _)) => {
@@ -101,14 +114,49 @@ fn wait_quiesced(id: u32, pid: u32) -> Option<(DeviceState, bool)> {
 pub fn recoverable_device_of(metadata: &std::path::Path) -> Option<u32> {
     let want = std::fs::canonicalize(metadata).ok()?;
     control::all_records().into_iter().find_map(|rec| {
-        let same = std::fs::canonicalize(&rec.metadata).is_ok_and(|m| m == want);
+        let same = std::fs::canonicalize(&rec.metadata).is_ok_and(|m| m == want)
+            && record_is_the_devices(&rec);
         let waiting = match ublk::device_state(rec.id) {
             Some((DeviceState::Quiesced, true)) => true,
-            Some((DeviceState::Live, true)) => super::process::dying(rec.pid),
+            Some((DeviceState::Live, true)) => super::process::dying(
+                ublk::device_daemon_pid(rec.id)
+                    .filter(|&p| p > 0)
+                    .map_or(rec.pid, |p| p as u32),
+            ),
             _ => false,
         };
         (same && waiting).then_some(rec.id)
     })
+}
+
+/// Whether `rec` describes the daemon the kernel knows for its device: the pid the kernel
+/// keeps for the device's last daemon is the record's, or the one a recovering daemon
+/// replaces, or -1 (a recovery started and did not finish). A record left behind for a
+/// device number now used by another device does not match.
+fn record_is_the_devices(rec: &DaemonRecord) -> bool {
+    ublk::device_daemon_pid(rec.id).is_some_and(|p| {
+        p == -1 || p == rec.pid as i32 || rec.replaces_pid.is_some_and(|r| p == r as i32)
+    })
+}
+
+/// Before a recovering daemon starts the kernel's recovery: its record names it, and the
+/// daemon it replaces, so that whenever it dies the record still matches the device (see
+/// [`record_is_the_devices`]).
+fn claim_record(id: u32) -> Result<()> {
+    let path = control::record_path(id);
+    let text =
+        std::fs::read_to_string(&path).named(|| format!("cannot read {}", path.display()))?;
+    let mut rec: DaemonRecord =
+        serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
+    let me = std::process::id();
+    if rec.pid != me {
+        // The daemon the kernel names (a recovery before this one may have died before the
+        // kernel knew it).
+        let named = ublk::device_daemon_pid(id).filter(|&p| p > 0);
+        rec.replaces_pid = Some(named.map_or(rec.pid, |p| p as u32));
+        rec.pid = me;
+    }
+    super::sticky::write_atomically(&path, &serde_json::to_vec_pretty(&rec)?)
 }
 
 /// Starts the recovery of `cfg`'s device in the daemon that will attach to it, before any
@@ -129,6 +177,7 @@ pub(super) fn begin(cfg: &DaemonConfig) -> Result<()> {
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         refuse!("/dev/ublkb{id}: another `ublk-clone recover` of it is running");
     }
+    claim_record(id)?;
     ublk::begin_recovery(id)?;
     // Held until this process exits: the lock ends with the last descriptor.
     std::mem::forget(lock);

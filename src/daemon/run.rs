@@ -159,6 +159,7 @@ impl Live {
     fn run(self, info: DeviceInfo, kill_dev: impl Fn()) {
         let rec = DaemonRecord {
             pid: std::process::id(),
+            replaces_pid: None,
             id: info.id,
             device: info.path.clone(),
             source: self.source,

@@ -28,8 +28,8 @@ pub(super) fn bind_control(rec: &DaemonRecord) -> Result<UnixListener> {
     let l = UnixListener::bind(&sock).named(|| format!("cannot bind {}", sock.display()))?;
     l.set_nonblocking(true)?;
     let path = control::record_path(rec.id);
-    std::fs::write(&path, serde_json::to_vec_pretty(rec)?)
-        .named(|| format!("cannot write {}", path.display()))?;
+    // Atomically: a record cut short (a full /run) would hide a recoverable device.
+    super::sticky::write_atomically(&path, &serde_json::to_vec_pretty(rec)?)?;
     Ok(l)
 }
 

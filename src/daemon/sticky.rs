@@ -112,7 +112,7 @@ impl Sticky {
 
 /// Replaces `path` by a file holding `bytes`: a reader finds the old file or the new one,
 /// never a part.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".new");
     let tmp = PathBuf::from(tmp);

@@ -61,6 +61,9 @@ fn remove_quiesced(id: u32) -> Result<bool> {
         return Ok(false);
     }
     crate::ublk::delete_device(id)?;
+    // Its dead daemon's record and socket go with it: the number may be reused.
+    let _ = std::fs::remove_file(super::control::record_path(id));
+    let _ = std::fs::remove_file(super::control::socket_path(id));
     settle_udev();
     Ok(true)
 }

@@ -88,6 +88,10 @@ fn resume_at(
                 if md.mode().0 == MetadataMode::ReadWrite {
                     md.persist_mode(MetadataMode::ReadOnly, &reason)?;
                 }
+                // A recovery continues a dead daemon that had gone further, to fail mode.
+                degraded = s
+                    .degraded
+                    .filter(|(m, _)| recovering && *m == MetadataMode::Fail);
             }
             None => {
                 let n = md.merge_survived(&s)?;
@@ -246,6 +250,31 @@ mod tests {
         let (mode, reason) = md.mode();
         assert_eq!(mode, MetadataMode::ReadOnly);
         assert!(reason.contains("destination flush: EIO"), "{reason}");
+        // A dead daemon that had gone on to fail mode: a recovery continues in it; a new
+        // start after a stop comes up read-only.
+        let c = Clone::new();
+        let path = dir.path().join("failed.bits");
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT, true, true).expect("first start");
+        md.poison_survival("destination flush: EIO");
+        md.degrade_survival(MetadataMode::Fail, "reloading the committed bitmap failed");
+        drop(md);
+        let md = c.open();
+        let (mode, reason) = resume_at(&path, false, &md, BOOT, true, true)
+            .expect("recover")
+            .expect("fail mode was not continued");
+        assert_eq!(mode, MetadataMode::Fail);
+        assert!(
+            reason.contains("destination flush"),
+            "the first failure: {reason}"
+        );
+        drop(md);
+        let md = c.open();
+        assert_eq!(
+            resume_at(&path, false, &md, BOOT, true, false).expect("start"),
+            None
+        );
+        assert_eq!(md.mode().0, MetadataMode::ReadOnly);
         // The same with the destination moved (`start --dest-moved`): still read-only.
         let path = dir.path().join("moved.bits");
         let c = Clone::new();

@@ -73,6 +73,18 @@ pub fn device_state(id: u32) -> Option<(DeviceState, bool)> {
     Some((state, info.flags & RECOVERY_FLAGS as u64 != 0))
 }
 
+/// The pid the kernel records for device `id`'s daemon: the last daemon that started or
+/// recovered it (kept after it died), or -1 while a recovery has started and not finished.
+/// `None` if there is no such device.
+pub fn device_daemon_pid(id: u32) -> Option<i32> {
+    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return None;
+    }
+    let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
+    let pid = ctrl.dev_info().ublksrv_pid;
+    Some(pid)
+}
+
 /// Deletes device `id` (one whose daemon is gone).
 pub fn delete_device(id: u32) -> Result<(), ServeError> {
     let ctrl = UblkCtrl::new_simple(id as i32).map_err(|cause| ServeError::Delete { id, cause })?;

@@ -31,8 +31,8 @@ mod request;
 mod uring_path;
 
 pub use device::{
-    begin_recovery, delete_device, device_state, DeviceInfo, DeviceOptions, DeviceState,
-    RecoveryStart,
+    begin_recovery, delete_device, device_daemon_pid, device_state, DeviceInfo, DeviceOptions,
+    DeviceState, RecoveryStart,
 };
 pub use queue::queues_alive;
 pub use uring_path::UringPath;
