@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Clone, Debug)]
 pub struct CreateArgs {
-    /// Read-only source device or file.
+    /// Read-only source: a device or file, or an NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH).
     #[arg(long)]
     pub source: PathBuf,
     /// Destination device or file, at least as large as the source.
@@ -86,6 +87,11 @@ pub struct CreateArgs {
     /// Internal (`ublk-clone recover`): attach to the quiesced device --number.
     #[arg(long, hide = true)]
     pub recover: bool,
+    /// An NBD source (--source nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH):
+    /// how many seconds a read waits for the server, connected or not, before it fails with
+    /// EIO (that request only; background hydration just pauses).
+    #[arg(long, default_value_t = daemon::config::DEFAULT_SOURCE_TIMEOUT)]
+    pub source_timeout: u64,
 }
 
 impl From<&CreateArgs> for DaemonConfig {
@@ -113,6 +119,7 @@ impl From<&CreateArgs> for DaemonConfig {
             log_writes_size: a.log_writes_size,
             no_recovery: a.no_recovery,
             recover: a.recover,
+            source_timeout: a.source_timeout,
         }
     }
 }
@@ -131,7 +138,11 @@ fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
     // Absolute, so the daemon's record and saved configuration name the devices whatever
     // directory it runs in (symbolic links kept: see `daemon::saved`).
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    kv("--source", abs(&cfg.source).into());
+    match cfg.source_path() {
+        Some(p) => kv("--source", abs(p).into()),
+        None => kv("--source", cfg.source.clone().into()),
+    }
+    kv("--source-timeout", cfg.source_timeout.to_string().into());
     kv("--dest", abs(&cfg.dest).into());
     kv("--metadata", abs(&cfg.metadata).into());
     if let Some(r) = cfg.region_size {

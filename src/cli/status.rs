@@ -105,6 +105,17 @@ pub fn format_status(dev: &str, s: &Status) -> String {
     if !s.mode_reason.is_empty() {
         out += &format!("\n  mode {}: {}", s.mode.name(), s.mode_reason);
     }
+    if let Some(d) = &s.source_disconnected {
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.since);
+        let ago = std::time::SystemTime::now()
+            .duration_since(since)
+            .map_or(0, |t| t.as_secs());
+        out += &format!(
+            "\n  source disconnected since {} ({ago} s ago), retrying: {}",
+            humantime::format_rfc3339_seconds(since),
+            d.reason
+        );
+    }
     out
 }
 

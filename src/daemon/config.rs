@@ -78,9 +78,38 @@ pub struct DaemonConfig {
     /// Attach to the quiesced device `number`, whose daemon died, instead of adding one.
     #[serde(default)]
     pub recover: bool,
+    /// How long a read of a remote (NBD) source waits for it, connected or not, before it
+    /// fails with EIO (that request only).
+    #[serde(default = "default_source_timeout")]
+    pub source_timeout: u64,
+}
+
+/// Seconds a read of a remote source waits when no `--source-timeout` is given.
+pub const DEFAULT_SOURCE_TIMEOUT: u64 = 30;
+
+fn default_source_timeout() -> u64 {
+    DEFAULT_SOURCE_TIMEOUT
 }
 
 impl DaemonConfig {
+    /// Whether the source is remote (an NBD URI) rather than a file or device path.
+    pub fn source_is_remote(&self) -> bool {
+        self.source.to_str().is_some_and(crate::io::nbd::is_nbd_uri)
+    }
+
+    /// The source's path, if it is a file or device (not an NBD URI).
+    pub fn source_path(&self) -> Option<&Path> {
+        (!self.source_is_remote()).then_some(self.source.as_path())
+    }
+
+    /// The options of a remote source.
+    pub fn nbd_options(&self) -> crate::io::nbd::NbdOptions {
+        crate::io::nbd::NbdOptions {
+            timeout: std::time::Duration::from_secs(self.source_timeout.max(1)),
+            ..Default::default()
+        }
+    }
+
     /// The region size new metadata gets.
     pub fn region_size_or_default(&self) -> u64 {
         self.region_size.unwrap_or(DEFAULT_REGION_SIZE)
@@ -121,16 +150,27 @@ impl DaemonConfig {
         if let Some(log) = &self.log_writes {
             self.validate_log(log)?;
         }
-        devices::check_distinct(&[
-            ("--source", &self.source),
-            ("--dest", &self.dest),
+        if self.source_is_remote() {
+            if let Err(e) = crate::io::nbd::uri::parse(&self.source.to_string_lossy()) {
+                refuse!("--source {e}");
+            }
+            if self.source_timeout == 0 {
+                refuse!("--source-timeout 0: must be at least 1 second");
+            }
+        }
+        let source = self.source_path().map(|p| ("--source", p));
+        let mut distinct = vec![
+            ("--dest", self.dest.as_path()),
             ("--metadata", &self.metadata),
-        ])?;
-        devices::check_usable(&[
-            ("--source", &self.source, false),
-            ("--dest", &self.dest, true),
+        ];
+        distinct.extend(source);
+        devices::check_distinct(&distinct)?;
+        let mut usable = vec![
+            ("--dest", self.dest.as_path(), true),
             ("--metadata", &self.metadata, true),
-        ])
+        ];
+        usable.extend(source.map(|(f, p)| (f, p, false)));
+        devices::check_usable(&usable)
     }
 
     /// A log is never overwritten: a regular file must be new or empty.
@@ -183,7 +223,12 @@ impl DaemonConfig {
     /// one-shot options cleared.
     pub fn to_saved(&self, region_size: u64) -> Result<DaemonConfig> {
         let mut c = self.clone();
-        for p in [&mut c.source, &mut c.dest, &mut c.metadata] {
+        let remote = self.source_is_remote();
+        let mut paths = vec![&mut c.dest, &mut c.metadata];
+        if !remote {
+            paths.push(&mut c.source);
+        }
+        for p in paths {
             let abs = std::path::absolute(&*p).named(|| format!("{}", p.display()))?;
             *p = abs;
         }

@@ -124,7 +124,7 @@ pub fn check_usable(devs: &[(&str, &Path, bool)]) -> Result<()> {
 /// hold whole logical blocks (`region_what` says where it comes from), and a source that is
 /// not a whole number of them.
 pub fn clone_block_sizes(
-    source: (&FileDev, &Path),
+    source: (&dyn BlockDev, &Path),
     dest: (&FileDev, &Path),
     region_size: u64,
     region_what: &str,
@@ -220,7 +220,7 @@ mod tests {
         let (s4k, sp4) = dev(dir.path(), "s4k", 1 << 20, 4096);
         let (d512, dp5) = dev(dir.path(), "d512", 1 << 20, 512);
         let both = |s: (&FileDev, &Path), d: (&FileDev, &Path)| {
-            clone_block_sizes(s, d, 65536, "--region-size").map(|b| b.logical)
+            clone_block_sizes((s.0 as &dyn BlockDev, s.1), d, 65536, "--region-size").map(|b| b.logical)
         };
         assert_eq!(both((&s512, &sp), (&d512, &dp5)).ok(), Some(512));
         assert_eq!(both((&s512, &sp), (&d4k, &dp)).ok(), Some(4096));

@@ -11,6 +11,7 @@ use super::error::{refuse, Named, Result};
 use super::open_metadata::open_or_format;
 use super::record::{log_sectorsize, start_recording};
 use crate::io::file::{Access, FileDev};
+use crate::io::nbd::NbdDev;
 use crate::io::{BlockDev, BlockSizes};
 use crate::logwrites::Recording;
 use crate::metadata::Metadata;
@@ -19,7 +20,10 @@ use std::sync::Arc;
 
 /// A clone's opened devices.
 pub(super) struct Opened {
-    pub source: Arc<FileDev>,
+    /// The source as the engine reads it (a file or device, or an NBD export).
+    pub source: Arc<dyn BlockDev>,
+    /// The source when it is a local file or device (the queues read it on their rings).
+    pub source_file: Option<Arc<FileDev>>,
     pub dest: Arc<FileDev>,
     /// The clone's block sizes (the larger of the source's and the destination's).
     pub block_sizes: BlockSizes,
@@ -44,18 +48,30 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
         super::recover::begin(cfg)?;
     }
     let direct = !cfg.buffered_io;
-    let source = Arc::new(FileDev::open(&cfg.source, Access::ReadOnly, direct)?);
+    let (source, source_file): (Arc<dyn BlockDev>, _) = match cfg.source_path() {
+        Some(path) => {
+            let f = Arc::new(FileDev::open(path, Access::ReadOnly, direct)?);
+            (f.clone(), Some(f))
+        }
+        None => {
+            let uri = cfg.source.to_string_lossy();
+            let nbd = NbdDev::open(&uri, cfg.nbd_options()).named(|| format!("--source {uri}"))?;
+            (Arc::new(nbd), None)
+        }
+    };
     let dest = Arc::new(open_claimed(cfg, &cfg.dest, direct)?);
     let meta = Arc::new(open_claimed(cfg, &cfg.metadata, true)?);
-    source.lock(false)?;
-    check_source_unshared(&cfg.source)?;
+    if let (Some(f), Some(path)) = (&source_file, cfg.source_path()) {
+        f.lock(false)?;
+        check_source_unshared(path)?;
+    }
     if !cfg.recover {
         check_number_free(cfg.number)?;
     }
-    check_sizes(cfg, &source, &dest)?;
+    check_sizes(cfg, source.as_ref(), &dest)?;
     // The region size of resumed metadata is checked again once it is known.
     let block_sizes = devices::clone_block_sizes(
-        (&source, &cfg.source),
+        (source.as_ref(), &cfg.source),
         (&dest, &cfg.dest),
         cfg.region_size_or_default(),
         if cfg.region_size.is_some() {
@@ -77,7 +93,7 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
         };
     let md = open_or_format(cfg, meta_dyn, source.as_ref(), dest.as_ref())?;
     devices::clone_block_sizes(
-        (&source, &cfg.source),
+        (source.as_ref(), &cfg.source),
         (&dest, &cfg.dest),
         md.region_size(),
         &format!(
@@ -87,6 +103,7 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
     )?;
     Ok(Opened {
         source,
+        source_file,
         dest,
         block_sizes,
         dest_dyn,
@@ -96,11 +113,11 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
 }
 
 fn check_exist(cfg: &DaemonConfig) -> Result<()> {
-    for (what, p) in [
-        ("--source", &cfg.source),
-        ("--dest", &cfg.dest),
-        ("--metadata", &cfg.metadata),
-    ] {
+    let mut paths = vec![("--dest", &cfg.dest), ("--metadata", &cfg.metadata)];
+    if cfg.source_path().is_some() {
+        paths.insert(0, ("--source", &cfg.source));
+    }
+    for (what, p) in paths {
         if !p.exists() {
             refuse!("{what} {}: no such file or device", p.display());
         }
@@ -168,7 +185,7 @@ fn check_number_free(number: i32) -> Result<()> {
 }
 
 /// The source must be whole sectors, and the destination at least as large.
-fn check_sizes(cfg: &DaemonConfig, source: &FileDev, dest: &FileDev) -> Result<()> {
+fn check_sizes(cfg: &DaemonConfig, source: &dyn BlockDev, dest: &FileDev) -> Result<()> {
     if source.size() == 0 || source.size() % 512 != 0 {
         refuse!(
             "--source {}: size {} is not a positive multiple of 512 bytes",

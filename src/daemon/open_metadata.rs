@@ -20,7 +20,7 @@ use std::sync::Arc;
 pub(super) fn open_or_format(
     cfg: &DaemonConfig,
     meta: Arc<dyn BlockDev>,
-    source: &FileDev,
+    source: &dyn BlockDev,
     dest: &FileDev,
 ) -> Result<Metadata> {
     let what = format!("--metadata {}", cfg.metadata.display());

@@ -41,7 +41,7 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     process::install_signal_handlers();
     process::abort_on_panic();
     let o = open_devices(cfg, true)?;
-    saved::save(cfg, &o.md, &o.source, &o.dest)?;
+    saved::save(cfg, &o.md, o.source_file.as_deref(), &o.dest)?;
     let (survival_path, degraded) = survival::resume(cfg, &o.md)?;
     process::detach_ublk_mounts(private_ns, &control::run_dir());
     let region_size = o.md.region_size();
@@ -104,7 +104,10 @@ fn serve_device(
     let run_dir = control::run_dir();
     std::fs::create_dir_all(&run_dir).named(|| format!("cannot create {}", run_dir.display()))?;
     let live = Live {
-        source: absolute(&cfg.source),
+        source: match cfg.source_path() {
+            Some(p) => absolute(p),
+            None => cfg.source.clone(),
+        },
         dest: absolute(&cfg.dest),
         metadata: absolute(&cfg.metadata),
         region_size: o.md.region_size(),
@@ -119,7 +122,10 @@ fn serve_device(
     };
     ublk::serve(
         engine.clone(),
-        o.source.file().as_raw_fd(),
+        match &o.source_file {
+            Some(f) => ublk::SourceIo::File(f.file().as_raw_fd()),
+            None => ublk::SourceIo::Remote(o.source.clone()),
+        },
         o.dest.file().as_raw_fd(),
         o.recording
             .clone()

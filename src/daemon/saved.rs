@@ -49,13 +49,19 @@ pub struct SavedConfig {
 
 /// Saves the configuration of a clone that has just opened its devices: `config` without
 /// the one-shot options, and the identities of the opened source and destination.
-pub fn save(config: &DaemonConfig, md: &Metadata, source: &FileDev, dest: &FileDev) -> Result<()> {
+pub fn save(
+    config: &DaemonConfig,
+    md: &Metadata,
+    source: Option<&FileDev>,
+    dest: &FileDev,
+) -> Result<()> {
     let identity = |d: &FileDev| {
         DeviceIdentity::of_file(d.file()).named(|| format!("{}: cannot stat", d.path().display()))
     };
     let cfg = SavedConfig {
         config: config.to_saved(md.region_size())?,
-        source_identity: Some(identity(source)?),
+        // A remote source has no local identity: its size and fingerprint are checked.
+        source_identity: source.map(identity).transpose()?,
         dest_identity: Some(identity(dest)?),
     };
     let dir = state_dir();
@@ -117,10 +123,11 @@ impl SavedConfig {
              SOURCE --dest DEST --metadata {}`, which records the devices anew",
             a.metadata.display()
         );
-        for (flag, which, p, saved) in [
-            ("--source", "source", &a.source, &self.source_identity),
-            ("--dest", "destination", &a.dest, &self.dest_identity),
-        ] {
+        let mut roles = vec![("--dest", "destination", &a.dest, &self.dest_identity)];
+        if !a.source_is_remote() {
+            roles.insert(0, ("--source", "source", &a.source, &self.source_identity));
+        }
+        for (flag, which, p, saved) in roles {
             let found = match DeviceIdentity::of_path(p) {
                 Ok(id) => id,
                 Err(e) => refuse!(

@@ -34,7 +34,7 @@ impl Engine {
             } else {
                 self.copy_regions(r, run)
             };
-            if let Batch::WriteFailed(_) = outcome {
+            if let Batch::WriteFailed(_) | Batch::SourceDown(_) = outcome {
                 return outcome;
             }
             r += run;
@@ -106,6 +106,10 @@ impl Engine {
             let read = loop {
                 match self.source.read_at(&mut buf, pos) {
                     Ok(()) => break Ok(()),
+                    Err(e) if self.source_unreachable(&e) => {
+                        // Not the region's fault: nothing is marked failed.
+                        return Batch::SourceDown(e.to_string());
+                    }
                     Err(e) if count > 1 => break Err(e),
                     Err(e) => {
                         if attempt >= self.config.source_retries {
@@ -148,6 +152,16 @@ impl Engine {
         }
         // The copy completed: only now may the bits be set.
         self.finish_regions(head, count, len, false)
+    }
+
+    /// Whether a source read failed because the source is out of reach (a remote source
+    /// disconnected, or silent past its timeout) rather than because of the data asked for.
+    pub(super) fn source_unreachable(&self, e: &std::io::Error) -> bool {
+        self.source.link_down().is_some()
+            || matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::NotConnected
+            )
     }
 
     /// Sets the bits of regions `[head, head+count)`, whose `len` bytes of data are on the

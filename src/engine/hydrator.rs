@@ -243,6 +243,10 @@ impl Engine {
                     );
                 }
                 Batch::WriteFailed(e) => self.after_dest_write_failure(&e),
+                Batch::SourceDown(e) => {
+                    log::warn!("hydration paused: the source is out of reach: {e}");
+                    self.wait_for_source();
+                }
             }
         }
     }
@@ -262,6 +266,12 @@ impl Engine {
             );
             return false;
         }
+        if self.source.link_down().is_some() {
+            // A remote source that is away: pause until it is back (no region is picked, so
+            // none is marked failed for it).
+            self.wait_for_source();
+            return false;
+        }
         if self.only_failed_regions_left() {
             // Nothing to copy: wait for a change instead of rescanning the bitmap.
             let hydrated = self.map.md().nr_hydrated();
@@ -277,6 +287,18 @@ impl Engine {
         }
         // The rate limit is waited for before any region is locked.
         self.wait_for_rate()
+    }
+
+    /// Waits (polling, at most a few seconds per call) while the source is out of reach.
+    fn wait_for_source(&self) {
+        for _ in 0..25 {
+            if self.hydrator.stopping() || self.source.link_down().is_none() {
+                return;
+            }
+            self.hydrator
+                .wake
+                .wait_until_blocking(|| self.hydrator.stopping(), Duration::from_millis(200));
+        }
     }
 
     /// Whether every region that is not hydrated is a failed one.
@@ -422,4 +444,7 @@ pub(super) enum Batch {
     NothingToPick,
     /// The destination write failed.
     WriteFailed(String),
+    /// The source is out of reach (a remote source whose connections are down, or that did
+    /// not answer in time): nothing was marked failed; hydration waits for it.
+    SourceDown(String),
 }

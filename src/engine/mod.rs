@@ -72,6 +72,18 @@ pub struct Status {
     /// Memory held by the in-core bitmap (released once hydration is complete and committed).
     pub bitmap_bytes: u64,
     pub knobs: Knobs,
+    /// A remote source out of reach: since when (seconds since the epoch) and why. Reads that
+    /// need it wait for it (up to its timeout) and background hydration pauses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_disconnected: Option<SourceDown>,
+}
+
+/// A remote source out of reach, as `status` reports it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SourceDown {
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+    pub reason: String,
 }
 
 pub struct Engine {
@@ -351,6 +363,13 @@ impl Engine {
             hydration_rate_bytes_per_sec: self.hydrator.measured_rate(),
             bitmap_bytes: md.in_core_bytes(),
             knobs: self.knobs(),
+            source_disconnected: self.source.link_down().map(|d| SourceDown {
+                since: d
+                    .since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_secs()),
+                reason: d.reason,
+            }),
         }
     }
 }

@@ -27,6 +27,7 @@
 
 mod device;
 mod queue;
+mod remote;
 mod request;
 mod uring_path;
 
@@ -63,14 +64,33 @@ pub enum ServeError {
 /// Adds the device, serves it until it is stopped, and returns after the queues exited.
 /// `observer` is told of the destination I/O the queues complete (a recorder); `on_started`
 /// runs once the device is live (print its path, start the control socket, ...).
+/// How the queues read the source.
+pub enum SourceIo {
+    /// A local file or device, read on each queue's ring (a fixed file).
+    File(RawFd),
+    /// A remote source (NBD): blocking reads, done by reader threads (see `remote`).
+    Remote(Arc<dyn crate::io::BlockDev>),
+}
+
 pub fn serve(
     engine: Arc<Engine>,
-    source: RawFd,
+    source: SourceIo,
     dest: RawFd,
     observer: Option<Arc<dyn IoObserver>>,
     opts: &DeviceOptions,
     on_started: impl FnOnce(&UblkCtrl, DeviceInfo) + Send + Sync + 'static,
 ) -> Result<(), ServeError> {
+    let (source_fd, remote) = match source {
+        SourceIo::File(fd) => (fd, None),
+        SourceIo::Remote(dev) => (
+            -1,
+            Some(
+                remote::RemoteSource::start(dev).map_err(|e| ServeError::Run {
+                    cause: UblkError::IOError(e),
+                })?,
+            ),
+        ),
+    };
     let ctrl = device::add(opts)?;
     let geo = engine.geometry();
     let (logical_shift, physical_shift) =
@@ -82,12 +102,12 @@ pub fn serve(
         logical_shift,
         physical_shift,
         depth: opts.depth,
-        source,
+        source: source_fd,
         dest,
     };
     queue::set_queues_alive(opts.queues as usize);
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        queue::queue_thread(engine.clone(), observer.clone(), qid, dev)
+        queue::queue_thread(engine.clone(), observer.clone(), remote.clone(), qid, dev)
     };
     let recoverable = opts.recovery || opts.recover;
     let dev_fn = move |ctrl: &UblkCtrl| {

@@ -13,8 +13,10 @@
 //! Invariant: a tag has at most one request in flight, so its I/O buffer and its entry in
 //! `requests` belong to that request alone until it is committed.
 
+use super::remote::RemoteSource;
 use super::request::{self, Op, Request};
 use super::uring_path::{self, UringPath};
+use crate::engine::wake::Kick;
 use crate::engine::Engine;
 use crate::io::observe::IoObserver;
 use io_uring::{opcode, types};
@@ -182,10 +184,10 @@ fn new_eventfd() -> io::Result<Arc<OwnedFd>> {
     Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Makes the engine's cross-thread wake-ups write to `efd`, which pulls this queue's thread
-/// out of its io_uring wait.
-fn add_kicker(engine: &Engine, efd: Arc<OwnedFd>) {
-    engine.add_kicker(Arc::new(move || {
+/// A kick of this queue: a write to `efd`, which pulls the queue's thread out of its
+/// io_uring wait (the engine's cross-thread wake-ups and remote source reads use it).
+fn kicker(efd: Arc<OwnedFd>) -> Kick {
+    Arc::new(move || {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to an eventfd we keep open.
         unsafe {
@@ -195,23 +197,25 @@ fn add_kicker(engine: &Engine, efd: Arc<OwnedFd>) {
                 8,
             )
         };
-    }));
+    })
 }
 
 /// The body of queue `qid`'s thread: serves the queue until it goes down.
 pub(super) fn queue_thread(
     engine: Arc<Engine>,
     observer: Option<Arc<dyn IoObserver>>,
+    remote: Option<Arc<RemoteSource>>,
     qid: u16,
     dev: &UblkDev,
 ) {
-    serve_queue(engine, observer, qid, dev);
+    serve_queue(engine, observer, remote, qid, dev);
     QUEUES_ALIVE.fetch_sub(1, Ordering::AcqRel);
 }
 
 fn serve_queue(
     engine: Arc<Engine>,
     observer: Option<Arc<dyn IoObserver>>,
+    remote: Option<Arc<RemoteSource>>,
     qid: u16,
     dev: &UblkDev,
 ) {
@@ -232,14 +236,15 @@ fn serve_queue(
             return;
         }
     };
-    add_kicker(&engine, efd.clone());
+    let kick = kicker(efd.clone());
+    engine.add_kicker(kick.clone());
     let exe = Rc::new(smol::LocalExecutor::new());
     exe.spawn(kick_task(efd)).detach();
     let depth = q.dev.dev_info.queue_depth as usize;
     let idle = Request::decode(&libublk::sys::ublksrv_io_desc::default());
     let queue = Rc::new(Queue {
         direct: observer.is_none(),
-        path: Rc::new(UringPath::new(observer)),
+        path: Rc::new(UringPath::new(observer, remote.map(|r| (r, kick)))),
         q,
         engine,
         bufs,

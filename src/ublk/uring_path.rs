@@ -7,6 +7,8 @@
 //! is submitted and reported after it completed, so that it knows exactly which writes the
 //! flush covers.
 
+use super::remote::RemoteSource;
+use crate::engine::wake::Kick;
 use crate::engine::{DataPath, Side};
 use crate::io::observe::IoObserver;
 use io_uring::{opcode, types};
@@ -15,7 +17,8 @@ use libublk::{UblkError, UblkUringData};
 use std::io;
 use std::sync::Arc;
 
-/// Fixed-file slots registered with every queue ring (slot 0 is /dev/ublkcN).
+/// Fixed-file slots registered with every queue ring (slot 0 is /dev/ublkcN). With a remote
+/// source, the source slot is left empty (-1): nothing may read it.
 pub(super) const SOURCE_SLOT: u32 = 1;
 pub(super) const DEST_SLOT: u32 = 2;
 
@@ -31,6 +34,8 @@ pub(super) fn slot(side: Side) -> u32 {
 pub struct UringPath {
     /// Told of the destination's completed writes, discards and flushes (a recorder).
     observer: Option<Arc<dyn IoObserver>>,
+    /// A remote source, read off the queue thread, and this queue's kick (see `remote`).
+    remote: Option<(Arc<RemoteSource>, Kick)>,
 }
 
 fn uring_result(res: Result<i32, UblkError>) -> io::Result<usize> {
@@ -43,6 +48,9 @@ fn uring_result(res: Result<i32, UblkError>) -> io::Result<usize> {
 
 impl DataPath for UringPath {
     async fn read(&self, side: Side, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let (Side::Source, Some((remote, kick))) = (side, &self.remote) {
+            return remote.read(buf, offset, kick).await;
+        }
         let slot = slot(side);
         let mut done = 0usize;
         while done < buf.len() {
@@ -137,8 +145,11 @@ impl DataPath for UringPath {
 }
 
 impl UringPath {
-    pub(super) fn new(observer: Option<Arc<dyn IoObserver>>) -> UringPath {
-        UringPath { observer }
+    pub(super) fn new(
+        observer: Option<Arc<dyn IoObserver>>,
+        remote: Option<(Arc<RemoteSource>, Kick)>,
+    ) -> UringPath {
+        UringPath { observer, remote }
     }
 
     /// fallocate(`mode`) on the destination. `Ok(false)` when the destination does not

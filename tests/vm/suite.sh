@@ -331,6 +331,73 @@ PY
   stop "$dev"
 }
 
+test_nbd_source_comes_and_goes() {
+  # Issue 12: a golden ext4 image served by qemu-nbd (a Unix socket) is the source. The clone
+  # is mounted and written (fsx.py, every read checked) while it hydrates; the NBD server is
+  # killed and restarted twice mid-way: reads that need it wait (the workload sees no error),
+  # status says the source is disconnected, hydration pauses and resumes by itself and
+  # completes. Then e2fsck is clean, the golden files are unchanged, and the destination
+  # alone (after stop) holds the whole file system.
+  mk_images 128
+  local mnt=$WORK/mnt stopf=$WORK/stop-load sock=$WORK/nbd.sock nbd pfsx rc=0 i st round
+  mkdir -p "$mnt" "$WORK/gold"; rm -f "$stopf"
+  for f in 1 2 3 4; do head -c 4M /dev/urandom >"$WORK/gold/g$f"; done
+  (cd "$WORK/gold" && sha256sum g*) >"$WORK/gold.sha"
+  mkfs.ext4 -q -F -b 4096 -d "$WORK/gold" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d of the golden image"
+  serve_nbd() {
+    rm -f "$sock"
+    qemu-nbd -r -t -e 8 -f raw -x golden -k "$sock" "$WORK/src" >>"$LOG" 2>&1 & nbd=$!
+    for ((i = 0; i < 500; i++)); do [ -S "$sock" ] && return 0; sleep 0.02; done
+    fail "qemu-nbd never listened"
+  }
+  serve_nbd
+  dev=$("$BIN" create --source "nbd+unix:///golden?socket=$sock" --dest "$WORK/dst" \
+    --metadata "$WORK/meta" --region-size 64K --rate 8M --source-timeout 60 2>>"$LOG") \
+    || fail "create with an NBD source"
+  mount "$dev" "$mnt" || fail "mount of the clone of an NBD source failed"
+  local ioerr0; ioerr0=$(dmesg | grep -c "I/O error" || true)
+  python3 "$(dirname "$0")/fsx.py" fsx "$mnt" "$stopf" >"$WORK/fsx.out" 2>&1 & pfsx=$!
+  for round in 1 2; do
+    sleep 2
+    kill -9 "$nbd"; wait "$nbd" 2>/dev/null || true
+    # Until the daemon has noticed (a read, or hydration, met the closed connection).
+    for ((i = 0; i < 200; i++)); do
+      st=$("$BIN" status "$dev" 2>>"$LOG") || fail "status while the source is away"
+      echo "$st" | grep -q "source disconnected since" && break
+      sleep 0.05
+    done
+    echo "$st" | grep -q "source disconnected since" || fail "round $round: status does not say the source is disconnected: $st"
+    status_json "$dev" | python3 -c 'import json,sys; d=json.load(sys.stdin)["source_disconnected"]; assert d["since"] > 0 and d["reason"], d' \
+      || fail "round $round: status --json has no source_disconnected"
+    say "round $round: $(echo "$st" | grep "source disconnected")"
+    sleep 1
+    serve_nbd
+    # Back by itself (reconnecting with backoff, at most 5 s apart).
+    for ((i = 0; i < 300; i++)); do
+      "$BIN" status "$dev" 2>>"$LOG" | grep -q "source disconnected" || break
+      sleep 0.1
+    done
+    "$BIN" status "$dev" 2>>"$LOG" | grep -q "source disconnected" && fail "round $round: the source never came back"
+    say "round $round: source back, $(status_json "$dev" | json_field hydrated) regions hydrated"
+  done
+  wait_hydrated "$dev" 300 || fail "hydration did not complete after the source came back: $("$BIN" status "$dev" 2>&1)"
+  "$BIN" status "$dev" 2>>"$LOG" | grep -q "source disconnected" && fail "status still says disconnected"
+  touch "$stopf"; wait "$pfsx" || rc=1
+  cat "$WORK/fsx.out" >>"$LOG"
+  [ $rc -eq 0 ] || fail "the workload failed: $(grep -h FAIL "$WORK/fsx.out" | head -n 3)"
+  [ "$(dmesg | grep -c "I/O error" || true)" = "$ioerr0" ] || fail "I/O errors in dmesg: $(dmesg | grep "I/O error" | tail -n 3)"
+  umount "$mnt"
+  e2fsck -fn "$dev" >>"$LOG" 2>&1 || fail "e2fsck found errors"
+  mount -o ro "$dev" "$mnt" || fail "read-only mount after e2fsck failed"
+  (cd "$mnt" && sha256sum -c --quiet "$WORK/gold.sha") >>"$LOG" 2>&1 || fail "a golden file changed"
+  umount "$mnt"
+  # Fully hydrated: the destination alone holds the file system, without the source.
+  kill "$nbd"; wait "$nbd" 2>/dev/null || true
+  cmp "$dev" "$WORK/dst" >>"$LOG" 2>&1 || fail "the device reads other data than its destination"
+  stop "$dev"
+  e2fsck -fn "$WORK/dst" >>"$LOG" 2>&1 || fail "e2fsck of the destination alone"
+}
+
 test_recover_waits_for_old_writes() {
   # Issue 11, the barrier (seed 000): a write of the dead daemon still in flight must end
   # before the new daemon attaches. The destination is dm-delay, holding writes HOLD ms
@@ -716,6 +783,7 @@ truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
          kill_and_recover kill_at_pause_points recover_waits_for_old_writes kill_and_restart_under_load \
+         nbd_source_comes_and_goes \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \

@@ -332,16 +332,6 @@ fn reconnect(weak: Weak<Inner>) {
             l.conns.retain(|c| c.closed().is_none());
             if l.conns.len() >= inner.target() || l.shutdown {
                 l.reconnecting = false;
-                if !l.conns.is_empty() {
-                    if let Some(d) = l.down.take() {
-                        log::warn!(
-                            "{}: source back (down since {:?}: {})",
-                            inner.name,
-                            d.since,
-                            d.reason
-                        );
-                    }
-                }
                 inner.cv.notify_all();
                 return;
             }
@@ -366,6 +356,14 @@ fn reconnect(weak: Weak<Inner>) {
         match attempt {
             Ok(c) => {
                 l.conns.push(Arc::new(c));
+                if let Some(d) = l.down.take() {
+                    log::warn!(
+                        "{}: source back (down since {}: {})",
+                        inner.name,
+                        humantime::format_rfc3339_seconds(d.since),
+                        d.reason
+                    );
+                }
                 backoff = BACKOFF_FIRST;
                 inner.cv.notify_all();
             }
@@ -487,14 +485,20 @@ impl BlockDev for NbdDev {
     }
 
     fn link_down(&self) -> Option<LinkDown> {
-        let l = lock(&self.inner.link);
-        if l.conns.iter().any(|c| c.closed().is_none()) {
+        let mut l = lock(&self.inner.link);
+        // Connections that ended are replaced even while nobody reads (hydration paused).
+        self.inner.refill(&mut l);
+        if !l.conns.is_empty() {
             return None;
         }
-        Some(l.down.clone().unwrap_or_else(|| LinkDown {
-            since: SystemTime::now(),
-            reason: "connection lost".into(),
-        }))
+        Some(
+            l.down
+                .get_or_insert_with(|| LinkDown {
+                    since: SystemTime::now(),
+                    reason: "connection lost".into(),
+                })
+                .clone(),
+        )
     }
 
     fn block_sizes(&self) -> BlockSizes {
