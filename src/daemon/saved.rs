@@ -184,7 +184,7 @@ mod tests {
     }
 
     /// The keys of a saved configuration, as every version so far wrote them.
-    const SAVED_KEYS: [&str; 24] = [
+    const SAVED_KEYS: [&str; 25] = [
         "source",
         "dest",
         "metadata",
@@ -207,6 +207,7 @@ mod tests {
         "log_writes_size",
         "no_recovery",
         "recover",
+        "source_timeout",
         "source_identity",
         "dest_identity",
     ];
@@ -220,9 +221,13 @@ mod tests {
             "rate": 1048576, "queues": 2, "depth": 64, "number": -1, "force": false,
             "force_reformat_this_clone": false, "dest_moved": false, "foreground": false,
             "buffered_io": true, "log_writes": null, "log_writes_size": 1073741824,
-            "no_recovery": false, "recover": false,
+            "no_recovery": false, "recover": false, "source_timeout": 30,
             "source_identity": null, "dest_identity": null
         }"#;
+        // Written before `source_timeout` existed: loads with the default.
+        let older: SavedConfig =
+            serde_json::from_str(&full.replace(r#""source_timeout": 30,"#, ""))?;
+        assert_eq!(older.config.source_timeout, 30);
         let cfg: SavedConfig = serde_json::from_str(full)?;
         assert_eq!(cfg.config.hydration_threshold, Some(8));
         assert_eq!(cfg.config.queues, Some(2));
