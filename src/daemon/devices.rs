@@ -220,7 +220,8 @@ mod tests {
         let (s4k, sp4) = dev(dir.path(), "s4k", 1 << 20, 4096);
         let (d512, dp5) = dev(dir.path(), "d512", 1 << 20, 512);
         let both = |s: (&FileDev, &Path), d: (&FileDev, &Path)| {
-            clone_block_sizes((s.0 as &dyn BlockDev, s.1), d, 65536, "--region-size").map(|b| b.logical)
+            clone_block_sizes((s.0 as &dyn BlockDev, s.1), d, 65536, "--region-size")
+                .map(|b| b.logical)
         };
         assert_eq!(both((&s512, &sp), (&d512, &dp5)).ok(), Some(512));
         assert_eq!(both((&s512, &sp), (&d4k, &dp)).ok(), Some(4096));

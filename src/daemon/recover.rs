@@ -131,8 +131,10 @@ pub fn recoverable_device_of(metadata: &std::path::Path) -> Option<u32> {
 
 /// Whether `rec` describes the daemon the kernel knows for its device: the pid the kernel
 /// keeps for the device's last daemon is the record's, or the one a recovering daemon
-/// replaces, or -1 (a recovery started and did not finish). A record left behind for a
-/// device number now used by another device does not match.
+/// replaces. A record left behind for a device number now used by another device does not
+/// match. -1 (no pid: what newer kernels report once the daemon is gone) is accepted: the
+/// pid cannot tell then, and refusing would make every recovery impossible there (issue 13
+/// is to stamp devices with an id of their own).
 fn record_is_the_devices(rec: &DaemonRecord) -> bool {
     ublk::device_daemon_pid(rec.id).is_some_and(|p| {
         p == -1 || p == rec.pid as i32 || rec.replaces_pid.is_some_and(|r| p == r as i32)
@@ -142,12 +144,21 @@ fn record_is_the_devices(rec: &DaemonRecord) -> bool {
 /// Before a recovering daemon starts the kernel's recovery: its record names it, and the
 /// daemon it replaces, so that whenever it dies the record still matches the device (see
 /// [`record_is_the_devices`]).
-fn claim_record(id: u32) -> Result<()> {
+fn claim_record(id: u32, metadata: &std::path::Path) -> Result<()> {
     let path = control::record_path(id);
     let text =
         std::fs::read_to_string(&path).named(|| format!("cannot read {}", path.display()))?;
     let mut rec: DaemonRecord =
         serde_json::from_str(&text).named(|| format!("{}: damaged record", path.display()))?;
+    // Checked again here, in the daemon: the record may have changed since the command read it.
+    let same_clone =
+        std::fs::canonicalize(&rec.metadata).ok() == std::fs::canonicalize(metadata).ok();
+    if !record_is_the_devices(&rec) || !same_clone {
+        refuse!(
+            "/dev/ublkb{id}: {} no longer describes this clone's device; run `ublk-clone list`",
+            path.display()
+        );
+    }
     let me = std::process::id();
     if rec.pid != me {
         // The daemon the kernel names (a recovery before this one may have died before the
@@ -177,7 +188,7 @@ pub(super) fn begin(cfg: &DaemonConfig) -> Result<()> {
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         refuse!("/dev/ublkb{id}: another `ublk-clone recover` of it is running");
     }
-    claim_record(id)?;
+    claim_record(id, &cfg.metadata)?;
     ublk::begin_recovery(id)?;
     // Held until this process exits: the lock ends with the last descriptor.
     std::mem::forget(lock);

@@ -118,12 +118,10 @@ fn resume_at(
         },
     }
     if attach {
-        md.attach_survival(Arc::new(dev), boot)?;
-        if let Some((m, reason)) = &degraded {
-            // Until the metadata records it, the new copy does: a death before then
-            // must not bring the clone back read-write.
-            md.degrade_survival(*m, reason);
-        }
+        // Until the metadata records a degraded mode carried over, the new copy does (in its
+        // first header write): a death before then must not bring the clone back read-write.
+        let carried = degraded.as_ref().map(|(m, r)| (*m, r.as_str()));
+        md.attach_survival(Arc::new(dev), boot, carried)?;
     }
     Ok(degraded)
 }
@@ -335,7 +333,8 @@ mod tests {
         let md = Arc::new(c.open());
         let nr = md.nr_regions();
         let surv = Arc::new(MemDev::new("surv", survival_size(nr)));
-        md.attach_survival(surv.clone(), BOOT).expect("attach");
+        md.attach_survival(surv.clone(), BOOT, None)
+            .expect("attach");
         // 0: no write seen; 1: the bit was visible during the copy's write; 2: it was not.
         let seen = Arc::new(AtomicU8::new(0));
         let (m, s) = (Arc::downgrade(&md), seen.clone());

@@ -73,7 +73,7 @@ fn crash_rig(size: u64, region_size: u64, tweak: impl FnOnce(&mut EngineConfig))
     assert_eq!((dest.id(), meta.id(), surv.id()), (DEST, META, SURV));
     let expect = Expect::from_devices(source.as_ref(), dest.as_ref()).expect("fingerprint");
     let (md, _) = Metadata::open(meta.clone(), &expect).expect("open metadata");
-    md.attach_survival(surv, BOOT)
+    md.attach_survival(surv, BOOT, None)
         .expect("attach the survival copy");
     let mut cfg = EngineConfig::new(size, region_size);
     cfg.retry_backoff = Duration::ZERO;

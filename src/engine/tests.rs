@@ -1430,7 +1430,10 @@ fn record_largest_io(devs: &[&Arc<MemDev>]) -> Arc<AtomicU64> {
 fn rig_with_survival(size: u64, region_size: u64) -> (Rig, Arc<MemDev>) {
     let nr = size / region_size;
     let surv = Arc::new(MemDev::new("surv", crate::metadata::survival_size(nr)));
-    let attach = |md: &Metadata| md.attach_survival(surv.clone(), [5; 16]).expect("attach");
+    let attach = |md: &Metadata| {
+        md.attach_survival(surv.clone(), [5; 16], None)
+            .expect("attach")
+    };
     (rig_prepared(size, region_size, attach, no_hydration), surv)
 }
 

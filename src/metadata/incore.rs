@@ -383,7 +383,12 @@ impl Metadata {
     /// Starts writing every bit through to a survival copy in `dev`, which first receives
     /// the in-core bitmap as it is. No bit can be set meanwhile (the bitmap's write lock is
     /// held), so the copy misses none.
-    pub fn attach_survival(&self, dev: Arc<dyn BlockDev>, boot_id: [u8; 16]) -> Result<()> {
+    pub fn attach_survival(
+        &self,
+        dev: Arc<dyn BlockDev>,
+        boot_id: [u8; 16],
+        degraded: Option<(MetadataMode, &str)>,
+    ) -> Result<()> {
         let core = &self.core;
         let words = core.words.write();
         let snapshot: Vec<u64> = if core.released.load(Ordering::Acquire) {
@@ -392,8 +397,15 @@ impl Metadata {
             words.iter().map(|w| w.load(Ordering::SeqCst)).collect()
         };
         let name = dev.name().to_string();
-        let file = SurvivalFile::create(dev, self.uuid(), boot_id, core.nr_regions, &snapshot)
-            .map_err(|error| MetadataError::Survival { dev: name, error })?;
+        let file = SurvivalFile::create(
+            dev,
+            self.uuid(),
+            boot_id,
+            core.nr_regions,
+            &snapshot,
+            degraded,
+        )
+        .map_err(|error| MetadataError::Survival { dev: name, error })?;
         // Attached once per open: a second attach keeps the first copy.
         let _ = core.survival.set(file);
         Ok(())

@@ -203,6 +203,7 @@ impl SurvivalFile {
         boot_id: [u8; 16],
         nr_regions: u64,
         words: &[u64],
+        degraded: Option<(MetadataMode, &str)>,
     ) -> io::Result<SurvivalFile> {
         let mut bytes = vec![0u8; (survival_size(nr_regions) - HEADER_SIZE) as usize];
         for (c, w) in bytes.chunks_exact_mut(8).zip(words) {
@@ -215,6 +216,13 @@ impl SurvivalFile {
         h[OFF_UUID..OFF_UUID + 16].copy_from_slice(uuid.as_bytes());
         h[OFF_BOOT..OFF_BOOT + 16].copy_from_slice(&boot_id);
         h[OFF_REGIONS..OFF_REGIONS + 8].copy_from_slice(&nr_regions.to_le_bytes());
+        // A degraded mode carried over goes in the same header write: a death between two
+        // writes must not lose it.
+        match degraded {
+            Some((MetadataMode::ReadOnly, reason)) => set_flag(&mut h, FLAG_READ_ONLY, reason),
+            Some((MetadataMode::Fail, reason)) => set_flag(&mut h, FLAG_FAIL, reason),
+            _ => {}
+        }
         seal_header(&mut h);
         dev.write_at(&h, 0)?;
         Ok(SurvivalFile {
@@ -303,7 +311,16 @@ impl SurvivalFile {
     /// is the one to report), and writes the header.
     fn add_flag(&self, flag: u32, reason: &str) -> io::Result<()> {
         let mut h = self.header.lock();
-        let flags = u32_at(&h, OFF_FLAGS);
+        set_flag(&mut h, flag, reason);
+        seal_header(&mut h);
+        self.dev.write_at(&h, 0)
+    }
+}
+
+/// Sets `flag` in header `h`, with `reason` if none was recorded yet (not sealed).
+fn set_flag(h: &mut [u8], flag: u32, reason: &str) {
+    {
+        let flags = u32_at(h, OFF_FLAGS);
         h[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&(flags | flag).to_le_bytes());
         if flags == 0 {
             let mut reason = reason.as_bytes();
@@ -319,8 +336,6 @@ impl SurvivalFile {
             h[OFF_REASON..OFF_REASON + MAX_REASON].fill(0);
             h[OFF_REASON..OFF_REASON + reason.len()].copy_from_slice(reason);
         }
-        seal_header(&mut h);
-        self.dev.write_at(&h, 0)
     }
 }
 
@@ -365,7 +380,7 @@ mod tests {
         );
         let mut init = vec![0u64; (nr as usize).div_ceil(64)];
         init[3] = 0b101;
-        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &init).expect("create");
+        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &init, None).expect("create");
         let mut live = init.clone();
         live[100] = 1 << 9;
         f.write_words(&words(&live), 100, 100).expect("write");
@@ -389,7 +404,7 @@ mod tests {
         let uuid = Uuid::new_v4();
         let nr = 100;
         let dev = Arc::new(MemDev::new("surv", survival_size(nr)));
-        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[5, 0]).expect("create");
+        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[5, 0], None).expect("create");
         f.degrade(MetadataMode::ReadWrite, "nothing").expect("rw");
         let got = SurvivalFile::read(dev.as_ref(), uuid, BOOT, nr).expect("read");
         assert_eq!(got.and_then(|s| s.degraded), None);
@@ -408,7 +423,7 @@ mod tests {
         );
         // A poison is also read-only; a long reason is cut at a character boundary.
         let dev = Arc::new(MemDev::new("surv2", survival_size(nr)));
-        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[]).expect("create");
+        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[], None).expect("create");
         f.poison(&"é".repeat(300)).expect("poison");
         let got = SurvivalFile::read(dev.as_ref(), uuid, BOOT, nr)
             .expect("read")
@@ -424,7 +439,7 @@ mod tests {
         let uuid = Uuid::new_v4();
         let nr = 100;
         let dev = Arc::new(MemDev::new("surv", survival_size(nr)));
-        SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[1, 2]).expect("create");
+        SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[1, 2], None).expect("create");
         let other = SurvivalFile::read(dev.as_ref(), Uuid::new_v4(), BOOT, nr);
         assert!(
             matches!(other, Err(SurvivalError::OtherClone { .. })),
@@ -450,7 +465,7 @@ mod tests {
         let uuid = Uuid::new_v4();
         let nr = 64 * 64;
         let dev = Arc::new(MemDev::new("surv", survival_size(nr)));
-        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[]).expect("create");
+        let f = SurvivalFile::create(dev.clone(), uuid, BOOT, nr, &[], None).expect("create");
         let live = words(&vec![0; 64]);
         std::thread::scope(|s| {
             for t in 0..4u64 {

@@ -74,8 +74,9 @@ pub fn device_state(id: u32) -> Option<(DeviceState, bool)> {
 }
 
 /// The pid the kernel records for device `id`'s daemon: the last daemon that started or
-/// recovered it (kept after it died), or -1 while a recovery has started and not finished.
-/// `None` if there is no such device.
+/// recovered it (on 6.12 kept after it died, and until `END_USER_RECOVERY` names the next),
+/// or -1 for a device not started (newer kernels may also report -1 once the daemon is
+/// gone). `None` if there is no such device.
 pub fn device_daemon_pid(id: u32) -> Option<i32> {
     if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
         return None;

@@ -338,7 +338,7 @@ test_nbd_source_comes_and_goes() {
   # status says the source is disconnected, hydration pauses and resumes by itself and
   # completes. Then e2fsck is clean, the golden files are unchanged, and the destination
   # alone (after stop) holds the whole file system.
-  mk_images 128
+  mk_images 64
   local mnt=$WORK/mnt stopf=$WORK/stop-load sock=$WORK/nbd.sock nbd pfsx rc=0 i st round
   mkdir -p "$mnt" "$WORK/gold"; rm -f "$stopf"
   for f in 1 2 3 4; do head -c 4M /dev/urandom >"$WORK/gold/g$f"; done
@@ -433,27 +433,45 @@ test_recover_waits_for_old_writes() {
   # When dm-delay first holds nothing after the kill: the old write has left it and the new
   # daemon has not yet re-issued it. A recovery that did not wait would re-issue the write
   # while the old one is still held, and the count would not reach 0 before it returned.
-  rm -f "$WORK/tz"
-  ( while :; do [ "$(held)" = 0 ] && { date +%s.%N >"$WORK/tz"; break; }; sleep 0.01; done ) &
+  # dm-delay's held-write count, sampled from before the kill until the re-issued write has
+  # entered it. A recovery that did not wait for the dead daemon's write would re-issue it
+  # while the old one is still held: two held writes, for about $hold ms, cannot be missed.
+  # The first sample with none held (between the old write leaving and the re-issue) must
+  # come before `start` returned.
+  local c0 samples=$WORK/held.samples stopp=$WORK/held.stop
+  c0=$(held); rm -f "$samples" "$stopp"
+  ( while [ ! -e "$stopp" ]; do echo "$(date +%s.%N) $(held)"; sleep 0.01; done >"$samples" ) &
   local poller=$!
   t0=$(date +%s.%N)
   kill -9 "$pid"
-  local again tz
+  local again
   again=$("$BIN" start --metadata "$WORK/meta" 2>>"$LOG") || fail "start right after the kill failed"
   t1=$(date +%s.%N)
   [ "$again" = "$dev" ] || fail "start right after the kill made $again, not a recovery of $dev"
-  for ((i = 0; i < 1000; i++)); do [ -s "$WORK/tz" ] && break; sleep 0.01; done
-  kill "$poller" 2>/dev/null || true; wait "$poller" 2>/dev/null || true
-  [ -s "$WORK/tz" ] || fail "dm-delay never emptied after the kill: $(dmsetup status ubc-delay)"
-  tz=$(cat "$WORK/tz")
+  # Until the re-issued write has entered dm-delay (or a few seconds).
+  for ((i = 0; i < 300; i++)); do [ "$(held)" -gt 0 ] && break; sleep 0.01; done
+  touch "$stopp"; wait "$poller" 2>/dev/null || true
   say "dm-delay after recover: $(dmsetup status ubc-delay)"
-  say "recover returned $(python3 -c "print(round($t1 - $t0, 2))") s after the kill (dm-delay holds \
-writes $hold ms); the old write left dm-delay $(python3 -c "print(round($t1 - $tz, 2))") s before"
-  # tz is sampled every ~10-50 ms (a dmsetup run): 0.3 s of slack, in the direction that
-  # cannot hide a broken barrier (the re-issued write would keep the count above 0 for
-  # another $hold ms).
-  python3 -c "import sys; sys.exit(0 if $tz <= $t1 + 0.3 else 1)" \
+  python3 - "$samples" "$c0" "$t0" "$t1" "$hold" >>"$LOG" <<'PY' \
     || fail "the device was recovered while the dead daemon's write was still held"
+import sys
+path, c0, t0, t1, hold = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:])
+s = [(float(t), int(n)) for t, n in (l.split() for l in open(path) if len(l.split()) == 2)]
+after = [(t, n) for t, n in s if t >= t0]
+over = [(t, n) for t, n in after if n > c0]
+zero = next((t for t, n in after if n == 0), None)
+gap = f"none held from {zero - t1:+.2f} s of its return" if zero else "no sample with none held"
+print(f"  recover returned {t1 - t0:.2f} s after the kill (dm-delay holds writes {hold:.0f} ms); "
+      f"{len(after)} samples, max held {max((n for _, n in after), default=0)} "
+      f"(before the kill {c0}); {gap}")
+if over:
+    print(f"  {len(over)} samples with the dead daemon's write and a new one held at once")
+    sys.exit(1)
+# Sampled every ~10-50 ms (a dmsetup run): 0.3 s of slack.
+if zero is not None and zero > t1 + 0.3:
+    print("  the old write was still held when start returned")
+    sys.exit(1)
+PY
   wait "$pdd" || fail "the write in flight at the kill failed (it must be re-issued, not failed)"
   dd if="$WORK/B" of="$dev" bs=64K seek=5 oflag=direct status=none || fail "the newer write failed"
   # dm-delay submits every write it still holds on suspend.
@@ -466,6 +484,7 @@ writes $hold ms); the old write left dm-delay $(python3 -c "print(round($t1 - $t
   # and leaves the device waiting for the next recovery; it never removes it.
   kill -9 "$(daemon_pid "$dev")"
   local n=${dev#/dev/ublkb}
+  for ((i = 0; i < 300; i++)); do "$BIN" list 2>>"$LOG" | grep -q "no daemon, recoverable" && break; sleep 0.05; done
   "$BIN" list 2>>"$LOG" | grep -q "no daemon, recoverable" || fail "the killed daemon's device is not listed as recoverable"
   rm -f "/run/ublk-clone/$n.sock"; mkdir "/run/ublk-clone/$n.sock"
   expect_error "recover with its socket path taken" "cannot bind" "$BIN" recover "$dev"
