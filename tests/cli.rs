@@ -1152,3 +1152,101 @@ fn check_exits_0_with_a_note_after_an_interrupted_commit_and_1_on_damage() {
     let damaged = run(&["check", s(&meta)]);
     assert_eq!(damaged.status.code(), Some(1), "{}", stderr(&damaged));
 }
+
+#[test]
+fn format_and_create_take_an_nbd_source() {
+    // qemu-nbd (tools/setup-host.sh installs it) serves a file; `format` sizes and
+    // fingerprints the export, and `create` against another image's metadata is refused
+    // before any ublk work.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = file(dir.path(), "src", 1 << 20, 0x5a);
+    let other = file(dir.path(), "other", 1 << 20, 0xa5);
+    let dst = file(dir.path(), "dst", 1 << 20, 0);
+    let meta = file(dir.path(), "meta", 1 << 20, 0);
+    let sock = dir.path().join("nbd.sock");
+    let mut server = std::process::Command::new("qemu-nbd")
+        .args(["-r", "-t", "-f", "raw", "-x", "img", "-k"])
+        .arg(&sock)
+        .arg(&src)
+        .spawn()
+        .expect("qemu-nbd (tools/setup-host.sh installs it)");
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed().as_secs() < 20, "qemu-nbd never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let uri = format!("nbd+unix:///img?socket={}", sock.display());
+    let f = run(&[
+        "format",
+        "--metadata",
+        s(&meta),
+        "--source",
+        &uri,
+        "--dest",
+        s(&dst),
+        "--region-size",
+        "4K",
+    ]);
+    assert!(f.status.success(), "{}", stderr(&f));
+    let check = run(&["check", s(&meta)]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    // The same metadata with the other image as a local source: a different fingerprint.
+    let before = std::fs::read(&meta).expect("meta");
+    let wrong = run(&[
+        "create",
+        "--source",
+        s(&other),
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).to_lowercase().contains("source"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert_eq!(
+        std::fs::read(&meta).expect("meta"),
+        before,
+        "a refusal wrote the metadata"
+    );
+    // Bad URIs and a missing server are named.
+    for (bad, says) in [("nbds://h/x", "TLS"), ("nbd+unix:///img", "socket")] {
+        let o = run(&[
+            "format",
+            "--metadata",
+            s(&meta),
+            "--source",
+            bad,
+            "--dest",
+            s(&dst),
+            "--force",
+        ]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(says), "{bad}: {}", stderr(&o));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let gone = run(&[
+        "create",
+        "--source",
+        &uri,
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+    ]);
+    assert!(!gone.status.success());
+    assert!(
+        stderr(&gone).contains("cannot connect"),
+        "{}",
+        stderr(&gone)
+    );
+    assert_eq!(
+        std::fs::read(&meta).expect("meta"),
+        before,
+        "a refusal wrote the metadata"
+    );
+}

@@ -7,6 +7,7 @@
 use super::size::parse_size;
 use crate::daemon::devices;
 use crate::io::file::{Access, FileDev};
+use crate::io::nbd::{is_nbd_uri, NbdDev, NbdOptions};
 use crate::io::BlockDev;
 use crate::metadata::overwrite::{self, Contents, Overwrite};
 use crate::metadata::{self, Expect, FormatParams, Metadata};
@@ -21,7 +22,8 @@ pub struct FormatArgs {
     /// Metadata device or file to format.
     #[arg(long)]
     pub metadata: PathBuf,
-    /// Source device (read-only; sized and fingerprinted).
+    /// Source device or file, or an NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH); read-only, sized and fingerprinted.
     #[arg(long)]
     pub source: PathBuf,
     /// Destination device (must be at least as large as the source).
@@ -64,30 +66,42 @@ fn open_ro(flag: &str, path: &Path) -> Result<FileDev> {
 /// `ublk-clone format`: takes the locks `create` takes, then formats only what
 /// [`overwrite`] allows (blank, or not this clone's with `--force`).
 pub fn run_format(args: &FormatArgs) -> Result<ExitCode> {
-    devices::check_distinct(&[
-        ("--source", &args.source),
-        ("--dest", &args.dest),
+    let remote = args.source.to_str().is_some_and(is_nbd_uri);
+    let local_source = (!remote).then_some(("--source", args.source.as_path()));
+    let mut distinct = vec![
+        ("--dest", args.dest.as_path()),
         ("--metadata", &args.metadata),
-    ])?;
-    devices::check_usable(&[
-        ("--source", &args.source, false),
-        ("--dest", &args.dest, false),
+    ];
+    distinct.extend(local_source);
+    devices::check_distinct(&distinct)?;
+    let mut usable = vec![
+        ("--dest", args.dest.as_path(), false),
         ("--metadata", &args.metadata, true),
-    ])?;
-    let source = open_ro("--source", &args.source)?;
+    ];
+    usable.extend(local_source.map(|(f, p)| (f, p, false)));
+    devices::check_usable(&usable)?;
+    let source: Arc<dyn BlockDev> = if remote {
+        let uri = args.source.to_string_lossy();
+        Arc::new(
+            NbdDev::open(&uri, NbdOptions::default()).with_context(|| format!("--source {uri}"))?,
+        )
+    } else {
+        let f = open_ro("--source", &args.source)?;
+        devices::lock(&f, false, "--source", &args.source)?;
+        Arc::new(f)
+    };
     let dest = open_ro("--dest", &args.dest)?;
     let meta = FileDev::open(&args.metadata, Access::ReadWrite, false).context("--metadata")?;
-    devices::lock(&source, false, "--source", &args.source)?;
     devices::lock(&dest, true, "--dest", &args.dest)?;
     devices::lock(&meta, true, "--metadata", &args.metadata)?;
     devices::clone_block_sizes(
-        (&source, &args.source),
+        (source.as_ref(), &args.source),
         (&dest, &args.dest),
         args.region_size,
         "--region-size",
     )?;
     devices::check_metadata_block_size(&meta, &args.metadata)?;
-    let params = FormatParams::from_devices(&source, &dest, args.region_size)
+    let params = FormatParams::from_devices(source.as_ref(), &dest, args.region_size)
         .with_context(|| format!("cannot fingerprint the source {}", args.source.display()))?;
     let this = Expect {
         source_size: Some(params.source_size),

@@ -50,8 +50,9 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long connecting plus the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest read sent as one request.
-const MAX_READ: u32 = 4 << 20;
+/// The largest read sent as one request; larger reads are split into requests of this size,
+/// all sent at once.
+const PIPELINED_READ: u32 = 1 << 20;
 /// Blocks sampled for the content check after a reconnect, and their size.
 const SAMPLES: u64 = 16;
 const SAMPLE_SIZE: u32 = 4096;
@@ -404,16 +405,37 @@ impl BlockDev for NbdDev {
         check_range(self.name(), self.size(), offset, buf.len() as u64)?;
         let inner = &self.inner;
         let deadline = Instant::now() + inner.opts.timeout;
-        let max =
-            MAX_READ.min(inner.export.max_block) / inner.export.min_block * inner.export.min_block;
-        for (i, chunk) in buf
-            .chunks_mut(max.max(inner.export.min_block) as usize)
-            .enumerate()
-        {
-            let off = offset + (i * max as usize) as u64;
-            let len = chunk.len() as u32;
-            match inner.call(deadline, |c| c.read(off, len))? {
-                Reply::Data(d) if d.len() == chunk.len() => chunk.copy_from_slice(&d),
+        let e = &inner.export;
+        let chunk = (PIPELINED_READ.min(e.max_block) / e.min_block * e.min_block).max(e.min_block);
+        // Every chunk is sent before any is waited for: a large read keeps the server busy
+        // on several requests at once (and on several connections when it allows them).
+        let mut sent = Vec::new();
+        for (i, c) in buf.chunks(chunk as usize).enumerate() {
+            let off = offset + (i * chunk as usize) as u64;
+            let len = c.len() as u32;
+            let w = inner.pick(deadline)?.read(off, len).ok();
+            sent.push((off, len, w));
+        }
+        for (i, (off, len, w)) in sent.into_iter().enumerate() {
+            let answer = match w.map(|w| w.wait(deadline)) {
+                Some(Ok(r)) => r,
+                Some(Err(Failure::Server(e))) => return Err(e),
+                Some(Err(Failure::TimedOut)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{}: no answer within {} s",
+                            self.name(),
+                            inner.opts.timeout.as_secs_f64()
+                        ),
+                    ))
+                }
+                // Its connection ended: sent again (and waited for) on its own.
+                Some(Err(Failure::Lost(_))) | None => inner.call(deadline, |c| c.read(off, len))?,
+            };
+            let dst = &mut buf[i * chunk as usize..][..len as usize];
+            match answer {
+                Reply::Data(d) if d.len() == dst.len() => dst.copy_from_slice(&d),
                 _ => {
                     return Err(io::Error::other(format!(
                         "{}: malformed read reply",
