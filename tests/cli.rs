@@ -1212,6 +1212,54 @@ fn format_and_create_take_an_nbd_source() {
         before,
         "a refusal wrote the metadata"
     );
+    // The other image behind an NBD URI: refused the same way.
+    let sock2 = dir.path().join("nbd2.sock");
+    let mut server2 = std::process::Command::new("qemu-nbd")
+        .args(["-r", "-t", "-f", "raw", "-x", "img", "-k"])
+        .arg(&sock2)
+        .arg(&other)
+        .spawn()
+        .expect("qemu-nbd");
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock2).is_err() {
+        assert!(t.elapsed().as_secs() < 20, "qemu-nbd never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let uri2 = format!("nbd+unix:///img?socket={}", sock2.display());
+    let wrong = run(&[
+        "create",
+        "--source",
+        &uri2,
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).to_lowercase().contains("source"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert_eq!(
+        std::fs::read(&meta).expect("meta"),
+        before,
+        "a refusal wrote the metadata"
+    );
+    let _ = server2.kill();
+    let _ = server2.wait();
+    // A relative socket path is refused (the clone is restarted from other directories).
+    let rel = run(&[
+        "create",
+        "--source",
+        "nbd+unix:///img?socket=rel.sock",
+        "--dest",
+        s(&dst),
+        "--metadata",
+        s(&meta),
+    ]);
+    assert!(!rel.status.success());
+    assert!(stderr(&rel).contains("relative"), "{}", stderr(&rel));
     // Bad URIs and a missing server are named.
     for (bad, says) in [("nbds://h/x", "TLS"), ("nbd+unix:///img", "socket")] {
         let o = run(&[

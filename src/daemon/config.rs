@@ -151,8 +151,20 @@ impl DaemonConfig {
             self.validate_log(log)?;
         }
         if self.source_is_remote() {
-            if let Err(e) = crate::io::nbd::uri::parse(&self.source.to_string_lossy()) {
-                refuse!("--source {e}");
+            match crate::io::nbd::uri::parse(&self.source.to_string_lossy()) {
+                Err(e) => refuse!("--source {e}"),
+                Ok(u) => {
+                    if let crate::io::nbd::uri::Endpoint::Unix(p) = &u.endpoint {
+                        if p.is_relative() {
+                            refuse!(
+                                "--source {}: the socket path {} is relative; give it from / \
+                                 (the clone is restarted from other directories)",
+                                self.source.display(),
+                                p.display()
+                            );
+                        }
+                    }
+                }
             }
             if self.source_timeout == 0 {
                 refuse!("--source-timeout 0: must be at least 1 second");

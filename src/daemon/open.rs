@@ -55,7 +55,7 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
         }
         None => {
             let uri = cfg.source.to_string_lossy();
-            let nbd = NbdDev::open(&uri, cfg.nbd_options()).named(|| format!("--source {uri}"))?;
+            let nbd = open_nbd(&uri, cfg).named(|| format!("--source {uri}"))?;
             (Arc::new(nbd), None)
         }
     };
@@ -110,6 +110,30 @@ pub(super) fn open_devices(cfg: &DaemonConfig, record: bool) -> Result<Opened> {
         md: Arc::new(md),
         recording,
     })
+}
+
+/// Opens an NBD source. While recovering a device (a file system above it waits; a
+/// supervisor's restart is one), a server that cannot be reached is tried again (backing off)
+/// until the source timeout, to ride out a short outage. Otherwise, and for any other error
+/// (no such export, a bad reply), it fails at once.
+fn open_nbd(uri: &str, cfg: &DaemonConfig) -> std::io::Result<NbdDev> {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound, TimedOut};
+    let deadline = std::time::Instant::now() + cfg.nbd_options().timeout;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match NbdDev::open(uri, cfg.nbd_options()) {
+            Err(e)
+                if cfg.recover
+                    && matches!(e.kind(), ConnectionRefused | NotFound | TimedOut)
+                    && std::time::Instant::now() + backoff < deadline =>
+            {
+                log::warn!("{uri}: {e}; trying again in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn check_exist(cfg: &DaemonConfig) -> Result<()> {

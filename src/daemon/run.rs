@@ -124,7 +124,10 @@ fn serve_device(
         engine.clone(),
         match &o.source_file {
             Some(f) => ublk::SourceIo::File(f.file().as_raw_fd()),
-            None => ublk::SourceIo::Remote(o.source.clone()),
+            None => ublk::SourceIo::Remote(
+                o.source.clone(),
+                std::time::Duration::from_secs(cfg.source_timeout.max(1)),
+            ),
         },
         o.dest.file().as_raw_fd(),
         o.recording

@@ -21,6 +21,10 @@ impl Engine {
     /// Hydrates regions `[head, head+count)`: runs of regions the source reports as zeroes
     /// are zeroed on the destination, the others copied.
     pub(super) fn hydrate_regions(&self, head: u64, count: u64) -> Batch {
+        if let Some(d) = self.source.link_down() {
+            // Do not hold the regions' locks waiting for a source that is away.
+            return Batch::SourceDown(d.reason);
+        }
         let zero = self.zero_regions(head, count);
         let mut r = head;
         while r < head + count {
@@ -125,8 +129,11 @@ impl Engine {
                 if count > 1 {
                     let mut outcome = Batch::Copied;
                     for r in head..head + count {
-                        if let Batch::WriteFailed(e) = self.copy_regions(r, 1) {
-                            outcome = Batch::WriteFailed(e);
+                        match self.copy_regions(r, 1) {
+                            Batch::WriteFailed(e) => outcome = Batch::WriteFailed(e),
+                            // Away: the rest waits for it (and none of it is marked failed).
+                            Batch::SourceDown(e) => return Batch::SourceDown(e),
+                            _ => {}
                         }
                     }
                     return outcome;

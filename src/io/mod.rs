@@ -118,6 +118,18 @@ pub trait BlockDev: Send + Sync {
         check_range(self.name(), self.size(), offset, len)?;
         write_zero_buffers(self, offset, len)
     }
+    /// [`BlockDev::read_at`], giving up (`TimedOut`) at `deadline` where the device can wait
+    /// (a remote source); a local device ignores it.
+    fn read_until(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        deadline: std::time::Instant,
+    ) -> io::Result<()> {
+        let _ = deadline;
+        self.read_at(buf, offset)
+    }
+
     /// Whether the device is out of reach now (a remote source whose connections are all
     /// down), since when and why; `None` for a device that is there.
     fn link_down(&self) -> Option<LinkDown> {
@@ -188,6 +200,14 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn link_down(&self) -> Option<LinkDown> {
         (**self).link_down()
+    }
+    fn read_until(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        deadline: std::time::Instant,
+    ) -> io::Result<()> {
+        (**self).read_until(buf, offset, deadline)
     }
     fn block_sizes(&self) -> BlockSizes {
         (**self).block_sizes()

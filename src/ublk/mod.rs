@@ -68,8 +68,9 @@ pub enum ServeError {
 pub enum SourceIo {
     /// A local file or device, read on each queue's ring (a fixed file).
     File(RawFd),
-    /// A remote source (NBD): blocking reads, done by reader threads (see `remote`).
-    Remote(Arc<dyn crate::io::BlockDev>),
+    /// A remote source (NBD): blocking reads, done by reader threads (see `remote`), each
+    /// failing after the timeout.
+    Remote(Arc<dyn crate::io::BlockDev>, std::time::Duration),
 }
 
 pub fn serve(
@@ -82,10 +83,10 @@ pub fn serve(
 ) -> Result<(), ServeError> {
     let (source_fd, remote) = match source {
         SourceIo::File(fd) => (fd, None),
-        SourceIo::Remote(dev) => (
+        SourceIo::Remote(dev, timeout) => (
             -1,
             Some(
-                remote::RemoteSource::start(dev).map_err(|e| ServeError::Run {
+                remote::RemoteSource::start(dev, timeout).map_err(|e| ServeError::Run {
                     cause: UblkError::IOError(e),
                 })?,
             ),

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use std::io;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Threads reading the remote source: the most source reads the queues have in flight at
 /// once (a 4k random read at queue depth 32 keeps 32 busy).
@@ -25,11 +26,15 @@ type Job = Box<dyn FnOnce(&dyn BlockDev) + Send>;
 /// The remote source and its reader threads, shared by every queue.
 pub struct RemoteSource {
     jobs: Mutex<Sender<Job>>,
+    /// How long a read may wait, from when the queue asked for it (not from when a reader
+    /// thread took it: with every reader busy during an outage, it would wait several times
+    /// over).
+    timeout: Duration,
 }
 
 impl RemoteSource {
     /// Starts the reader threads for `dev`; they end when the last queue dropped it.
-    pub fn start(dev: Arc<dyn BlockDev>) -> io::Result<Arc<RemoteSource>> {
+    pub fn start(dev: Arc<dyn BlockDev>, timeout: Duration) -> io::Result<Arc<RemoteSource>> {
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..READERS {
@@ -40,6 +45,7 @@ impl RemoteSource {
         }
         Ok(Arc::new(RemoteSource {
             jobs: Mutex::new(tx),
+            timeout,
         }))
     }
 
@@ -55,9 +61,10 @@ impl RemoteSource {
             event: Event::new(),
         });
         let (d, k, len) = (done.clone(), kick.clone(), buf.len());
+        let deadline = Instant::now() + self.timeout;
         let job: Job = Box::new(move |dev| {
             let mut v = vec![0u8; len];
-            let r = dev.read_at(&mut v, offset).map(|()| v);
+            let r = dev.read_until(&mut v, offset, deadline).map(|()| v);
             *d.result.lock() = Some(r);
             d.event.notify(usize::MAX);
             k();

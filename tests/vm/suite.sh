@@ -352,13 +352,16 @@ test_nbd_source_comes_and_goes() {
   }
   serve_nbd
   dev=$("$BIN" create --source "nbd+unix:///golden?socket=$sock" --dest "$WORK/dst" \
-    --metadata "$WORK/meta" --region-size 64K --rate 8M --source-timeout 60 2>>"$LOG") \
+    --metadata "$WORK/meta" --region-size 64K --rate 2M --source-timeout 20 2>>"$LOG") \
     || fail "create with an NBD source"
   mount "$dev" "$mnt" || fail "mount of the clone of an NBD source failed"
   local ioerr0; ioerr0=$(dmesg | grep -c "I/O error" || true)
   python3 "$(dirname "$0")/fsx.py" fsx "$mnt" "$stopf" >"$WORK/fsx.out" 2>&1 & pfsx=$!
+  local before after
   for round in 1 2; do
     sleep 2
+    before=$(status_json "$dev" | json_field hydrated)
+    [ "$before" -lt "$(status_json "$dev" | json_field regions)" ] || fail "round $round: hydrated before the server went away"
     kill -9 "$nbd"; wait "$nbd" 2>/dev/null || true
     # Until the daemon has noticed (a read, or hydration, met the closed connection).
     for ((i = 0; i < 200; i++)); do
@@ -378,8 +381,23 @@ test_nbd_source_comes_and_goes() {
       sleep 0.1
     done
     "$BIN" status "$dev" 2>>"$LOG" | grep -q "source disconnected" && fail "round $round: the source never came back"
-    say "round $round: source back, $(status_json "$dev" | json_field hydrated) regions hydrated"
+    for ((i = 0; i < 100; i++)); do
+      after=$(status_json "$dev" | json_field hydrated)
+      [ "$after" -gt "$before" ] && break
+      sleep 0.1
+    done
+    [ "$after" -gt "$before" ] || fail "round $round: hydration did not resume ($before regions)"
+    say "round $round: source back, hydration resumed: $before -> $after regions"
   done
+  # A silent server (stopped, its socket still open): reads wait for it and go on once it
+  # answers again, within the source timeout; nothing fails.
+  kill -STOP "$nbd"
+  sync "$mnt"; echo 3 >/proc/sys/vm/drop_caches
+  (cat "$mnt"/g* >/dev/null) & local pcat=$!
+  sleep 3
+  kill -CONT "$nbd"
+  wait "$pcat" || fail "reading the golden files while the server was stopped failed"
+  say "a 3 s silent server: reads waited and completed"
   wait_hydrated "$dev" 300 || fail "hydration did not complete after the source came back: $("$BIN" status "$dev" 2>&1)"
   "$BIN" status "$dev" 2>>"$LOG" | grep -q "source disconnected" && fail "status still says disconnected"
   touch "$stopf"; wait "$pfsx" || rc=1

@@ -39,6 +39,43 @@ impl Stream {
         };
     }
 
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// TCP keepalive, and a bound on unacknowledged data (`TCP_USER_TIMEOUT`): a peer that
+    /// vanished (a host down, a cable pulled) ends the connection. Best effort.
+    fn keepalive(&self, timeout: std::time::Duration) {
+        use std::os::fd::AsRawFd;
+        let Stream::Tcp(s) = self else { return };
+        let fd = s.as_raw_fd();
+        let set = |level: i32, opt: i32, v: i32| {
+            // SAFETY: setsockopt on a valid socket with a pointer to an i32 and its size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    opt,
+                    &v as *const i32 as *const libc::c_void,
+                    std::mem::size_of::<i32>() as libc::socklen_t,
+                )
+            };
+        };
+        let secs = timeout.as_secs().clamp(1, 3600) as i32;
+        set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (secs / 3).max(1));
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+        set(
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            secs.saturating_mul(1000),
+        );
+    }
+
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
@@ -96,21 +133,15 @@ enum Kind {
     BlockStatus,
 }
 
-/// A request in flight.
+/// A request in flight. Only its outcome is shared with the reader thread: the reply's bytes
+/// are assembled by the reader in buffers of its own ([`Partial`]), so a request that stops
+/// waiting is never held up by a reply arriving slowly.
 pub struct Waiter {
     kind: Kind,
     offset: u64,
     len: u32,
-    st: Mutex<WaitState>,
+    outcome: Mutex<Option<Result<Reply, Failure>>>,
     cv: Condvar,
-}
-
-struct WaitState {
-    /// A read's data, zeroed first (holes are left as they are).
-    data: Vec<u8>,
-    extents: Vec<(u32, u32)>,
-    error: Option<io::Error>,
-    outcome: Option<Result<Reply, Failure>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,27 +149,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Waiter {
-    fn finish(&self, r: Result<(), Failure>) {
-        let mut st = lock(&self.st);
-        let out = match r {
-            Err(f) => Err(f),
-            Ok(()) => match st.error.take() {
-                Some(e) => Err(Failure::Server(e)),
-                None => Ok(match self.kind {
-                    Kind::Read => Reply::Data(std::mem::take(&mut st.data)),
-                    Kind::BlockStatus => Reply::Extents(std::mem::take(&mut st.extents)),
-                }),
-            },
-        };
-        st.outcome = Some(out);
+    fn finish(&self, out: Result<Reply, Failure>) {
+        *lock(&self.outcome) = Some(out);
         self.cv.notify_all();
     }
 
     /// Waits for the answer until `deadline`.
     pub fn wait(&self, deadline: Instant) -> Result<Reply, Failure> {
-        let mut st = lock(&self.st);
+        let mut st = lock(&self.outcome);
         loop {
-            if let Some(out) = st.outcome.take() {
+            if let Some(out) = st.take() {
                 return out;
             }
             let now = Instant::now();
@@ -150,6 +170,49 @@ impl Waiter {
                 .wait_timeout(st, deadline - now)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// A structured reply being assembled by the reader thread.
+struct Partial {
+    data: Vec<u8>,
+    /// Bytes of the read covered by data and hole chunks so far.
+    covered: u64,
+    extents: Vec<(u32, u32)>,
+    error: Option<io::Error>,
+}
+
+impl Partial {
+    fn new(w: &Waiter) -> Partial {
+        Partial {
+            data: if w.kind == Kind::Read {
+                // Zeroed: hole chunks leave their range as it is.
+                vec![0; w.len as usize]
+            } else {
+                Vec::new()
+            },
+            covered: 0,
+            extents: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The reply, once its last chunk came.
+    fn into_reply(self, w: &Waiter) -> Result<Reply, Failure> {
+        if let Some(e) = self.error {
+            return Err(Failure::Server(e));
+        }
+        match w.kind {
+            Kind::Read if self.covered != u64::from(w.len) => Err(Failure::Server(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the server's reply covered {} of the {} bytes read at {}",
+                    self.covered, w.len, w.offset
+                ),
+            ))),
+            Kind::Read => Ok(Reply::Data(self.data)),
+            Kind::BlockStatus => Ok(Reply::Extents(self.extents)),
         }
     }
 }
@@ -176,8 +239,16 @@ pub struct Conn {
 
 impl Conn {
     /// Starts the transmission phase on `stream` (handshake done, `export` agreed).
-    pub fn start(stream: Stream, export: Export, name: &str) -> io::Result<Conn> {
+    pub fn start(
+        stream: Stream,
+        export: Export,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> io::Result<Conn> {
         stream.set_read_timeout(None)?;
+        // A server that stops reading must not hold a request's sender forever.
+        stream.set_write_timeout(Some(timeout))?;
+        stream.keepalive(timeout);
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 map: HashMap::new(),
@@ -193,8 +264,9 @@ impl Conn {
             .name("nbd-reply".into())
             .spawn(move || {
                 let mut r = BufReader::with_capacity(256 << 10, rd);
+                let mut partial = HashMap::new();
                 let why = loop {
-                    if let Err(e) = read_reply(&mut r, &sh, ctx) {
+                    if let Err(e) = read_reply(&mut r, &sh, ctx, &mut partial) {
                         break e.to_string();
                     }
                 };
@@ -215,6 +287,13 @@ impl Conn {
             shared,
             reader: Mutex::new(Some(reader)),
         })
+    }
+
+    /// Ends the connection (`why` is logged): its pending requests fail with `Lost` and are
+    /// sent again on other connections.
+    pub fn abort(&self, why: &str) {
+        log::warn!("nbd: closing a connection: {why}");
+        self.stream.shutdown();
     }
 
     /// Why the connection ended, if it has.
@@ -238,16 +317,7 @@ impl Conn {
             kind,
             offset,
             len,
-            st: Mutex::new(WaitState {
-                data: if kind == Kind::Read {
-                    vec![0; len as usize]
-                } else {
-                    Vec::new()
-                },
-                extents: Vec::new(),
-                error: None,
-                outcome: None,
-            }),
+            outcome: Mutex::new(None),
             cv: Condvar::new(),
         });
         {
@@ -292,24 +362,35 @@ fn waiter(sh: &Shared, cookie: u64) -> io::Result<Arc<Waiter>> {
         .ok_or_else(|| bad(format!("reply for unknown cookie {cookie}")))
 }
 
-fn done(sh: &Shared, cookie: u64, w: &Waiter) {
+fn done(sh: &Shared, cookie: u64, w: &Waiter, out: Result<Reply, Failure>) {
     lock(&sh.pending).map.remove(&cookie);
-    w.finish(Ok(()));
+    w.finish(out);
 }
 
-/// Reads one reply (a simple reply, or one chunk of a structured reply) and files it.
-fn read_reply(r: &mut impl Read, sh: &Shared, ctx: Option<u32>) -> io::Result<()> {
+/// Reads one reply (a simple reply, or one chunk of a structured reply) and files it;
+/// `partial` holds the structured replies not complete yet.
+fn read_reply(
+    r: &mut impl Read,
+    sh: &Shared,
+    ctx: Option<u32>,
+    partial: &mut HashMap<u64, Partial>,
+) -> io::Result<()> {
     match wire::read_u32(r)? {
         wire::SIMPLE_REPLY_MAGIC => {
             let error = wire::read_u32(r)?;
             let cookie = wire::read_u64(r)?;
             let w = waiter(sh, cookie)?;
-            if error != 0 {
-                lock(&w.st).error = Some(wire::nbd_error(error, ""));
+            let out = if error != 0 {
+                Err(Failure::Server(wire::nbd_error(error, "")))
             } else if w.kind == Kind::Read {
-                r.read_exact(&mut lock(&w.st).data)?;
-            }
-            done(sh, cookie, &w);
+                let mut data = vec![0u8; w.len as usize];
+                r.read_exact(&mut data)?;
+                Ok(Reply::Data(data))
+            } else {
+                Ok(Reply::Extents(Vec::new()))
+            };
+            partial.remove(&cookie);
+            done(sh, cookie, &w, out);
             Ok(())
         }
         wire::STRUCTURED_REPLY_MAGIC => {
@@ -318,9 +399,12 @@ fn read_reply(r: &mut impl Read, sh: &Shared, ctx: Option<u32>) -> io::Result<()
             let cookie = wire::read_u64(r)?;
             let len = wire::read_u32(r)?;
             let w = waiter(sh, cookie)?;
-            read_chunk(r, &w, kind, len, ctx)?;
+            let p = partial.entry(cookie).or_insert_with(|| Partial::new(&w));
+            read_chunk(r, &w, p, kind, len, ctx)?;
             if flags & wire::REPLY_FLAG_DONE != 0 {
-                done(sh, cookie, &w);
+                if let Some(p) = partial.remove(&cookie) {
+                    done(sh, cookie, &w, p.into_reply(&w));
+                }
             }
             Ok(())
         }
@@ -328,10 +412,16 @@ fn read_reply(r: &mut impl Read, sh: &Shared, ctx: Option<u32>) -> io::Result<()
     }
 }
 
-/// One structured reply chunk of `len` payload bytes for `w`.
+/// Whether `off + n` lies inside `start..end` (no overflow for any server values).
+fn inside(off: u64, n: u64, start: u64, end: u64) -> bool {
+    off >= start && off <= end && n <= end - off
+}
+
+/// One structured reply chunk of `len` payload bytes for `w`, assembled into `p`.
 fn read_chunk(
     r: &mut impl Read,
     w: &Waiter,
+    p: &mut Partial,
     kind: u16,
     len: u32,
     ctx: Option<u32>,
@@ -342,35 +432,39 @@ fn read_chunk(
         wire::REPLY_TYPE_OFFSET_DATA if w.kind == Kind::Read && len >= 8 => {
             let off = wire::read_u64(r)?;
             let n = u64::from(len - 8);
-            if off < start || off + n > end {
+            if !inside(off, n, start, end) {
                 return Err(bad(format!(
                     "data chunk {off}+{n} outside the read {start}..{end}"
                 )));
             }
             let at = (off - start) as usize;
-            r.read_exact(&mut lock(&w.st).data[at..at + n as usize])
+            r.read_exact(&mut p.data[at..at + n as usize])?;
+            p.covered += n;
+            Ok(())
         }
         wire::REPLY_TYPE_OFFSET_HOLE if w.kind == Kind::Read && len == 12 => {
             let off = wire::read_u64(r)?;
             let n = u64::from(wire::read_u32(r)?);
-            if off < start || off + n > end {
+            if !inside(off, n, start, end) {
                 return Err(bad(format!(
                     "hole chunk {off}+{n} outside the read {start}..{end}"
                 )));
             }
-            // The buffer was zeroed when the request was made.
+            // The buffer was zeroed when the reply's first chunk came.
+            p.covered += n;
             Ok(())
         }
         wire::REPLY_TYPE_BLOCK_STATUS
             if w.kind == Kind::BlockStatus && len >= 4 && (len - 4) % 8 == 0 =>
         {
             let id = wire::read_u32(r)?;
-            let mut ext = Vec::with_capacity(((len - 4) / 8) as usize);
-            for _ in 0..(len - 4) / 8 {
+            let count = (len - 4) / 8;
+            let mut ext = Vec::with_capacity(count.min(4096) as usize);
+            for _ in 0..count {
                 ext.push((wire::read_u32(r)?, wire::read_u32(r)?));
             }
             if Some(id) == ctx {
-                lock(&w.st).extents.extend(ext);
+                p.extents.extend(ext);
             }
             Ok(())
         }
@@ -383,11 +477,9 @@ fn read_chunk(
             let mut msg = vec![0u8; mlen as usize];
             r.read_exact(&mut msg)?;
             wire::skip(r, u64::from(len - 6 - mlen))?;
-            let e = wire::nbd_error(
-                if code == 0 { libc::EIO as u32 } else { code },
-                &String::from_utf8_lossy(&msg),
-            );
-            lock(&w.st).error.get_or_insert(e);
+            let code = if code == 0 { libc::EIO as u32 } else { code };
+            let e = wire::nbd_error(code, &String::from_utf8_lossy(&msg));
+            p.error.get_or_insert(e);
             Ok(())
         }
         k => Err(bad(format!(

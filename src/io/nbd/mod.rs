@@ -5,9 +5,10 @@
 //! A source that comes and goes: when connections end, the requests they carried are sent
 //! again on the others or, once every connection is gone, wait while a background thread
 //! reconnects with bounded exponential backoff; a request that cannot be answered within the
-//! timeout fails with `TimedOut` (that request only). After a reconnect the export must have
-//! the same size and the same content sample as when it was first opened, or it is refused
-//! (and retried): two images are never mixed.
+//! timeout fails with `TimedOut` (that request only), and the connection that did not answer
+//! is closed (a silent server is a lost one). After a reconnect the export must have the same
+//! size, settings and content sample as when it was first opened, or it is refused (and
+//! retried): two images are never mixed.
 //!
 //! Invariant: nothing is ever written to the server (no write command exists here); a read is
 //! only ever answered with bytes the server sent for exactly that range, or zeroes where it
@@ -90,7 +91,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Connects to `uri` and completes the handshake.
-fn connect(uri: &NbdUri) -> io::Result<Conn> {
+fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<Conn> {
     let stream = match &uri.endpoint {
         uri::Endpoint::Tcp { host, port } => {
             let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"));
@@ -113,7 +114,7 @@ fn connect(uri: &NbdUri) -> io::Result<Conn> {
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     let mut s = stream;
     let export = wire::handshake(&mut s, &uri.export)?;
-    Conn::start(s, export, &uri.to_string())
+    Conn::start(s, export, &uri.to_string(), timeout)
 }
 
 impl NbdDev {
@@ -121,7 +122,7 @@ impl NbdDev {
     pub fn open(uri_text: &str, opts: NbdOptions) -> io::Result<NbdDev> {
         let uri =
             uri::parse(uri_text).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let first = connect(&uri)
+        let first = connect(&uri, opts.timeout)
             .map_err(|e| io::Error::new(e.kind(), format!("{uri_text}: cannot connect: {e}")))?;
         let export = first.export.clone();
         if export.size == 0 {
@@ -190,11 +191,14 @@ impl Drop for NbdDev {
 
 /// A checksum of `SAMPLES` blocks spread over the export, read on `c`.
 fn sample(c: &Conn, size: u64, deadline: Instant) -> io::Result<Vec<u32>> {
-    let n = u64::from(SAMPLE_SIZE).min(size) as u32;
-    let span = size - u64::from(n);
+    let block = u64::from(c.export.min_block.max(512));
+    let n = (u64::from(SAMPLE_SIZE).max(block) / block * block).min(size / block * block);
+    let span = size - n;
+    let n = n as u32;
     let mut out = Vec::new();
     for k in 0..SAMPLES {
-        let off = span * k / (SAMPLES - 1) / 512 * 512;
+        let off =
+            (u128::from(span) * u128::from(k) / u128::from(SAMPLES - 1)) as u64 / block * block;
         let data = match c.read(off, n).and_then(|w| w.wait(deadline)) {
             Ok(Reply::Data(d)) => d,
             Ok(Reply::Extents(_)) => return Err(io::Error::other("block status for a read")),
@@ -291,7 +295,13 @@ impl Inner {
     ) -> io::Result<Reply> {
         loop {
             let c = self.pick(deadline)?;
-            match send(&c).and_then(|w| w.wait(deadline)) {
+            let answer = send(&c).and_then(|w| w.wait(deadline));
+            if let Err(Failure::TimedOut) = answer {
+                // A server silent that long is treated as gone: the connection is closed
+                // (its other requests are sent again elsewhere) and a reconnect starts.
+                c.abort("no answer within the source timeout");
+            }
+            match answer {
                 Ok(r) => return Ok(r),
                 Err(Failure::Lost(why)) => {
                     log::warn!(
@@ -337,11 +347,21 @@ fn reconnect(weak: Weak<Inner>) {
                 return;
             }
         }
-        let attempt = connect(&inner.uri).and_then(|c| {
+        let attempt = connect(&inner.uri, inner.opts.timeout).and_then(|c| {
             if c.export.size != inner.export.size {
                 return Err(io::Error::other(format!(
                     "refused: the export is now {} bytes, not {}: a different image",
                     c.export.size, inner.export.size
+                )));
+            }
+            let (was, now) = (&inner.export, &c.export);
+            if now.structured != was.structured
+                || now.base_allocation.is_some() != was.base_allocation.is_some()
+                || now.min_block != was.min_block
+                || now.max_block < was.max_block.min(PIPELINED_READ)
+            {
+                return Err(io::Error::other(format!(
+                    "refused: the export's settings changed (was {was:?}, now {now:?})"
                 )));
             }
             let s = sample(&c, c.export.size, Instant::now() + CONNECT_TIMEOUT)?;
@@ -370,7 +390,14 @@ fn reconnect(weak: Weak<Inner>) {
             }
             Err(e) => {
                 let live = l.conns.iter().any(|c| c.closed().is_none());
-                if !live {
+                if live {
+                    // The server may allow fewer connections than we asked for: go on with
+                    // those up; a reconnect starts again when they end.
+                    log::debug!("{}: not adding a connection: {e}", inner.name);
+                    l.reconnecting = false;
+                    return;
+                }
+                {
                     let reason = e.to_string();
                     match &mut l.down {
                         Some(d) => d.reason = reason,
@@ -402,9 +429,12 @@ impl BlockDev for NbdDev {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_until(buf, offset, Instant::now() + self.inner.opts.timeout)
+    }
+
+    fn read_until(&self, buf: &mut [u8], offset: u64, deadline: Instant) -> io::Result<()> {
         check_range(self.name(), self.size(), offset, buf.len() as u64)?;
         let inner = &self.inner;
-        let deadline = Instant::now() + inner.opts.timeout;
         let e = &inner.export;
         let chunk = (PIPELINED_READ.min(e.max_block) / e.min_block * e.min_block).max(e.min_block);
         // Every chunk is sent before any is waited for: a large read keeps the server busy
@@ -413,14 +443,16 @@ impl BlockDev for NbdDev {
         for (i, c) in buf.chunks(chunk as usize).enumerate() {
             let off = offset + (i * chunk as usize) as u64;
             let len = c.len() as u32;
-            let w = inner.pick(deadline)?.read(off, len).ok();
-            sent.push((off, len, w));
+            let c = inner.pick(deadline)?;
+            let w = c.read(off, len).ok();
+            sent.push((off, len, c, w));
         }
-        for (i, (off, len, w)) in sent.into_iter().enumerate() {
+        for (i, (off, len, c, w)) in sent.into_iter().enumerate() {
             let answer = match w.map(|w| w.wait(deadline)) {
                 Some(Ok(r)) => r,
                 Some(Err(Failure::Server(e))) => return Err(e),
                 Some(Err(Failure::TimedOut)) => {
+                    c.abort("no answer within the source timeout");
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!(
@@ -428,7 +460,7 @@ impl BlockDev for NbdDev {
                             self.name(),
                             inner.opts.timeout.as_secs_f64()
                         ),
-                    ))
+                    ));
                 }
                 // Its connection ended: sent again (and waited for) on its own.
                 Some(Err(Failure::Lost(_))) | None => inner.call(deadline, |c| c.read(off, len))?,

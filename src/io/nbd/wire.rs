@@ -287,9 +287,17 @@ pub fn request(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8;
 /// An NBD error number as an `io::Error` (NBD's numbers are Linux errno values).
 pub fn nbd_error(code: u32, msg: &str) -> io::Error {
     let base = io::Error::from_raw_os_error(code as i32);
-    if msg.is_empty() {
-        base
+    // A server shutting down is going away, not failing the data asked for.
+    let kind = if code == libc::ESHUTDOWN as u32 {
+        io::ErrorKind::NotConnected
     } else {
-        io::Error::new(base.kind(), format!("{base}: {msg}"))
+        base.kind()
+    };
+    if msg.is_empty() && kind == base.kind() {
+        base
+    } else if msg.is_empty() {
+        io::Error::new(kind, base.to_string())
+    } else {
+        io::Error::new(kind, format!("{base}: {msg}"))
     }
 }
