@@ -290,6 +290,31 @@ mod tests {
     }
 
     #[test]
+    fn reverting_to_the_committed_bitmap_rewrites_the_survival_copy_of_a_small_clone() {
+        // 64 regions: one word in the survival copy, a whole bitmap block (512 words) in
+        // core. The revert after a failed destination flush rewrote every in-core word, past
+        // the end of the copy, and failed: fail mode instead of read-only (VM test
+        // fault_dest_error_writes).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("small.bits");
+        let c = Clone::new();
+        let md = c.open();
+        resume_at(&path, false, &md, BOOT, true, true).expect("start");
+        md.set_hydrated(5).expect("set");
+        assert_eq!(md.revert_to_committed().expect("revert"), 0);
+        assert!(!md.is_hydrated(5));
+        let dev = FileDev::open(&path, crate::io::file::Access::ReadOnly, false).expect("open");
+        let s = SurvivalFile::read(&dev, md.uuid(), BOOT, md.nr_regions())
+            .expect("read")
+            .expect("same boot");
+        assert_eq!(
+            s.words[0] & (1 << 5),
+            0,
+            "the reverted bit is still in the copy"
+        );
+    }
+
+    #[test]
     fn a_dead_daemons_degraded_mode_comes_back_with_its_bits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("clone.bits");

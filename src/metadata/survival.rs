@@ -100,6 +100,8 @@ pub struct SurvivalFile {
     header: Mutex<Vec<u8>>,
     /// Serialises word writes: each writes the in-core words as they are under the lock.
     write_lock: Mutex<()>,
+    /// Words the file holds (the in-core bitmap has more: whole bitmap blocks).
+    nr_words: usize,
 }
 
 /// The file size for `nr_regions` regions.
@@ -229,6 +231,7 @@ impl SurvivalFile {
             dev,
             header: Mutex::new(h),
             write_lock: Mutex::new(()),
+            nr_words: nr_regions.div_ceil(64) as usize,
         })
     }
 
@@ -240,8 +243,15 @@ impl SurvivalFile {
         last: usize,
     ) -> io::Result<()> {
         let _g = self.write_lock.lock();
+        // Only the words the file holds: the in-core bitmap is whole bitmap blocks.
+        let last = last.min(self.nr_words.saturating_sub(1));
         let start = first / WORDS_PER_SECTOR * WORDS_PER_SECTOR;
-        let end = ((last / WORDS_PER_SECTOR + 1) * WORDS_PER_SECTOR).min(words.len());
+        let end = ((last / WORDS_PER_SECTOR + 1) * WORDS_PER_SECTOR)
+            .min(words.len())
+            .min(self.nr_words);
+        if start >= end {
+            return Ok(());
+        }
         let mut buf = vec![0u8; (end - start).next_multiple_of(WORDS_PER_SECTOR) * 8];
         for (c, w) in buf.chunks_exact_mut(8).zip(&words[start..end]) {
             c.copy_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
@@ -268,7 +278,9 @@ impl SurvivalFile {
         };
         let _g = self.write_lock.lock();
         let start = first / WORDS_PER_SECTOR * WORDS_PER_SECTOR;
-        let end = ((last / WORDS_PER_SECTOR + 1) * WORDS_PER_SECTOR).min(words.len());
+        let end = ((last / WORDS_PER_SECTOR + 1) * WORDS_PER_SECTOR)
+            .min(words.len())
+            .min(self.nr_words);
         let mut buf = vec![0u8; (end - start).next_multiple_of(WORDS_PER_SECTOR) * 8];
         for (i, c) in buf.chunks_exact_mut(8).enumerate().take(end - start) {
             let w = start + i;

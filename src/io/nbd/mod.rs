@@ -196,6 +196,10 @@ fn sample(c: &Conn, size: u64, deadline: Instant) -> io::Result<Vec<u32>> {
     let span = size - n;
     let n = n as u32;
     let mut out = Vec::new();
+    if n == 0 {
+        // Smaller than one block: its size is all there is to compare.
+        return Ok(out);
+    }
     for k in 0..SAMPLES {
         let off =
             (u128::from(span) * u128::from(k) / u128::from(SAMPLES - 1)) as u64 / block * block;
