@@ -8,10 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ublk_clone::engine::{Engine, EngineConfig};
 use ublk_clone::io::file::{Access, FileDev};
-use ublk_clone::io::BlockDev;
-use ublk_clone::metadata::{Expect, FormatParams, Metadata};
+
+mod common;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
@@ -43,7 +42,7 @@ fn main() -> anyhow::Result<()> {
             mib as f64 / t.as_secs_f64()
         );
         dd_t.push(t);
-        let t = time_hydration(&src, dir.path(), mib)?;
+        let t = time_hydration(&src, dir.path())?;
         println!(
             "round {round}: ublk-clone hydration {:.2} s ({:.0} MiB/s)",
             t.as_secs_f64(),
@@ -85,33 +84,7 @@ fn time_dd(src: &Path, dst: &Path) -> anyhow::Result<Duration> {
     Ok(t)
 }
 
-fn time_hydration(src: &Path, dir: &Path, mib: u64) -> anyhow::Result<Duration> {
-    let dst = dir.join("clone-dest");
-    let meta = dir.join("clone-meta");
-    let _ = std::fs::remove_file(&dst);
-    std::fs::File::create(&dst)?.set_len(mib << 20)?;
-    std::fs::File::create(&meta)?.set_len(1 << 20)?;
+fn time_hydration(src: &Path, dir: &Path) -> anyhow::Result<Duration> {
     let source = Arc::new(FileDev::open(src, Access::ReadOnly, true)?);
-    let dest = Arc::new(FileDev::open(&dst, Access::ReadWrite, true)?);
-    let md_dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(&meta, Access::ReadWrite, true)?);
-    let region = 64 << 10;
-    Metadata::format(
-        md_dev.clone(),
-        &FormatParams::from_devices(source.as_ref(), dest.as_ref(), region)?,
-        true,
-    )?;
-    let (md, _) = Metadata::open(
-        md_dev,
-        &Expect::from_devices(source.as_ref(), dest.as_ref())?,
-    )?;
-    let cfg = EngineConfig::new(source.size(), region);
-    let t0 = Instant::now();
-    let engine = Engine::start(Arc::new(md), source, dest, cfg)?;
-    while !engine.is_fully_hydrated() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    engine.shutdown()?;
-    let t = t0.elapsed();
-    std::fs::remove_file(&dst)?;
-    Ok(t)
+    common::time_hydration(source, dir, None)
 }

@@ -12,11 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ublk_clone::engine::{Engine, EngineConfig};
-use ublk_clone::io::file::{Access, FileDev};
 use ublk_clone::io::nbd::{NbdDev, NbdOptions};
-use ublk_clone::io::BlockDev;
-use ublk_clone::metadata::{Expect, FormatParams, Metadata};
+
+mod common;
 
 struct Server(Child);
 
@@ -75,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             mib as f64 / t.as_secs_f64()
         );
         copy_t.push(t);
-        let (t, read) = time_hydration(&uri(&sf), dir.path(), mib)?;
+        let (t, read) = time_hydration(&uri(&sf), dir.path())?;
         println!(
             "round {round}: ublk-clone hydration (full) {:.2} s ({:.0} MiB/s, {} MiB read from the source)",
             t.as_secs_f64(),
@@ -83,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             read >> 20
         );
         full_t.push(t);
-        let (t, read) = time_hydration(&uri(&ss), dir.path(), mib)?;
+        let (t, read) = time_hydration(&uri(&ss), dir.path())?;
         println!(
             "round {round}: ublk-clone hydration (10% allocated) {:.2} s ({} MiB read from the source)",
             t.as_secs_f64(),
@@ -140,41 +138,11 @@ fn time_nbdcopy(src: &str, dst: &Path, mib: u64) -> anyhow::Result<Duration> {
 }
 
 /// Hydrates a fresh clone of `src` (to its final commit); the time and the bytes read.
-fn time_hydration(src: &str, dir: &Path, mib: u64) -> anyhow::Result<(Duration, u64)> {
-    let dst = dir.join("clone-dest");
-    let meta = dir.join("clone-meta");
-    let _ = std::fs::remove_file(&dst);
-    std::fs::File::create(&dst)?.set_len(mib << 20)?;
-    std::fs::File::create(&meta)?.set_len(1 << 20)?;
-    let t0 = Instant::now();
+fn time_hydration(src: &str, dir: &Path) -> anyhow::Result<(Duration, u64)> {
     let nbd = Arc::new(NbdDev::open(src, NbdOptions::default())?);
-    let source: Arc<dyn BlockDev> = nbd.clone();
-    let dest = Arc::new(FileDev::open(&dst, Access::ReadWrite, true)?);
-    let md_dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(&meta, Access::ReadWrite, true)?);
-    let region = 64 << 10;
-    Metadata::format(
-        md_dev.clone(),
-        &FormatParams::from_devices(source.as_ref(), dest.as_ref(), region)?,
-        true,
-    )?;
-    let (md, _) = Metadata::open(
-        md_dev,
-        &Expect::from_devices(source.as_ref(), dest.as_ref())?,
-    )?;
-    let mut cfg = EngineConfig::new(source.size(), region);
-    if let Some(w) = std::env::var("BENCH_WORKERS")
+    let workers = std::env::var("BENCH_WORKERS")
         .ok()
-        .and_then(|w| w.parse().ok())
-    {
-        cfg.hydration_workers = w;
-    }
-    let engine = Engine::start(Arc::new(md), source, dest, cfg)?;
-    while !engine.is_fully_hydrated() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    engine.shutdown()?;
-    let t = t0.elapsed();
-    let read = nbd.bytes_read();
-    std::fs::remove_file(&dst)?;
-    Ok((t, read))
+        .and_then(|w| w.parse().ok());
+    let t = common::time_hydration(nbd.clone(), dir, workers)?;
+    Ok((t, nbd.bytes_read()))
 }

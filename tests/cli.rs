@@ -1153,6 +1153,23 @@ fn check_exits_0_with_a_note_after_an_interrupted_commit_and_1_on_damage() {
     assert_eq!(damaged.status.code(), Some(1), "{}", stderr(&damaged));
 }
 
+/// qemu-nbd (tools/setup-host.sh installs it) serving `file` read-only on `sock`, once it
+/// accepts connections, and the export's URI.
+fn qemu_nbd(file: &Path, sock: &Path) -> (std::process::Child, String) {
+    let server = std::process::Command::new("qemu-nbd")
+        .args(["-r", "-t", "-f", "raw", "-x", "img", "-k"])
+        .arg(sock)
+        .arg(file)
+        .spawn()
+        .expect("qemu-nbd (tools/setup-host.sh installs it)");
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(t.elapsed().as_secs() < 20, "qemu-nbd never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    (server, format!("nbd+unix:///img?socket={}", sock.display()))
+}
+
 #[test]
 fn format_and_create_take_an_nbd_source() {
     // qemu-nbd (tools/setup-host.sh installs it) serves a file; `format` sizes and
@@ -1164,18 +1181,7 @@ fn format_and_create_take_an_nbd_source() {
     let dst = file(dir.path(), "dst", 1 << 20, 0);
     let meta = file(dir.path(), "meta", 1 << 20, 0);
     let sock = dir.path().join("nbd.sock");
-    let mut server = std::process::Command::new("qemu-nbd")
-        .args(["-r", "-t", "-f", "raw", "-x", "img", "-k"])
-        .arg(&sock)
-        .arg(&src)
-        .spawn()
-        .expect("qemu-nbd (tools/setup-host.sh installs it)");
-    let t = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(t.elapsed().as_secs() < 20, "qemu-nbd never listened");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let uri = format!("nbd+unix:///img?socket={}", sock.display());
+    let (mut server, uri) = qemu_nbd(&src, &sock);
     let f = run(&[
         "format",
         "--metadata",
@@ -1214,18 +1220,7 @@ fn format_and_create_take_an_nbd_source() {
     );
     // The other image behind an NBD URI: refused the same way.
     let sock2 = dir.path().join("nbd2.sock");
-    let mut server2 = std::process::Command::new("qemu-nbd")
-        .args(["-r", "-t", "-f", "raw", "-x", "img", "-k"])
-        .arg(&sock2)
-        .arg(&other)
-        .spawn()
-        .expect("qemu-nbd");
-    let t = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock2).is_err() {
-        assert!(t.elapsed().as_secs() < 20, "qemu-nbd never listened");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let uri2 = format!("nbd+unix:///img?socket={}", sock2.display());
+    let (mut server2, uri2) = qemu_nbd(&other, &sock2);
     let wrong = run(&[
         "create",
         "--source",

@@ -52,9 +52,7 @@ pub fn config_for_recover(dev: &str) -> Result<DaemonConfig> {
     }
     // The process to wait for: the one the kernel names (a daemon that died while
     // recovering may not have replaced the record's).
-    let daemon = ublk::device_daemon_pid(id)
-        .filter(|&p| p > 0)
-        .map_or(rec.pid, |p| p as u32);
+    let daemon = kernels_daemon(&rec);
     match wait_quiesced(id, daemon) {
         None => refuse!("/dev/ublkb{id}: no such ublk device"),
         Some((DeviceState::Live, _)) if super::process::dying(daemon) => refuse!(
@@ -118,11 +116,7 @@ pub fn recoverable_device_of(metadata: &std::path::Path) -> Option<u32> {
             && record_is_the_devices(&rec);
         let waiting = match ublk::device_state(rec.id) {
             Some((DeviceState::Quiesced, true)) => true,
-            Some((DeviceState::Live, true)) => super::process::dying(
-                ublk::device_daemon_pid(rec.id)
-                    .filter(|&p| p > 0)
-                    .map_or(rec.pid, |p| p as u32),
-            ),
+            Some((DeviceState::Live, true)) => super::process::dying(kernels_daemon(&rec)),
             _ => false,
         };
         (same && waiting).then_some(rec.id)
@@ -139,6 +133,15 @@ fn record_is_the_devices(rec: &DaemonRecord) -> bool {
     ublk::device_daemon_pid(rec.id).is_some_and(|p| {
         p == -1 || p == rec.pid as i32 || rec.replaces_pid.is_some_and(|r| p == r as i32)
     })
+}
+
+/// The process the kernel names as `rec`'s device's daemon (the record's own when the
+/// kernel names none): the one to wait for, and the one a recovering daemon replaces (a
+/// recovery before it may have died before the kernel knew it).
+fn kernels_daemon(rec: &DaemonRecord) -> u32 {
+    ublk::device_daemon_pid(rec.id)
+        .filter(|&p| p > 0)
+        .map_or(rec.pid, |p| p as u32)
 }
 
 /// Before a recovering daemon starts the kernel's recovery: its record names it, and the
@@ -163,8 +166,7 @@ fn claim_record(id: u32, metadata: &std::path::Path) -> Result<()> {
     if rec.pid != me {
         // The daemon the kernel names (a recovery before this one may have died before the
         // kernel knew it).
-        let named = ublk::device_daemon_pid(id).filter(|&p| p > 0);
-        rec.replaces_pid = Some(named.map_or(rec.pid, |p| p as u32));
+        rec.replaces_pid = Some(kernels_daemon(&rec));
         rec.pid = me;
     }
     super::sticky::write_atomically(&path, &serde_json::to_vec_pretty(&rec)?)
