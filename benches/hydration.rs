@@ -86,5 +86,5 @@ fn time_dd(src: &Path, dst: &Path) -> anyhow::Result<Duration> {
 
 fn time_hydration(src: &Path, dir: &Path) -> anyhow::Result<Duration> {
     let source = Arc::new(FileDev::open(src, Access::ReadOnly, true)?);
-    common::time_hydration(source, dir, None)
+    common::time_hydration(source, dir, |c| c)
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ublk_clone::engine::EngineConfig;
 use ublk_clone::io::nbd::{NbdDev, NbdOptions};
 
 mod common;
@@ -140,9 +141,7 @@ fn time_nbdcopy(src: &str, dst: &Path, mib: u64) -> anyhow::Result<Duration> {
 /// Hydrates a fresh clone of `src` (to its final commit); the time and the bytes read.
 fn time_hydration(src: &str, dir: &Path) -> anyhow::Result<(Duration, u64)> {
     let nbd = Arc::new(NbdDev::open(src, NbdOptions::default())?);
-    let workers = std::env::var("BENCH_WORKERS")
-        .ok()
-        .and_then(|w| w.parse().ok());
-    let t = common::time_hydration(nbd.clone(), dir, workers)?;
+    // The daemon's configuration for a remote source.
+    let t = common::time_hydration(nbd.clone(), dir, EngineConfig::for_remote_source)?;
     Ok((t, nbd.bytes_read()))
 }

@@ -9,12 +9,12 @@ use ublk_clone::io::BlockDev;
 use ublk_clone::metadata::{Expect, FormatParams, Metadata};
 
 /// Hydrates a fresh clone of `source` (a new destination and metadata in `dir`, 64 KiB
-/// regions, `workers` hydration threads if given) to its final commit; the time from the
-/// engine's start. The destination is removed afterwards.
+/// regions, the engine's configuration adjusted by `tune`) to its final commit; the time
+/// from the engine's start. The destination is removed afterwards.
 pub fn time_hydration(
     source: Arc<dyn BlockDev>,
     dir: &Path,
-    workers: Option<usize>,
+    tune: impl FnOnce(EngineConfig) -> EngineConfig,
 ) -> anyhow::Result<Duration> {
     let dst = dir.join("clone-dest");
     let meta = dir.join("clone-meta");
@@ -33,10 +33,7 @@ pub fn time_hydration(
         md_dev,
         &Expect::from_devices(source.as_ref(), dest.as_ref())?,
     )?;
-    let mut cfg = EngineConfig::new(source.size(), region);
-    if let Some(w) = workers {
-        cfg.hydration_workers = w;
-    }
+    let cfg = tune(EngineConfig::new(source.size(), region));
     let t0 = Instant::now();
     let engine = Engine::start(Arc::new(md), source, dest, cfg)?;
     while !engine.is_fully_hydrated() {

@@ -35,7 +35,7 @@ pub struct CreateArgs {
     /// Never pass discards down to the destination.
     #[arg(long)]
     pub no_discard_passdown: bool,
-    /// Maximum regions hydrating at once (default: 2 batches).
+    /// Maximum regions hydrating at once (default: 2 batches; 4 for an NBD source).
     #[arg(long)]
     pub hydration_threshold: Option<u64>,
     /// Contiguous regions per background copy (default: 4 MiB worth).

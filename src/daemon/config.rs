@@ -123,12 +123,20 @@ impl DaemonConfig {
     /// The engine's configuration for a clone of `size` bytes in regions of `region_size`.
     pub fn engine_config(&self, size: u64, region_size: u64) -> EngineConfig {
         let mut cfg = EngineConfig::new(size, region_size);
+        let batches = if self.source_is_remote() {
+            cfg = cfg.for_remote_source();
+            crate::engine::REMOTE_HYDRATION_WORKERS as u64
+        } else {
+            2
+        };
         cfg.discard_passdown = !self.no_discard_passdown;
         cfg.knobs.hydration_enabled = !self.no_hydration;
         if let Some(b) = self.batch_size {
             cfg.knobs.batch_size = b.max(1);
         }
-        cfg.knobs.threshold = self.hydration_threshold.unwrap_or(cfg.knobs.batch_size * 2);
+        cfg.knobs.threshold = self
+            .hydration_threshold
+            .unwrap_or(cfg.knobs.batch_size * batches);
         cfg.knobs.rate_bytes_per_sec = self.rate;
         cfg
     }
@@ -254,4 +262,41 @@ impl DaemonConfig {
         c.region_size = Some(region_size);
         Ok(c)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(source: &str, threshold: Option<u64>) -> serde_json::Result<DaemonConfig> {
+        serde_json::from_value(serde_json::json!({
+            "source": source, "dest": "/dev/sdc", "metadata": "/dev/sdd",
+            "region_size": null, "ignore_source_mismatch": false, "no_hydration": false,
+            "no_discard_passdown": false, "hydration_threshold": threshold,
+            "batch_size": null, "rate": 0, "queues": null, "depth": 128, "number": -1,
+            "force": false, "foreground": false
+        }))
+    }
+
+    #[test]
+    fn a_remote_source_gets_more_copies_in_flight() -> serde_json::Result<()> {
+        let region = 64 << 10;
+        let local = config("/dev/sdb", None)?.engine_config(1 << 30, region);
+        let remote = config("nbd://server/img", None)?.engine_config(1 << 30, region);
+        let batch = local.knobs.batch_size;
+        assert_eq!(
+            (local.hydration_workers, local.knobs.threshold),
+            (2, 2 * batch)
+        );
+        assert_eq!(
+            (remote.hydration_workers, remote.knobs.threshold),
+            (REMOTE_WORKERS, REMOTE_WORKERS as u64 * batch)
+        );
+        // A threshold the user gave is kept.
+        let given = config("nbd://server/img", Some(3))?.engine_config(1 << 30, region);
+        assert_eq!(given.knobs.threshold, 3);
+        Ok(())
+    }
+
+    const REMOTE_WORKERS: usize = crate::engine::REMOTE_HYDRATION_WORKERS;
 }

@@ -67,6 +67,9 @@ impl Knobs {
     }
 }
 
+/// Background hydration workers (and batches in flight) for a remote source.
+pub const REMOTE_HYDRATION_WORKERS: usize = 4;
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Size of the clone device in bytes (the source size).
@@ -127,6 +130,16 @@ impl EngineConfig {
             #[cfg(test)]
             bugs: Bugs::default(),
         }
+    }
+
+    /// More background copies in flight, for a source with network latency to hide (an NBD
+    /// export): 4 workers and room for 4 batches, so that reading the next batches overlaps
+    /// writing the last one. Measured (`cargo bench --bench nbd_hydration`): from 0.74x of
+    /// `nbdcopy` with 2 to 1.05x with 4. A local source keeps 2, leaving its disk to users.
+    pub fn for_remote_source(mut self) -> EngineConfig {
+        self.hydration_workers = REMOTE_HYDRATION_WORKERS;
+        self.knobs.threshold = self.knobs.batch_size * REMOTE_HYDRATION_WORKERS as u64;
+        self
     }
 }
 

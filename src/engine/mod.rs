@@ -35,7 +35,7 @@ mod zero_discard;
 
 #[cfg(test)]
 pub(crate) use config::Bugs;
-pub use config::{EngineConfig, Geometry, Knobs, Mode};
+pub use config::{EngineConfig, Geometry, Knobs, Mode, REMOTE_HYDRATION_WORKERS};
 pub use error::{CommitError, EngineError, IoError};
 pub use path::{DataPath, Side, SyncPath};
 
