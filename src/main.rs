@@ -43,6 +43,47 @@ enum Command {
     Dump(cli::metadata::DumpArgs),
     /// Leave the read-only/fail mode recorded after an I/O failure (explicit operator action).
     ResetMode(cli::metadata::ResetModeArgs),
+    /// Bring up clones of the clone table (/etc/ublk-clonetab): resume, format blank, recover.
+    Up(cli::table::UpArgs),
+    /// Stop clones of the clone table (by name, or all that are up).
+    Down(cli::table::DownArgs),
+    /// Print the name of a clone device (udev's by-id rule uses it).
+    #[command(hide = true)]
+    Name(cli::status::NameArgs),
+    /// systemd generator: one ublk-clone@NAME.service per line of the clone table.
+    #[command(hide = true)]
+    SystemdGenerator(cli::table::GeneratorArgs),
+    /// Write man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenDocs(GenDocsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GenDocsArgs {
+    /// Output directory: man/ and completions/ are made in it.
+    dir: std::path::PathBuf,
+}
+
+/// Man pages (one per command) and bash/zsh/fish completions, from the clap definitions.
+fn gen_docs(a: &GenDocsArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let man = a.dir.join("man");
+    std::fs::create_dir_all(&man).with_context(|| format!("cannot create {}", man.display()))?;
+    clap_mangen::generate_to(cmd.clone(), &man)
+        .with_context(|| format!("man pages in {}", man.display()))?;
+    let comp = a.dir.join("completions");
+    std::fs::create_dir_all(&comp).with_context(|| format!("cannot create {}", comp.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "ublk-clone", &comp)
+            .with_context(|| format!("{shell} completion in {}", comp.display()))?;
+    }
+    Ok(())
 }
 
 fn done(r: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
@@ -66,6 +107,11 @@ fn main() -> ExitCode {
         Command::Check(a) => cli::metadata::run_check(a),
         Command::Dump(a) => cli::metadata::run_dump(a),
         Command::ResetMode(a) => cli::metadata::run_reset_mode(a),
+        Command::Up(a) => done(cli::table::run_up(a)),
+        Command::Down(a) => done(cli::table::run_down(a)),
+        Command::Name(a) => done(cli::status::run_name(a)),
+        Command::SystemdGenerator(a) => done(cli::table::run_generator(a)),
+        Command::GenDocs(a) => done(gen_docs(a)),
     };
     match result {
         Ok(code) => code,

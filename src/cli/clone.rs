@@ -92,6 +92,10 @@ pub struct CreateArgs {
     /// EIO (that request only; background hydration just pauses).
     #[arg(long, default_value_t = daemon::config::DEFAULT_SOURCE_TIMEOUT)]
     pub source_timeout: u64,
+    /// The clone's name: the daemon keeps /dev/ublk-clone/NAME pointing at its device, and
+    /// every command takes NAME (default: clone- and the start of the metadata's UUID).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 impl From<&CreateArgs> for DaemonConfig {
@@ -120,6 +124,7 @@ impl From<&CreateArgs> for DaemonConfig {
             no_recovery: a.no_recovery,
             recover: a.recover,
             source_timeout: a.source_timeout,
+            name: a.name.clone(),
         }
     }
 }
@@ -127,7 +132,7 @@ impl From<&CreateArgs> for DaemonConfig {
 /// The command line that runs `cfg` in a daemon: `create` with [`CreateArgs`]' flags and
 /// `--foreground`. Not `--force`: the caller already formatted; the daemon resumes that
 /// metadata.
-fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
+pub(super) fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec!["create".into()];
     // `--key=value`: a value such as `-1` must not be taken for a flag.
     let mut kv = |k: &str, val: OsString| {
@@ -145,6 +150,9 @@ fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
     kv("--source-timeout", cfg.source_timeout.to_string().into());
     kv("--dest", abs(&cfg.dest).into());
     kv("--metadata", abs(&cfg.metadata).into());
+    if let Some(n) = &cfg.name {
+        kv("--name", n.into());
+    }
     if let Some(r) = cfg.region_size {
         kv("--region-size", r.to_string().into());
     }
@@ -183,7 +191,7 @@ fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
 
 /// Runs `cfg` in this process (`foreground`), or starts a background daemon and prints its
 /// device once it is live.
-fn create(cfg: &DaemonConfig) -> Result<()> {
+pub(super) fn create(cfg: &DaemonConfig) -> Result<()> {
     if cfg.foreground {
         return Ok(daemon::run(cfg)?);
     }

@@ -7,3 +7,4 @@ pub mod metadata;
 pub mod size;
 pub mod status;
 pub mod stop;
+pub mod table;

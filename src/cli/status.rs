@@ -25,8 +25,8 @@ pub fn run_list() -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<14} {:>8} {:<24} {:<24} {:<24}",
-        "DEVICE", "PID", "SOURCE", "DEST", "METADATA"
+        "{:<14} {:<16} {:>8} {:<24} {:<24} {:<24}",
+        "DEVICE", "NAME", "PID", "SOURCE", "DEST", "METADATA"
     );
     for d in devs {
         let r = &d.record;
@@ -36,8 +36,9 @@ pub fn run_list() -> Result<()> {
             "-".to_string()
         };
         println!(
-            "{:<14} {:>8} {:<24} {:<24} {:<24}{}",
+            "{:<14} {:<16} {:>8} {:<24} {:<24} {:<24}{}",
             r.device,
+            r.name.as_deref().unwrap_or("-"),
             pid,
             r.source.display(),
             r.dest.display(),
@@ -164,5 +165,27 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
             return Ok(());
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct NameArgs {
+    /// The clone device: /dev/ublkbN, ublkbN or N.
+    pub dev: String,
+}
+
+/// `ublk-clone name DEV`: the clone's name (nothing and exit 1 if the device has none).
+pub fn run_name(a: &NameArgs) -> Result<()> {
+    let id = control::parse_dev(&a.dev)?;
+    let rec = control::list_devices()
+        .into_iter()
+        .find(|l| l.record.id == id)
+        .and_then(|l| l.record.name);
+    match rec {
+        Some(n) => {
+            println!("{n}");
+            Ok(())
+        }
+        None => anyhow::bail!("/dev/ublkb{id}: no clone name recorded"),
     }
 }

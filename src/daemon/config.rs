@@ -82,6 +82,10 @@ pub struct DaemonConfig {
     /// fails with EIO (that request only).
     #[serde(default = "default_source_timeout")]
     pub source_timeout: u64,
+    /// The clone's name (`/dev/ublk-clone/NAME`; every command takes it); `None`: derived
+    /// from the metadata's UUID ([`super::names::default_name`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Seconds a read of a remote source waits when no `--source-timeout` is given.
@@ -141,9 +145,12 @@ impl DaemonConfig {
         cfg
     }
 
-    /// Checks the options, and that the paths that exist can serve in their roles. Paths that
-    /// do not exist are left to the open.
-    pub fn validate(&self) -> Result<()> {
+    /// The checks of [`validate`](Self::validate) that read no device: option values, the
+    /// name, and an NBD source's URI.
+    pub fn validate_options(&self) -> Result<()> {
+        if let Some(name) = &self.name {
+            super::names::validate(name)?;
+        }
         if let Some(rs) = self.region_size {
             if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {
                 refuse!("--region-size {rs}: must be a power of two between 4K and 1G");
@@ -178,6 +185,13 @@ impl DaemonConfig {
                 refuse!("--source-timeout 0: must be at least 1 second");
             }
         }
+        Ok(())
+    }
+
+    /// Checks the options, and that the paths that exist can serve in their roles. Paths that
+    /// do not exist are left to the open.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_options()?;
         let source = self.source_path().map(|p| ("--source", p));
         let mut distinct = vec![
             ("--dest", self.dest.as_path()),

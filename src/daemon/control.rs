@@ -7,7 +7,7 @@
 //! `<id>.json` (the daemon record: pid, device, devices and options) and `<id>.sock`.
 //! Invariant: a record is listed only while its daemon's process is alive.
 
-use super::error::{DaemonError, Named, Result};
+use super::error::{refuse, DaemonError, Named, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -100,6 +100,9 @@ pub struct DaemonRecord {
     pub queues: u16,
     pub depth: u16,
     pub region_size: u64,
+    /// The clone's name (records written before names existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 pub fn record_path(id: u32) -> PathBuf {
@@ -112,9 +115,19 @@ pub fn socket_path(id: u32) -> PathBuf {
 
 /// Accepts `/dev/ublkbN`, `ublkbN` or `N`.
 pub fn parse_dev(dev: &str) -> Result<u32> {
-    let t = dev.trim_start_matches("/dev/").trim_start_matches("ublkb");
-    t.parse()
-        .named(|| format!("'{dev}' is not a ublk-clone device (expected /dev/ublkbN or N)"))
+    if let Some(id) = super::names::device_number(dev) {
+        return Ok(id);
+    }
+    let Some(name) = super::names::name_of(dev) else {
+        refuse!("'{dev}' is not a clone device: expected a clone's name, /dev/ublk-clone/NAME, /dev/ublkbN or N");
+    };
+    match list_devices()
+        .into_iter()
+        .find(|l| l.record.name.as_deref() == Some(name))
+    {
+        Some(l) => Ok(l.record.id),
+        None => refuse!("no clone device is named '{name}' (see `ublk-clone list`)"),
+    }
 }
 
 /// Sends `req` to the daemon of `/dev/ublkb<id>` and returns its answer; an answer that is

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 mod error;
+pub mod names;
 mod open;
 mod open_metadata;
 mod process;

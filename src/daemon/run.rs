@@ -14,7 +14,7 @@ use super::error::{DaemonError, Named, Result};
 use super::open::{open_devices, Opened};
 use super::server::{self, CtlRecording};
 use super::sticky::Sticky;
-use super::{process, saved, spawn, survival};
+use super::{names, process, saved, spawn, survival};
 use crate::engine::{Engine, Mode};
 use crate::io::BlockDev;
 use crate::ublk::{self, DeviceInfo, DeviceOptions};
@@ -40,7 +40,18 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let private_ns = process::private_mount_namespace();
     process::install_signal_handlers();
     process::abort_on_panic();
+    let recovering = cfg.recover.then_some(cfg.number as u32);
+    if let Some(name) = &cfg.name {
+        // Before anything is opened or formatted: a refused name writes nothing.
+        names::check_free(name, recovering)?;
+    }
     let o = open_devices(cfg, true)?;
+    let name = match &cfg.name {
+        Some(n) => n.clone(),
+        None => names::default_name(&o.md.uuid()),
+    };
+    // A name derived from the metadata (taken only by a copy of this metadata).
+    names::check_free(&name, recovering)?;
     saved::save(cfg, &o.md, o.source_file.as_deref(), &o.dest)?;
     let (survival_path, degraded) = survival::resume(cfg, &o.md)?;
     process::detach_ublk_mounts(private_ns, &control::run_dir());
@@ -61,7 +72,7 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     if let Err(e) = sticky.record(&engine) {
         log::warn!("{}", super::error::chain(&e));
     }
-    let served = serve_device(cfg, &o, &engine, &sticky, notify);
+    let served = serve_device(cfg, &o, &engine, &sticky, name, notify);
     let shut = engine.shutdown();
     // Ends the log after the final commit: the unflushed writes, then the end mark.
     let closed = o.recording.as_ref().map(|r| r.space.close());
@@ -85,6 +96,7 @@ fn serve_device(
     o: &Opened,
     engine: &Arc<Engine>,
     sticky: &Arc<Sticky>,
+    name: String,
     notify: bool,
 ) -> Result<()> {
     let queues = cfg.queues.unwrap_or_else(|| {
@@ -111,6 +123,7 @@ fn serve_device(
         dest: absolute(&cfg.dest),
         metadata: absolute(&cfg.metadata),
         region_size: o.md.region_size(),
+        name,
         engine: engine.clone(),
         sticky: sticky.clone(),
         recording: o.recording.clone().map(|r| {
@@ -154,6 +167,7 @@ struct Live {
     dest: PathBuf,
     metadata: PathBuf,
     region_size: u64,
+    name: String,
     engine: Arc<Engine>,
     sticky: Arc<Sticky>,
     recording: Option<CtlRecording>,
@@ -177,6 +191,7 @@ impl Live {
             queues: info.queues,
             depth: info.depth,
             region_size: self.region_size,
+            name: Some(self.name.clone()),
         };
         let listener = match server::bind_control(&rec) {
             Ok(l) => l,
@@ -200,9 +215,20 @@ impl Live {
                 return;
             }
         };
+        if let Err(e) = names::link(&self.name, &info.path) {
+            // The name still works for ublk-clone's commands (they read the record).
+            log::error!("{}", super::error::chain(&e));
+        }
+        // udev's by-id link asks `ublk-clone name`, which reads the record written just now.
+        names::udev_change(&info.path);
+        // Under systemd (Type=notify): the device is live.
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            log::warn!("cannot tell systemd the device is ready: {e}");
+        }
         log::info!(
-            "{} live: {} queues, depth {}, flags {:#x}",
+            "{} ({}) live: {} queues, depth {}, flags {:#x}",
             info.path,
+            self.name,
             info.queues,
             info.depth,
             info.flags
@@ -230,6 +256,7 @@ impl Live {
             unsafe { libc::_exit(0) };
         }
         kill_dev();
+        names::unlink(&self.name, &info.path);
         let _ = std::fs::remove_file(control::socket_path(rec.id));
         let _ = std::fs::remove_file(control::record_path(rec.id));
     }

@@ -31,6 +31,9 @@ pub fn spawn(cfg: &DaemonConfig, daemon_args: &[OsString]) -> Result<String> {
         // exists. A recovery skips them: only the daemon may start it (the kernel accepts
         // START_USER_RECOVERY once), and the devices may be held by the dead daemon until
         // then; the daemon reports its errors through the notify pipe.
+        if let Some(name) = &cfg.name {
+            super::names::check_free(name, None)?;
+        }
         drop(open_devices(cfg, false)?);
     }
     let run_dir = control::run_dir();

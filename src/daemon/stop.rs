@@ -61,7 +61,13 @@ fn remove_quiesced(id: u32) -> Result<bool> {
         return Ok(false);
     }
     crate::ublk::delete_device(id)?;
-    // Its dead daemon's record and socket go with it: the number may be reused.
+    // Its dead daemon's record, socket and name link go with it: the number may be reused.
+    let rec = super::control::all_records()
+        .into_iter()
+        .find(|r| r.id == id);
+    if let Some((name, dev)) = rec.and_then(|r| Some((r.name?, r.device))) {
+        super::names::unlink(&name, &dev);
+    }
     let _ = std::fs::remove_file(super::control::record_path(id));
     let _ = std::fs::remove_file(super::control::socket_path(id));
     settle_udev();

@@ -810,6 +810,78 @@ test_4kn_devices() {
   say "$(date +%T) done"
 }
 
+test_clonetab_up_and_down() {
+  # Issue 15: a clone table of two clones (one new, one resumed) and a bad line; `up --all`
+  # brings the good ones up under their names, `/dev/ublk-clone/NAME` is mounted, a crashed
+  # daemon is brought back by `up` (recovery, the mount stays), `down --all` stops them.
+  mk_images 32
+  local tab=$WORK/clonetab mnt=$WORK/mnt out pid da db rules
+  rules=$(dirname "$0")/../../dist/udev/90-ublk-clone.rules
+  cp "$WORK/src" "$WORK/src2"; truncate -s 32M "$WORK/dst2"; truncate -s 8M "$WORK/meta2b"
+  # b: an existing clone (stopped), with a write that must be there after `up`.
+  db=$(create --name b --region-size 64K --no-hydration) || fail "create --name b"
+  head -c 1M /dev/urandom >"$WORK/wb"
+  dd if="$WORK/wb" of="$db" bs=1M seek=3 oflag=direct conv=notrunc,fsync status=none
+  stop "$db"
+  {
+    echo "# test table"
+    echo "a  $WORK/src2  $WORK/dst2  $WORK/meta2b  region-size=64K,rate=4M"
+    echo "b  $WORK/src   $WORK/dst   $WORK/meta"
+    echo "c  $WORK/src   /nonexistent/dst  $WORK/meta3  bogus"
+  } >"$tab"
+  if [ -e /run/udev/control ]; then
+    mkdir -p /run/udev/rules.d
+    sed "s|/usr/bin/ublk-clone|$BIN|" "$rules" >/run/udev/rules.d/90-ublk-clone.rules
+    udevadm control --reload
+  fi
+  out=$("$BIN" up --all --table "$tab" 2>&1) && fail "up --all succeeded despite a bad line: $out"
+  say "$out"
+  echo "$out" | grep -q "$tab:4: options: unknown option 'bogus'" || fail "the bad line is not named: $out"
+  [ -L /dev/ublk-clone/a ] && [ -L /dev/ublk-clone/b ] || fail "no name links: $(ls -l /dev/ublk-clone)"
+  da=$(readlink /dev/ublk-clone/a); db=$(readlink /dev/ublk-clone/b)
+  [ -b "$da" ] && [ -b "$db" ] && [ "$da" != "$db" ] || fail "links: a -> $da, b -> $db"
+  echo "$out" | grep -q "a: $da" || fail "up did not print a's device: $out"
+  # b resumed: its write is there; a is new.
+  cmp <(dd if=/dev/ublk-clone/b bs=1M skip=3 count=1 iflag=direct status=none) "$WORK/wb" \
+    || fail "b lost its write: it was not resumed"
+  "$BIN" list | grep -E "^$da +a " >/dev/null || fail "list does not name a: $("$BIN" list)"
+  "$BIN" status a >>"$LOG" || fail "status by name"
+  out=$("$BIN" up a --table "$tab") || fail "up of a clone that is up failed"
+  echo "$out" | grep -q "a: already up: $da" || fail "up a: $out"
+  truncate -s 32M "$WORK/dst3"; truncate -s 8M "$WORK/meta3"
+  expect_error "a second clone named b" "taken by $db" "$BIN" create --name b \
+    --source "$WORK/src2" --dest "$WORK/dst3" --metadata "$WORK/meta3"
+  [ -z "$(tr -d '\0' <"$WORK/meta3" | head -c 1)" ] || fail "the refused create wrote metadata"
+  if [ -e /run/udev/control ]; then
+    udevadm settle --timeout=10
+    [ "$(readlink -f /dev/disk/by-id/ublk-clone-a)" = "$da" ] \
+      || fail "udev's by-id link: $(ls -l /dev/disk/by-id | grep ublk)"
+  else
+    say "no udev in this guest: the by-id rule is not exercised"
+  fi
+  # A file system mounted by name; the daemon killed; `up` (a supervisor's restart) recovers.
+  mkdir -p "$mnt"
+  mkfs.ext4 -q -F /dev/ublk-clone/a >/dev/null || fail "mkfs by name"
+  mount /dev/ublk-clone/a "$mnt" || fail "mount by name"
+  head -c 2M /dev/urandom >"$WORK/fa"
+  cp "$WORK/fa" "$mnt/fa"; sync
+  pid=$(daemon_pid "$da")
+  kill -9 "$pid"
+  out=$("$BIN" up a --table "$tab" 2>&1) || fail "up after the daemon died: $out"
+  echo "$out" | grep -q "a: $da" || fail "up did not recover $da: $out"
+  [ "$(daemon_pid "$da")" != "$pid" ] || fail "no new daemon"
+  [ "$(readlink /dev/ublk-clone/a)" = "$da" ] || fail "the name link was lost in the recovery"
+  echo 3 >/proc/sys/vm/drop_caches
+  cmp "$WORK/fa" "$mnt/fa" || fail "the file differs after the recovery"
+  umount "$mnt"
+  e2fsck -fn /dev/ublk-clone/a >>"$LOG" 2>&1 || fail "e2fsck after the recovery"
+  out=$("$BIN" down --all --table "$tab" 2>&1) || fail "down --all: $out"
+  say "$out"
+  [ ! -e /dev/ublk-clone/a ] && [ ! -e /dev/ublk-clone/b ] || fail "links left: $(ls -l /dev/ublk-clone)"
+  [ -z "$("$BIN" list | grep -E '^/dev/ublkb')" ] || fail "devices left: $("$BIN" list)"
+  rm -f /run/udev/rules.d/90-ublk-clone.rules
+}
+
 # Fault injection with dm-flakey, dm-error and dm-thin: the test_fault_* functions.
 source "$(dirname "$0")/faults.sh"
 
@@ -821,7 +893,7 @@ truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
          kill_and_recover kill_at_pause_points recover_waits_for_old_writes kill_and_restart_under_load \
-         nbd_source_comes_and_goes \
+         nbd_source_comes_and_goes clonetab_up_and_down \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
