@@ -4,19 +4,20 @@
 //!
 //! Invariants: a request is in `pending` from before its header is sent until its reply has
 //! been read whole (or the connection ended), so every reply byte the server sends is read and
-//! a request that gave up waiting never desynchronises the stream; when the connection ends,
-//! every pending request learns it (`Failure::Lost`) and may be sent again elsewhere: reads
-//! are idempotent and the source is never written.
+//! a request that gave up waiting never desynchronises the stream (and still counts in
+//! [`Conn::unanswered_for`]: a caller giving up is not the server answering); when the
+//! connection ends, every pending request learns it (`Failure::Lost`) and may be sent again
+//! elsewhere: reads are idempotent and the source is never written.
 
 use super::wire::{self, Export};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A socket to the server.
 pub enum Stream {
@@ -140,6 +141,8 @@ pub struct Waiter {
     kind: Kind,
     offset: u64,
     len: u32,
+    /// When it was sent.
+    sent: Instant,
     outcome: Mutex<Option<Result<Reply, Failure>>>,
     cv: Condvar,
 }
@@ -223,7 +226,8 @@ struct Shared {
 }
 
 struct Pending {
-    map: HashMap<u64, Arc<Waiter>>,
+    /// By cookie: cookies are handed out in increasing order, so the first is the oldest.
+    map: BTreeMap<u64, Arc<Waiter>>,
     /// Why the connection ended, once it has.
     closed: Option<String>,
 }
@@ -251,7 +255,7 @@ impl Conn {
         stream.keepalive(timeout);
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
-                map: HashMap::new(),
+                map: BTreeMap::new(),
                 closed: None,
             }),
             next_cookie: AtomicU64::new(1),
@@ -301,6 +305,20 @@ impl Conn {
         lock(&self.shared.pending).closed.clone()
     }
 
+    /// How long the oldest request still waiting for its reply on this connection has waited
+    /// (zero when none waits), or `None` once the connection has ended.
+    pub fn unanswered_for(&self) -> Option<Duration> {
+        let p = lock(&self.shared.pending);
+        if p.closed.is_some() {
+            return None;
+        }
+        Some(
+            p.map
+                .first_key_value()
+                .map_or(Duration::ZERO, |(_, w)| w.sent.elapsed()),
+        )
+    }
+
     /// Sends a read of `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: u32) -> Result<Arc<Waiter>, Failure> {
         self.submit(Kind::Read, wire::CMD_READ, offset, len)
@@ -317,6 +335,7 @@ impl Conn {
             kind,
             offset,
             len,
+            sent: Instant::now(),
             outcome: Mutex::new(None),
             cv: Condvar::new(),
         });

@@ -5,8 +5,10 @@
 //! A source that comes and goes: when connections end, the requests they carried are sent
 //! again on the others or, once every connection is gone, wait while a background thread
 //! reconnects with bounded exponential backoff; a request that cannot be answered within the
-//! timeout fails with `TimedOut` (that request only), and the connection that did not answer
-//! is closed (a silent server is a lost one). After a reconnect the export must have the same
+//! timeout fails with `TimedOut` (that request only); a connection on which a request has gone
+//! unanswered for the whole timeout is closed (a silent server is a lost one), but never one
+//! that merely carried a request whose caller's deadline was shorter, and a request whose
+//! deadline has already passed is not sent at all. After a reconnect the export must have the same
 //! size, settings and content sample as when it was first opened, or it is refused (and
 //! retried): two images are never mixed.
 //!
@@ -162,7 +164,7 @@ impl NbdDev {
     /// Connections up now.
     pub fn connections(&self) -> usize {
         let mut l = lock(&self.inner.link);
-        l.conns.retain(|c| c.closed().is_none());
+        self.inner.prune(&mut l);
         l.conns.len()
     }
 
@@ -234,9 +236,54 @@ impl Inner {
         }
     }
 
+    /// Drops the connections that ended, and closes (and drops) those on which a request
+    /// has gone unanswered for the whole source timeout.
+    fn prune(&self, l: &mut Link) {
+        l.conns.retain(|c| match c.unanswered_for() {
+            None => false,
+            Some(t) if t >= self.opts.timeout => {
+                c.abort(&format!(
+                    "{}: a request unanswered for {:.1} s",
+                    self.name,
+                    t.as_secs_f64()
+                ));
+                false
+            }
+            Some(_) => true,
+        });
+    }
+
+    /// A request on `c` was not answered by its caller's deadline: `c` is closed (its other
+    /// requests are sent again elsewhere, a reconnect starts) only if a request has waited on
+    /// it for the whole source timeout. A caller whose deadline was shorter (a queue read
+    /// that waited for a reader thread) says nothing about the server.
+    fn timed_out_on(&self, c: &Conn) {
+        if let Some(t) = c.unanswered_for() {
+            if t >= self.opts.timeout {
+                c.abort(&format!(
+                    "{}: a request unanswered for {:.1} s",
+                    self.name,
+                    t.as_secs_f64()
+                ));
+            }
+        }
+    }
+
+    /// The error of a request not answered by `deadline`.
+    fn no_answer(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "{}: no answer in time (source timeout {} s)",
+                self.name,
+                self.opts.timeout.as_secs_f64()
+            ),
+        )
+    }
+
     /// Starts the reconnecting thread if connections are missing and none runs.
     fn refill(self: &Arc<Self>, l: &mut Link) {
-        l.conns.retain(|c| c.closed().is_none());
+        self.prune(l);
         if l.conns.len() >= self.target() || l.reconnecting || l.shutdown {
             return;
         }
@@ -251,12 +298,22 @@ impl Inner {
         }
     }
 
-    /// A live connection, waiting (until `deadline`) while none is up.
+    /// A live connection, waiting (until `deadline`) while none is up. Fails at once when
+    /// `deadline` has passed: a request sent then could only be abandoned.
     fn pick(self: &Arc<Self>, deadline: Instant) -> io::Result<Arc<Conn>> {
         let mut l = lock(&self.link);
         loop {
             self.refill(&mut l);
             if !l.conns.is_empty() {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{}: the request's deadline passed before it was sent",
+                            self.name
+                        ),
+                    ));
+                }
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % l.conns.len();
                 return Ok(l.conns[i].clone());
             }
@@ -300,11 +357,6 @@ impl Inner {
         loop {
             let c = self.pick(deadline)?;
             let answer = send(&c).and_then(|w| w.wait(deadline));
-            if let Err(Failure::TimedOut) = answer {
-                // A server silent that long is treated as gone: the connection is closed
-                // (its other requests are sent again elsewhere) and a reconnect starts.
-                c.abort("no answer within the source timeout");
-            }
             match answer {
                 Ok(r) => return Ok(r),
                 Err(Failure::Lost(why)) => {
@@ -322,14 +374,8 @@ impl Inner {
                 }
                 Err(Failure::Server(e)) => return Err(e),
                 Err(Failure::TimedOut) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "{}: no answer within {} s",
-                            self.name,
-                            self.opts.timeout.as_secs_f64()
-                        ),
-                    ))
+                    self.timed_out_on(&c);
+                    return Err(self.no_answer());
                 }
             }
         }
@@ -344,7 +390,7 @@ fn reconnect(weak: Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         {
             let mut l = lock(&inner.link);
-            l.conns.retain(|c| c.closed().is_none());
+            inner.prune(&mut l);
             if l.conns.len() >= inner.target() || l.shutdown {
                 l.reconnecting = false;
                 inner.cv.notify_all();
@@ -456,15 +502,8 @@ impl BlockDev for NbdDev {
                 Some(Ok(r)) => r,
                 Some(Err(Failure::Server(e))) => return Err(e),
                 Some(Err(Failure::TimedOut)) => {
-                    c.abort("no answer within the source timeout");
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "{}: no answer within {} s",
-                            self.name(),
-                            inner.opts.timeout.as_secs_f64()
-                        ),
-                    ));
+                    inner.timed_out_on(&c);
+                    return Err(inner.no_answer());
                 }
                 // Its connection ended: sent again (and waited for) on its own.
                 Some(Err(Failure::Lost(_))) | None => inner.call(deadline, |c| c.read(off, len))?,

@@ -366,6 +366,11 @@ fn a_silent_server_fails_reads_after_the_timeout_and_is_used_again_once_it_answe
     let sock = dir.path().join("s");
     let srv = Server::qemu_nbd(&f, &sock);
     let dev = NbdDev::open(&unix_uri(&sock, "img"), opts(1_500)).expect("open");
+    let t = Instant::now();
+    while dev.connections() < 4 {
+        assert!(t.elapsed() < Duration::from_secs(10), "connections");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let pid = srv.child.id() as i32;
     // SAFETY: signals to our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
@@ -376,6 +381,17 @@ fn a_silent_server_fails_reads_after_the_timeout_and_is_used_again_once_it_answe
     let took = t.elapsed();
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     assert!(took < Duration::from_secs(10), "hung for {took:?}");
+    // The connection that stayed silent for the whole timeout is closed; the others, with
+    // nothing unanswered, are kept.
+    let t = Instant::now();
+    while dev.connections() != 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} connections",
+            dev.connections()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     let want = std::fs::read(&f).expect("file");
@@ -392,4 +408,41 @@ fn a_silent_server_fails_reads_after_the_timeout_and_is_used_again_once_it_answe
     }
     assert_eq!(b[..], want[3 * 65536..4 * 65536]);
     drop(srv);
+}
+
+#[test]
+fn a_read_whose_deadline_has_passed_fails_without_closing_a_healthy_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = sparse_file(dir.path(), "img", 1 << 20, &[0, 2], 9);
+    let sock = dir.path().join("s");
+    let _srv = Server::qemu_nbd(&f, &sock);
+    let dev = NbdDev::open(&unix_uri(&sock, "img"), opts(10_000)).expect("open");
+    let t = Instant::now();
+    while dev.connections() < 4 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "only {} connections",
+            dev.connections()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A queue read that waited its whole timeout for a reader thread arrives expired.
+    let e = dev
+        .read_until(&mut [0u8; 4096], 0, Instant::now())
+        .expect_err("a read past its deadline");
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    // No connection was closed for it: a closed one would be gone from the count within a
+    // moment (nothing here reads, so nothing would replace it).
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(500) {
+        assert_eq!(dev.connections(), 4, "a healthy connection was closed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut b = vec![0u8; 65536];
+    dev.read_at(&mut b, 2 * 65536).expect("read");
+    assert_eq!(
+        b[..],
+        std::fs::read(&f).expect("file")[2 * 65536..3 * 65536]
+    );
+    assert_eq!(dev.connections(), 4);
 }
