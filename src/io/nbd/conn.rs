@@ -180,8 +180,9 @@ impl Waiter {
 /// A structured reply being assembled by the reader thread.
 struct Partial {
     data: Vec<u8>,
-    /// Bytes of the read covered by data and hole chunks so far.
-    covered: u64,
+    /// The parts of the read covered by data and hole chunks so far, as `[start, end)` from
+    /// the read's offset: sorted, not overlapping, touching ones joined.
+    covered: Vec<(u64, u64)>,
     extents: Vec<(u32, u32)>,
     error: Option<io::Error>,
 }
@@ -195,10 +196,42 @@ impl Partial {
             } else {
                 Vec::new()
             },
-            covered: 0,
+            covered: Vec::new(),
             extents: Vec::new(),
             error: None,
         }
+    }
+
+    /// Records that a chunk covers `[at, at+n)` of the read. False, recording nothing, if it
+    /// overlaps a chunk already received (the NBD spec forbids that: counted twice, a part
+    /// of the read never sent would pass for covered and read as zeroes).
+    fn cover(&mut self, at: u64, n: u64) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let end = at + n;
+        // The first range that ends after `at`: the only one that can overlap or follow.
+        let i = self.covered.partition_point(|&(_, e)| e <= at);
+        if self.covered.get(i).is_some_and(|&(s, _)| s < end) {
+            return false;
+        }
+        let joins_prev = i > 0 && self.covered[i - 1].1 == at;
+        let joins_next = self.covered.get(i).is_some_and(|&(s, _)| s == end);
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.covered[i - 1].1 = self.covered[i].1;
+                self.covered.remove(i);
+            }
+            (true, false) => self.covered[i - 1].1 = end,
+            (false, true) => self.covered[i].0 = at,
+            (false, false) => self.covered.insert(i, (at, end)),
+        }
+        true
+    }
+
+    /// Bytes of the read covered so far.
+    fn covered_bytes(&self) -> u64 {
+        self.covered.iter().map(|&(s, e)| e - s).sum()
     }
 
     /// The reply, once its last chunk came.
@@ -207,13 +240,17 @@ impl Partial {
             return Err(Failure::Server(e));
         }
         match w.kind {
-            Kind::Read if self.covered != u64::from(w.len) => Err(Failure::Server(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the server's reply covered {} of the {} bytes read at {}",
-                    self.covered, w.len, w.offset
-                ),
-            ))),
+            Kind::Read if self.covered_bytes() != u64::from(w.len) => {
+                Err(Failure::Server(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the server's reply covered {} of the {} bytes read at {}",
+                        self.covered_bytes(),
+                        w.len,
+                        w.offset
+                    ),
+                )))
+            }
             Kind::Read => Ok(Reply::Data(self.data)),
             Kind::BlockStatus => Ok(Reply::Extents(self.extents)),
         }
@@ -436,6 +473,14 @@ fn inside(off: u64, n: u64, start: u64, end: u64) -> bool {
     off >= start && off <= end && n <= end - off
 }
 
+/// The error of a read whose reply has a `what` chunk at `off+n` overlapping another chunk.
+fn overlap(what: &str, off: u64, n: u64, start: u64, end: u64) -> io::Error {
+    bad(format!(
+        "{what} chunk {off}+{n} overlaps another chunk of the reply to the read {start}..{end} \
+         (a server bug: the read fails)"
+    ))
+}
+
 /// One structured reply chunk of `len` payload bytes for `w`, assembled into `p`.
 fn read_chunk(
     r: &mut impl Read,
@@ -456,9 +501,14 @@ fn read_chunk(
                     "data chunk {off}+{n} outside the read {start}..{end}"
                 )));
             }
+            if !p.cover(off - start, n) {
+                // The stream stays in step; the read fails.
+                wire::skip(r, n)?;
+                p.error.get_or_insert(overlap("data", off, n, start, end));
+                return Ok(());
+            }
             let at = (off - start) as usize;
             r.read_exact(&mut p.data[at..at + n as usize])?;
-            p.covered += n;
             Ok(())
         }
         wire::REPLY_TYPE_OFFSET_HOLE if w.kind == Kind::Read && len == 12 => {
@@ -470,7 +520,9 @@ fn read_chunk(
                 )));
             }
             // The buffer was zeroed when the reply's first chunk came.
-            p.covered += n;
+            if !p.cover(off - start, n) {
+                p.error.get_or_insert(overlap("hole", off, n, start, end));
+            }
             Ok(())
         }
         wire::REPLY_TYPE_BLOCK_STATUS
@@ -504,5 +556,126 @@ fn read_chunk(
         k => Err(bad(format!(
             "unexpected reply chunk type {k} of {len} bytes"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// A structured reply chunk as a server sends it.
+    fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(wire::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        v.extend(flags.to_be_bytes());
+        v.extend(kind.to_be_bytes());
+        v.extend(cookie.to_be_bytes());
+        v.extend((payload.len() as u32).to_be_bytes());
+        v.extend(payload);
+        v
+    }
+
+    fn data(off: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut v = off.to_be_bytes().to_vec();
+        v.extend(bytes);
+        v
+    }
+
+    fn hole(off: u64, len: u32) -> Vec<u8> {
+        let mut v = off.to_be_bytes().to_vec();
+        v.extend(len.to_be_bytes());
+        v
+    }
+
+    /// Feeds `stream` (replies to one read of `len` bytes at `offset`, cookie 1) to the reply
+    /// reader; returns the read's outcome and whether the stream was read to its end.
+    fn feed(offset: u64, len: u32, stream: Vec<u8>) -> (Result<Reply, Failure>, bool) {
+        let w = Arc::new(Waiter {
+            kind: Kind::Read,
+            offset,
+            len,
+            sent: Instant::now(),
+            outcome: Mutex::new(None),
+            cv: Condvar::new(),
+        });
+        let sh = Shared {
+            pending: Mutex::new(Pending {
+                map: BTreeMap::from([(1, w.clone())]),
+                closed: None,
+            }),
+            next_cookie: AtomicU64::new(2),
+        };
+        let end = stream.len() as u64;
+        let mut r = Cursor::new(stream);
+        let mut partial = HashMap::new();
+        while r.position() < end {
+            if let Err(e) = read_reply(&mut r, &sh, None, &mut partial) {
+                return (Err(Failure::Lost(e.to_string())), false);
+            }
+        }
+        let out = lock(&w.outcome)
+            .take()
+            .unwrap_or(Err(Failure::Lost("no outcome".into())));
+        (out, true)
+    }
+
+    const DATA: u16 = wire::REPLY_TYPE_OFFSET_DATA;
+    const HOLE: u16 = wire::REPLY_TYPE_OFFSET_HOLE;
+    const DONE: u16 = wire::REPLY_FLAG_DONE;
+
+    #[test]
+    fn data_and_hole_chunks_in_any_order_assemble_the_read() {
+        let a = [7u8; 1024];
+        let mut s = chunk(0, DATA, 1, &data(4096 + 3072, &a));
+        s.extend(chunk(0, HOLE, 1, &hole(4096 + 1024, 2048)));
+        s.extend(chunk(DONE, DATA, 1, &data(4096, &a)));
+        let (out, whole) = feed(4096, 4096, s);
+        assert!(whole);
+        let Ok(Reply::Data(d)) = out else {
+            panic!("not data: {:?}", out.err())
+        };
+        assert_eq!(d[..1024], a);
+        assert!(d[1024..3072].iter().all(|b| *b == 0));
+        assert_eq!(d[3072..], a);
+    }
+
+    #[test]
+    fn the_same_data_chunk_twice_is_refused_not_counted_twice() {
+        // Two copies of the first half cover 4096 bytes by count, but the second half was
+        // never sent: it would read as zeroes.
+        let half = [9u8; 2048];
+        let mut s = chunk(0, DATA, 1, &data(0, &half));
+        s.extend(chunk(DONE, DATA, 1, &data(0, &half)));
+        let (out, whole) = feed(0, 4096, s);
+        assert!(
+            whole,
+            "the stream stays in step: the chunk's bytes were read"
+        );
+        match out {
+            Err(Failure::Server(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                assert!(e.to_string().contains("overlaps"), "{e}");
+            }
+            Ok(_) => panic!("an overlapping reply was accepted"),
+            Err(f) => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn a_hole_overlapping_data_and_a_gap_are_refused() {
+        let mut s = chunk(0, DATA, 1, &data(0, &[1u8; 3072]));
+        s.extend(chunk(DONE, HOLE, 1, &hole(2048, 2048)));
+        let (out, _) = feed(0, 4096, s);
+        assert!(matches!(out, Err(Failure::Server(_))), "{out:?}");
+        // A reply that leaves a gap.
+        let mut s = chunk(0, DATA, 1, &data(0, &[1u8; 1024]));
+        s.extend(chunk(DONE, HOLE, 1, &hole(2048, 2048)));
+        let (out, _) = feed(0, 4096, s);
+        match out {
+            Err(Failure::Server(e)) => assert!(e.to_string().contains("covered 3072"), "{e}"),
+            Ok(_) => panic!("a reply with a gap was accepted"),
+            Err(f) => panic!("{f:?}"),
+        }
     }
 }
