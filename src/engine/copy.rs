@@ -25,7 +25,12 @@ impl Engine {
             // Do not hold the regions' locks waiting for a source that is away.
             return Batch::SourceDown(d.reason);
         }
-        let zero = self.zero_regions(head, count);
+        let zero = match self.zero_regions(head, count) {
+            Ok(z) => z,
+            // Out of reach while asked for its zeroes: no copy is tried (it would hold the
+            // regions' locks for another whole timeout).
+            Err(e) => return Batch::SourceDown(e),
+        };
         let mut r = head;
         while r < head + count {
             let z = zero[(r - head) as usize];
@@ -47,23 +52,25 @@ impl Engine {
     }
 
     /// For each region of `[head, head+count)`: whether the source reports all of it as
-    /// zeroes. A source that cannot tell, or fails to, reports nothing.
-    fn zero_regions(&self, head: u64, count: u64) -> Vec<bool> {
+    /// zeroes. A source that cannot tell, or fails to, reports nothing; one out of reach
+    /// (disconnected, or silent past its timeout) is an error: the batch waits for it.
+    fn zero_regions(&self, head: u64, count: u64) -> Result<Vec<bool>, String> {
         let (off, len) = self.geo.regions_span(head, count);
         let ranges = match self.source.zero_ranges(off, len) {
             Ok(r) => r,
+            Err(e) if self.source_unreachable(&e) => return Err(e.to_string()),
             Err(e) => {
                 log::debug!("{}: cannot tell its zeroes: {e}", self.source.name());
                 Vec::new()
             }
         };
         let merged = merge_adjacent(&ranges);
-        (head..head + count)
+        Ok((head..head + count)
             .map(|r| {
                 let (s, l) = self.geo.regions_span(r, 1);
                 merged.iter().any(|&(o, n)| o <= s && s + l <= o + n)
             })
-            .collect()
+            .collect())
     }
 
     /// Zeroes regions `[head, head+count)` on the destination instead of copying them.
@@ -328,6 +335,114 @@ mod tests {
             std::fs::read(&dst_path).expect("read dest"),
         );
         assert!(s == d, "the destination differs from the source");
+    }
+
+    /// A source in memory whose `zero_ranges` or reads can be made to fail with an error of a
+    /// given kind (its link still reported up), counting read attempts.
+    struct Flaky {
+        inner: MemDev,
+        zeroes_fail: parking_lot::Mutex<Option<io::ErrorKind>>,
+        reads_fail: parking_lot::Mutex<Option<io::ErrorKind>>,
+        reads: AtomicU64,
+    }
+
+    impl BlockDev for Flaky {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            match *self.reads_fail.lock() {
+                Some(k) => Err(io::Error::new(k, "injected read failure")),
+                None => self.inner.read_at(buf, offset),
+            }
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Err(io::Error::other("the source is read-only"))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(io::Error::other("the source is read-only"))
+        }
+        fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+            match *self.zeroes_fail.lock() {
+                Some(k) => Err(io::Error::new(k, "injected block status failure")),
+                None => self.inner.zero_ranges(offset, len),
+            }
+        }
+    }
+
+    const FLAKY_REGION: u64 = 4096;
+
+    /// An engine on a [`Flaky`] source of `regions` regions (data everywhere), in memory.
+    fn flaky_engine(
+        regions: u64,
+        tweak: impl FnOnce(&mut EngineConfig),
+    ) -> (Arc<Flaky>, Arc<Engine>) {
+        let size = regions * FLAKY_REGION;
+        let image: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+        let source = Arc::new(Flaky {
+            inner: MemDev::from_image("flaky", image),
+            zeroes_fail: parking_lot::Mutex::new(None),
+            reads_fail: parking_lot::Mutex::new(None),
+            reads: AtomicU64::new(0),
+        });
+        let dest: Arc<dyn BlockDev> = Arc::new(MemDev::new("dest", size));
+        let meta = Arc::new(MemDev::new("meta", 1 << 20));
+        let params = FormatParams::from_devices(source.as_ref(), dest.as_ref(), FLAKY_REGION)
+            .expect("fingerprint");
+        Metadata::format(meta.clone(), &params, false).expect("format");
+        let expect = Expect::from_devices(source.as_ref(), dest.as_ref()).expect("expect");
+        let md = Arc::new(Metadata::open(meta, &expect).expect("open").0);
+        let mut cfg = EngineConfig::new(size, FLAKY_REGION);
+        cfg.retry_backoff = Duration::ZERO;
+        tweak(&mut cfg);
+        let engine = match Engine::start(md, source.clone(), dest, cfg) {
+            Ok(e) => e,
+            Err(e) => panic!("engine start: {e}"),
+        };
+        (source, engine)
+    }
+
+    fn describe(b: &Batch) -> String {
+        match b {
+            Batch::Copied => "Copied".into(),
+            Batch::NothingToPick => "NothingToPick".into(),
+            Batch::WriteFailed(e) => format!("WriteFailed({e})"),
+            Batch::SourceDown(e) => format!("SourceDown({e})"),
+        }
+    }
+
+    #[test]
+    fn a_source_out_of_reach_for_its_zeroes_pauses_the_batch_without_reading_it() {
+        let (source, engine) = flaky_engine(16, |c| c.knobs.hydration_enabled = false);
+        *source.zeroes_fail.lock() = Some(io::ErrorKind::TimedOut);
+        source.reads.store(0, Ordering::Relaxed);
+        // No other thread hydrates: the batch's regions are ours, as under their locks.
+        let outcome = engine.hydrate_regions(0, 4);
+        assert!(
+            matches!(outcome, Batch::SourceDown(_)),
+            "{}",
+            describe(&outcome)
+        );
+        assert_eq!(
+            source.reads.load(Ordering::Relaxed),
+            0,
+            "the batch read (and waited on) a source out of reach"
+        );
+        assert_eq!(engine.status().hydrated, 0);
+        assert!(engine.status().failed_regions.is_empty());
+        // A source that only cannot tell its zeroes (an error, not out of reach) is read.
+        *source.zeroes_fail.lock() = Some(io::ErrorKind::Unsupported);
+        let outcome = engine.hydrate_regions(0, 4);
+        assert!(matches!(outcome, Batch::Copied), "{}", describe(&outcome));
+        assert_eq!(engine.status().hydrated, 4);
+        assert!(engine.shutdown().is_ok());
     }
 
     #[test]
