@@ -446,6 +446,44 @@ mod tests {
     }
 
     #[test]
+    fn a_source_refusing_reads_with_its_link_up_is_retried_with_backoff_not_in_a_loop() {
+        const WORKERS: usize = 2;
+        let (source, engine) = flaky_engine(64, |c| {
+            c.knobs.hydration_enabled = false;
+            c.hydration_workers = WORKERS;
+        });
+        // A server that answers ESHUTDOWN (NotConnected) on a connection it keeps open:
+        // link_down() says nothing.
+        *source.reads_fail.lock() = Some(io::ErrorKind::NotConnected);
+        source.reads.store(0, Ordering::Relaxed);
+        let mut knobs = engine.knobs();
+        knobs.hydration_enabled = true;
+        engine.set_knobs(knobs);
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        let (tries, window) = (source.reads.load(Ordering::Relaxed), t.elapsed());
+        // Each worker waits at least 200 ms after each refused batch.
+        let most = WORKERS as u64 * (window.as_millis() as u64 / 200 + 1);
+        assert!(tries >= 1, "hydration never tried the source");
+        assert!(
+            tries <= most,
+            "{tries} read attempts in {window:?} (at most {most} with backoff): a busy loop"
+        );
+        assert!(engine.status().failed_regions.is_empty());
+        // The source answers again: hydration resumes by itself and completes.
+        *source.reads_fail.lock() = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !engine.is_fully_hydrated() && Instant::now() < deadline {
+            engine
+                .hydrator
+                .wake
+                .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
+        }
+        assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
+        assert!(engine.shutdown().is_ok());
+    }
+
+    #[test]
     fn touching_zero_ranges_are_joined() {
         assert_eq!(
             merge_adjacent(&[(0, 4), (4, 4), (10, 2), (12, 1), (20, 1)]),

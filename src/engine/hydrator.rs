@@ -35,6 +35,14 @@ const DEST_WRITE_RETRIES: u32 = 5;
 const DEST_WRITE_BACKOFF: Duration = Duration::from_millis(20);
 /// Most read hints queued at once (more are dropped: the sweep reaches them anyway).
 const MAX_HINTS: usize = 4096;
+/// First wait after a batch found the source out of reach; doubles with each further such
+/// batch in a row (per worker), up to the last; a batch that copies resets it.
+const SOURCE_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const SOURCE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// While the source reports its link down: how often it is looked at, and for how long
+/// at most per wait.
+const SOURCE_POLL: Duration = Duration::from_millis(200);
+const SOURCE_POLL_MAX: Duration = Duration::from_secs(5);
 
 /// Token bucket for the hydration rate limit: a copy is charged after it was made, and the
 /// next batch is picked only once the bucket is out of debt (`Engine::wait_for_rate`).
@@ -205,6 +213,7 @@ impl Hydrator {
 impl Engine {
     /// A hydration thread: picks and copies batches until hydration stops.
     pub(super) fn hydration_worker(&self) {
+        let mut source_backoff = SOURCE_BACKOFF_FIRST;
         while !self.hydrator.stopping() {
             let knobs = self.knobs();
             if !self.ready_to_copy(&knobs) {
@@ -228,10 +237,12 @@ impl Engine {
             self.hydrator.end_hydrations(reserved);
             self.hydrator.wake.notify();
             match outcome {
-                Batch::Copied => self
-                    .hydrator
-                    .dest_write_failures
-                    .store(0, Ordering::Release),
+                Batch::Copied => {
+                    self.hydrator
+                        .dest_write_failures
+                        .store(0, Ordering::Release);
+                    source_backoff = SOURCE_BACKOFF_FIRST;
+                }
                 Batch::NothingToPick => {
                     self.map.check_fully_hydrated();
                     // Everything left is locked by writers (which hydrate it) or failed: wait
@@ -244,8 +255,14 @@ impl Engine {
                 }
                 Batch::WriteFailed(e) => self.after_dest_write_failure(&e),
                 Batch::SourceDown(e) => {
-                    log::warn!("hydration paused: the source is out of reach: {e}");
-                    self.wait_for_source();
+                    log::warn!(
+                        "hydration paused: the source is out of reach: {e}; \
+                         trying again in {source_backoff:?} or later"
+                    );
+                    // Waited for even when the source says its link is up (a server that
+                    // refuses reads on a connection it keeps open): never a busy loop.
+                    self.wait_for_source(source_backoff);
+                    source_backoff = (source_backoff * 2).min(SOURCE_BACKOFF_MAX);
                 }
             }
         }
@@ -269,7 +286,7 @@ impl Engine {
         if self.source.link_down().is_some() {
             // A remote source that is away: pause until it is back (no region is picked, so
             // none is marked failed for it).
-            self.wait_for_source();
+            self.wait_for_source(Duration::ZERO);
             return false;
         }
         if self.only_failed_regions_left() {
@@ -289,15 +306,24 @@ impl Engine {
         self.wait_for_rate()
     }
 
-    /// Waits (polling, at most a few seconds per call) while the source is out of reach.
-    fn wait_for_source(&self) {
-        for _ in 0..25 {
-            if self.hydrator.stopping() || self.source.link_down().is_none() {
+    /// Waits, holding no region lock, for a source out of reach: at least `at_least`, then on
+    /// while the source reports its link down (polling; at most a few seconds past
+    /// `at_least` per call). Ends early when hydration stops.
+    fn wait_for_source(&self, at_least: Duration) {
+        let start = Instant::now();
+        let (min_end, max_end) = (start + at_least, start + at_least + SOURCE_POLL_MAX);
+        loop {
+            if self.hydrator.stopping() {
                 return;
             }
+            let now = Instant::now();
+            if now >= max_end || (now >= min_end && self.source.link_down().is_none()) {
+                return;
+            }
+            let until = if now < min_end { min_end } else { max_end };
             self.hydrator
                 .wake
-                .wait_until_blocking(|| self.hydrator.stopping(), Duration::from_millis(200));
+                .wait_until_blocking(|| self.hydrator.stopping(), (until - now).min(SOURCE_POLL));
         }
     }
 
