@@ -4,11 +4,10 @@
 //! implementations) -> `metadata` (on-disk format and commit protocol) and `logwrites` (the
 //! dm-log-writes compatible recorder and replayer used for crash testing) -> `engine`
 //! (regions, hydration, flush and commit coordination) -> `ublk` (the libublk frontend) ->
-//! `daemon` (lifecycle, control server, saved configuration) -> `clonetab` (the table of
-//! clones a host brings up) -> `cli` (argument parsing).
+//! `daemon` (lifecycle, control server, saved configuration) -> `cli` (argument parsing, and
+//! the clone table a host brings up).
 
 pub mod cli;
-pub mod clonetab;
 pub mod daemon;
 pub mod engine;
 pub mod io;

@@ -70,7 +70,7 @@ fn names_that_are_not_names_are_refused() {
     let o = run_in(dir.path(), &["status", "nosuchclone"], None);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("no clone device is named 'nosuchclone'"),
+        text(&o).contains("no clone is named 'nosuchclone'"),
         "{}",
         text(&o)
     );

@@ -3,6 +3,7 @@
 //! `anyhow` context.
 
 pub mod clone;
+pub mod clonetab;
 pub mod metadata;
 pub mod size;
 pub mod status;

@@ -4,6 +4,7 @@ use crate::daemon::control::{self, RecordingStatus, Request};
 use crate::engine::Status;
 use anyhow::{Context, Result};
 use clap::Args;
+use std::io::IsTerminal;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -120,6 +121,29 @@ pub fn format_status(dev: &str, s: &Status) -> String {
     out
 }
 
+/// The version of `status --json`'s schema (docs/status.md).
+pub const STATUS_SCHEMA: u32 = 1;
+
+/// One device's `status --json` object (docs/status.md).
+pub fn status_json(
+    device: &str,
+    name: Option<&str>,
+    s: &Status,
+    rec: Option<&RecordingStatus>,
+) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(s)?;
+    let Some(obj) = v.as_object_mut() else {
+        anyhow::bail!("the status is not a JSON object");
+    };
+    obj.insert("schema_version".into(), STATUS_SCHEMA.into());
+    obj.insert("device".into(), device.into());
+    obj.insert("name".into(), name.into());
+    if let Some(rec) = rec {
+        obj.insert("recording".into(), serde_json::to_value(rec)?);
+    }
+    Ok(v)
+}
+
 fn fetch_status(id: u32) -> Result<(Status, Option<RecordingStatus>)> {
     let r = control::request(id, &Request::Status)?;
     let v = r.status.context("the daemon sent no status")?;
@@ -137,31 +161,100 @@ fn format_recording(r: &RecordingStatus) -> String {
     }
 }
 
-/// `ublk-clone status [DEV]`: the status of one clone, or of every running one.
+/// `ublk-clone status [DEV]`: the status of one clone, or of every running one. With
+/// `--watch` on a terminal, a progress bar per clone (rate, ETA, mode); otherwise lines.
 pub fn run_status(a: &StatusArgs) -> Result<()> {
     let ids: Vec<u32> = match &a.dev {
         Some(d) => vec![control::parse_dev(d)?],
         None => control::list_records().iter().map(|r| r.id).collect(),
     };
+    let names: std::collections::HashMap<u32, String> = control::list_devices()
+        .into_iter()
+        .filter_map(|l| Some((l.record.id, l.record.name?)))
+        .collect();
+    if a.watch && !a.json && std::io::stdout().is_terminal() {
+        return watch_bars(&ids, &names);
+    }
     loop {
         let mut all_done = true;
         for id in &ids {
             let (s, rec) = fetch_status(*id)?;
             all_done &= s.hydrated == s.regions;
+            let dev = format!("/dev/ublkb{id}");
             if a.json {
-                let mut v = serde_json::to_value(&s)?;
-                if let (Some(rec), Some(obj)) = (&rec, v.as_object_mut()) {
-                    obj.insert("recording".into(), serde_json::to_value(rec)?);
-                }
-                println!("{v}");
+                let name = names.get(id).map(String::as_str);
+                println!("{}", status_json(&dev, name, &s, rec.as_ref())?);
             } else {
-                println!("{}", format_status(&format!("/dev/ublkb{id}"), &s));
+                println!("{}", format_status(&dev, &s));
                 if let Some(rec) = &rec {
                     println!("{}", format_recording(rec));
                 }
             }
         }
         if !a.watch || all_done {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The progress bar's message: the daemon's own rate and ETA, the mode, a lost source.
+fn bar_message(s: &Status) -> String {
+    let remaining = (s.regions - s.hydrated.min(s.regions)) * s.region_size;
+    let eta = match remaining.checked_div(s.hydration_rate_bytes_per_sec) {
+        _ if remaining == 0 => "done".to_string(),
+        Some(secs) => format!("ETA {}m{:02}s", secs / 60, secs % 60),
+        None if !s.knobs.hydration_enabled => "hydration off".to_string(),
+        None => "ETA unknown".to_string(),
+    };
+    let mut m = format!(
+        "{}/s {eta} {}",
+        human(s.hydration_rate_bytes_per_sec as f64),
+        s.mode.name()
+    );
+    if !s.failed_regions.is_empty() {
+        m += &format!(", {} failed regions", s.failed_regions.len());
+    }
+    if s.source_disconnected.is_some() {
+        m += ", source disconnected (retrying)";
+    }
+    m
+}
+
+/// `status --watch` on a terminal: one bar per clone until all are hydrated.
+fn watch_bars(ids: &[u32], names: &std::collections::HashMap<u32, String>) -> Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let style = ProgressStyle::with_template(
+        "{prefix:24} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {msg}",
+    )
+    .context("progress bar template")?
+    .progress_chars("=> ");
+    let multi = MultiProgress::new();
+    let bars: Vec<(u32, ProgressBar)> = ids
+        .iter()
+        .map(|id| {
+            let b = multi.add(ProgressBar::new(0).with_style(style.clone()));
+            let dev = format!("/dev/ublkb{id}");
+            b.set_prefix(match names.get(id) {
+                Some(n) => format!("{dev} ({n})"),
+                None => dev,
+            });
+            (*id, b)
+        })
+        .collect();
+    loop {
+        let mut all_done = true;
+        for (id, bar) in &bars {
+            let (s, _) = fetch_status(*id)?;
+            all_done &= s.hydrated == s.regions;
+            bar.set_length(s.size);
+            bar.set_position((s.hydrated * s.region_size).min(s.size));
+            bar.set_message(bar_message(&s));
+        }
+        if all_done {
+            for (_, b) in &bars {
+                b.finish();
+            }
             return Ok(());
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -187,5 +280,74 @@ pub fn run_name(a: &NameArgs) -> Result<()> {
             Ok(())
         }
         None => anyhow::bail!("/dev/ublkb{id}: no clone name recorded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Knobs, Mode, SourceDown};
+
+    /// Every key `status --json` writes (nested ones as `a.b`).
+    fn keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        if let Some(o) = v.as_object() {
+            for (k, x) in o {
+                let key = format!("{prefix}{k}");
+                if x.is_object() {
+                    keys(x, &format!("{key}."), out);
+                } else {
+                    out.push(key);
+                }
+            }
+        }
+    }
+
+    /// The JSON status and docs/status.md name the same keys: nothing undocumented is
+    /// written, nothing documented is missing.
+    #[test]
+    fn the_json_status_is_what_docs_status_md_documents() -> Result<()> {
+        let s = Status {
+            size: 1 << 30,
+            region_size: 65536,
+            regions: 16384,
+            hydrated: 100,
+            hydrating: 2,
+            failed_regions: vec![7],
+            mode: Mode::ReadWrite,
+            mode_reason: String::new(),
+            commits: 3,
+            flushes: 4,
+            bytes_hydrated: 5,
+            bytes_zeroed: 1,
+            hydration_rate_bytes_per_sec: 6,
+            bitmap_bytes: 7,
+            knobs: Knobs::defaults_for(65536),
+            source_disconnected: Some(SourceDown {
+                since: 1,
+                reason: "gone".into(),
+            }),
+        };
+        let rec = RecordingStatus {
+            log: "/l".into(),
+            entries: 9,
+            error: None,
+        };
+        let v = status_json("/dev/ublkb0", Some("db"), &s, Some(&rec))?;
+        assert_eq!(v["schema_version"], STATUS_SCHEMA);
+        assert_eq!(v["name"], "db");
+        let mut written = Vec::new();
+        keys(&v, "", &mut written);
+        written.sort();
+        let doc = include_str!("../../docs/status.md");
+        let mut documented: Vec<String> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_string)
+            .collect();
+        documented.sort();
+        assert_eq!(written, documented);
+        assert!(doc.contains(&format!("Schema version {STATUS_SCHEMA}:")));
+        Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! `up` and `down`: bring the clones of a clone table ([`crate::clonetab`]) up and down, and
+//! `up` and `down`: bring the clones of a clone table ([`super::clonetab`]) up and down, and
 //! `systemd-generator`, which makes the boot bring them up.
 //!
 //! `up` resumes a clone's metadata, formats blank metadata and never reformats; a clone whose
@@ -6,7 +6,7 @@
 //! Every line is tried: one bad line or one failing clone does not keep the others down.
 
 use super::clone::{create, daemon_command_line};
-use crate::clonetab::{table_path, Entry, Table};
+use super::clonetab::{table_path, Entry, Table};
 use crate::daemon::{self, control};
 use anyhow::{bail, Result};
 use clap::Args;

@@ -41,7 +41,7 @@ pub struct DaemonConfig {
     pub no_hydration: bool,
     /// Never pass discards down to the destination.
     pub no_discard_passdown: bool,
-    /// Maximum regions hydrating at once (default: two batches).
+    /// Maximum regions hydrating at once (default: two batches; four for a remote source).
     pub hydration_threshold: Option<u64>,
     /// Contiguous regions per background copy (default: the engine's).
     pub batch_size: Option<u64>,
@@ -88,6 +88,9 @@ pub struct DaemonConfig {
     pub name: Option<String>,
 }
 
+/// Most connections to one NBD server.
+pub const MAX_NBD_CONNECTIONS: usize = 16;
+
 /// Seconds a read of a remote source waits when no `--source-timeout` is given.
 pub const DEFAULT_SOURCE_TIMEOUT: u64 = 30;
 
@@ -107,11 +110,23 @@ impl DaemonConfig {
     }
 
     /// The options of a remote source.
+    /// One connection per queue plus one per background hydration worker (when the server
+    /// allows several, `CAN_MULTI_CONN`), at most [`MAX_NBD_CONNECTIONS`].
     pub fn nbd_options(&self) -> crate::io::nbd::NbdOptions {
+        let wanted = self.queue_count() as usize + crate::engine::REMOTE_HYDRATION_WORKERS;
         crate::io::nbd::NbdOptions {
             timeout: std::time::Duration::from_secs(self.source_timeout.max(1)),
-            ..Default::default()
+            connections: wanted.min(MAX_NBD_CONNECTIONS),
         }
+    }
+
+    /// The number of ublk queues: `--queues`, else one per CPU.
+    pub fn queue_count(&self) -> u16 {
+        self.queues.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(u16::MAX as usize) as u16)
+                .unwrap_or(1)
+        })
     }
 
     /// The region size new metadata gets.
@@ -305,6 +320,11 @@ mod tests {
         assert_eq!(
             (remote.hydration_workers, remote.knobs.threshold),
             (REMOTE_WORKERS, REMOTE_WORKERS as u64 * batch)
+        );
+        let nbd = config("nbd://server/img", None)?;
+        assert_eq!(
+            nbd.nbd_options().connections,
+            (nbd.queue_count() as usize + REMOTE_WORKERS).min(MAX_NBD_CONNECTIONS)
         );
         // A threshold the user gave is kept.
         let given = config("nbd://server/img", Some(3))?.engine_config(1 << 30, region);

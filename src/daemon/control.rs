@@ -119,14 +119,20 @@ pub fn parse_dev(dev: &str) -> Result<u32> {
         return Ok(id);
     }
     let Some(name) = super::names::name_of(dev) else {
-        refuse!("'{dev}' is not a clone device: expected a clone's name, /dev/ublk-clone/NAME, /dev/ublkbN or N");
+        refuse!(
+            "'{dev}' is not a ublk-clone device: expected a clone's name, /dev/ublk-clone/NAME, \
+             /dev/ublkbN or N"
+        );
     };
     match list_devices()
         .into_iter()
         .find(|l| l.record.name.as_deref() == Some(name))
     {
         Some(l) => Ok(l.record.id),
-        None => refuse!("no clone device is named '{name}' (see `ublk-clone list`)"),
+        None => refuse!(
+            "'{dev}' is not a ublk-clone device: no clone is named '{name}' (expected a clone's \
+             name, /dev/ublk-clone/NAME, /dev/ublkbN or N; see `ublk-clone list`)"
+        ),
     }
 }
 

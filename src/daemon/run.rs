@@ -99,11 +99,7 @@ fn serve_device(
     name: String,
     notify: bool,
 ) -> Result<()> {
-    let queues = cfg.queues.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u16)
-            .unwrap_or(1)
-    });
+    let queues = cfg.queue_count();
     let opts = DeviceOptions {
         id: cfg.number,
         queues,

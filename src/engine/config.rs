@@ -134,8 +134,9 @@ impl EngineConfig {
 
     /// More background copies in flight, for a source with network latency to hide (an NBD
     /// export): 4 workers and room for 4 batches, so that reading the next batches overlaps
-    /// writing the last one. Measured (`cargo bench --bench nbd_hydration`): from 0.74x of
-    /// `nbdcopy` with 2 to 1.05x with 4. A local source keeps 2, leaving its disk to users.
+    /// writing the last one. Measured (`cargo bench --bench nbd_hydration -- 1024 5`, medians
+    /// of 5 rounds): 0.90-0.98x of `nbdcopy` with 4, 0.59-0.74x with 2. A local source keeps
+    /// 2, leaving its disk to users.
     pub fn for_remote_source(mut self) -> EngineConfig {
         self.hydration_workers = REMOTE_HYDRATION_WORKERS;
         self.knobs.threshold = self.knobs.batch_size * REMOTE_HYDRATION_WORKERS as u64;

@@ -15,7 +15,7 @@
 //! Invariant: a bad line never stops the good ones; its error names the file, the line and
 //! the field. Names and metadata paths are unique in a table (a later duplicate is the bad one).
 
-use crate::cli::size::parse_size;
+use super::size::parse_size;
 use crate::daemon::config::DEFAULT_SOURCE_TIMEOUT;
 use crate::daemon::{names, DaemonConfig};
 use std::collections::HashMap;
