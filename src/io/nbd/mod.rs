@@ -10,7 +10,9 @@
 //! that merely carried a request whose caller's deadline was shorter, and a request whose
 //! deadline has already passed is not sent at all. After a reconnect the export must have the same
 //! size, settings and content sample as when it was first opened, or it is refused (and
-//! retried): two images are never mixed.
+//! retried): two images are never mixed. Requests keep to the server's block size constraints:
+//! none is larger than its maximum, and a read or block status request not aligned to its
+//! minimum asks for the whole blocks around it (a server may refuse it otherwise).
 //!
 //! Invariant: nothing is ever written to the server (no write command exists here); a read is
 //! only ever answered with bytes the server sent for exactly that range, or zeroes where it
@@ -177,6 +179,51 @@ impl NbdDev {
     pub fn bytes_read(&self) -> u64 {
         self.inner.bytes_read.load(Ordering::Relaxed)
     }
+
+    /// A read whose offset and length are multiples of the server's minimum block size (the
+    /// length may end at the end of the export): sent as requests of at most the server's
+    /// maximum size.
+    fn read_aligned(&self, buf: &mut [u8], offset: u64, deadline: Instant) -> io::Result<()> {
+        let inner = &self.inner;
+        let e = &inner.export;
+        let chunk = (PIPELINED_READ.min(e.max_block) / e.min_block * e.min_block).max(e.min_block);
+        // Every chunk is sent before any is waited for: a large read keeps the server busy
+        // on several requests at once (and on several connections when it allows them).
+        let mut sent = Vec::new();
+        for (i, c) in buf.chunks(chunk as usize).enumerate() {
+            let off = offset + (i * chunk as usize) as u64;
+            let len = c.len() as u32;
+            let c = inner.pick(deadline)?;
+            let w = c.read(off, len).ok();
+            sent.push((off, len, c, w));
+        }
+        for (i, (off, len, c, w)) in sent.into_iter().enumerate() {
+            let answer = match w.map(|w| w.wait(deadline)) {
+                Some(Ok(r)) => r,
+                Some(Err(Failure::Server(e))) => return Err(e),
+                Some(Err(Failure::TimedOut)) => {
+                    inner.timed_out_on(&c);
+                    return Err(inner.no_answer());
+                }
+                // Its connection ended: sent again (and waited for) on its own.
+                Some(Err(Failure::Lost(_))) | None => inner.call(deadline, |c| c.read(off, len))?,
+            };
+            let dst = &mut buf[i * chunk as usize..][..len as usize];
+            match answer {
+                Reply::Data(d) if d.len() == dst.len() => dst.copy_from_slice(&d),
+                _ => {
+                    return Err(io::Error::other(format!(
+                        "{}: malformed read reply",
+                        self.name()
+                    )))
+                }
+            }
+            inner
+                .bytes_read
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for NbdDev {
@@ -227,6 +274,14 @@ fn failure_error(f: Failure, what: &str) -> io::Error {
 }
 
 impl Inner {
+    /// `[offset, offset+len)` widened to whole blocks of the server's minimum size (the end
+    /// kept at most at the end of the export).
+    fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
+        let mb = u64::from(self.export.min_block);
+        let end = (offset + len).div_ceil(mb).saturating_mul(mb);
+        (offset / mb * mb, end.min(self.export.size))
+    }
+
     /// How many connections to keep.
     fn target(&self) -> usize {
         if self.export.can_multi_conn() {
@@ -484,44 +539,18 @@ impl BlockDev for NbdDev {
 
     fn read_until(&self, buf: &mut [u8], offset: u64, deadline: Instant) -> io::Result<()> {
         check_range(self.name(), self.size(), offset, buf.len() as u64)?;
-        let inner = &self.inner;
-        let e = &inner.export;
-        let chunk = (PIPELINED_READ.min(e.max_block) / e.min_block * e.min_block).max(e.min_block);
-        // Every chunk is sent before any is waited for: a large read keeps the server busy
-        // on several requests at once (and on several connections when it allows them).
-        let mut sent = Vec::new();
-        for (i, c) in buf.chunks(chunk as usize).enumerate() {
-            let off = offset + (i * chunk as usize) as u64;
-            let len = c.len() as u32;
-            let c = inner.pick(deadline)?;
-            let w = c.read(off, len).ok();
-            sent.push((off, len, c, w));
+        if buf.is_empty() {
+            return Ok(());
         }
-        for (i, (off, len, c, w)) in sent.into_iter().enumerate() {
-            let answer = match w.map(|w| w.wait(deadline)) {
-                Some(Ok(r)) => r,
-                Some(Err(Failure::Server(e))) => return Err(e),
-                Some(Err(Failure::TimedOut)) => {
-                    inner.timed_out_on(&c);
-                    return Err(inner.no_answer());
-                }
-                // Its connection ended: sent again (and waited for) on its own.
-                Some(Err(Failure::Lost(_))) | None => inner.call(deadline, |c| c.read(off, len))?,
-            };
-            let dst = &mut buf[i * chunk as usize..][..len as usize];
-            match answer {
-                Reply::Data(d) if d.len() == dst.len() => dst.copy_from_slice(&d),
-                _ => {
-                    return Err(io::Error::other(format!(
-                        "{}: malformed read reply",
-                        self.name()
-                    )))
-                }
-            }
-            inner
-                .bytes_read
-                .fetch_add(u64::from(len), Ordering::Relaxed);
+        // A server that sets a minimum block size may refuse requests not aligned to it: an
+        // unaligned read reads the whole blocks around it.
+        let (a, b) = self.inner.aligned(offset, buf.len() as u64);
+        if (a, b) == (offset, offset + buf.len() as u64) {
+            return self.read_aligned(buf, offset, deadline);
         }
+        let mut whole = vec![0u8; (b - a) as usize];
+        self.read_aligned(&mut whole, a, deadline)?;
+        buf.copy_from_slice(&whole[(offset - a) as usize..][..buf.len()]);
         Ok(())
     }
 
@@ -544,13 +573,15 @@ impl BlockDev for NbdDev {
     fn zero_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         check_range(self.name(), self.size(), offset, len)?;
         let inner = &self.inner;
-        if inner.export.base_allocation.is_none() {
+        if inner.export.base_allocation.is_none() || len == 0 {
             return Ok(Vec::new());
         }
         let deadline = Instant::now() + inner.opts.timeout;
         let step = u64::from(u32::MAX / inner.export.min_block * inner.export.min_block);
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let (mut at, end) = (offset, offset + len);
+        // Asked for whole blocks (see `read_until`), the answer clipped to the window.
+        let (win_start, win_end) = (offset, offset + len);
+        let (mut at, end) = inner.aligned(offset, len);
         while at < end {
             let n = (end - at).min(step) as u32;
             let Reply::Extents(ext) = inner.call(deadline, |c| c.block_status(at, n))? else {
@@ -562,10 +593,11 @@ impl BlockDev for NbdDev {
             let before = at;
             for (elen, flags) in ext {
                 let e_end = (at + u64::from(elen)).min(end);
-                if flags & wire::STATE_ZERO != 0 && e_end > at {
+                let (z_start, z_end) = (at.max(win_start), e_end.min(win_end));
+                if flags & wire::STATE_ZERO != 0 && z_end > z_start {
                     match out.last_mut() {
-                        Some((s, l)) if *s + *l == at => *l += e_end - at,
-                        _ => out.push((at, e_end - at)),
+                        Some((s, l)) if *s + *l == z_start => *l += z_end - z_start,
+                        _ => out.push((z_start, z_end - z_start)),
                     }
                 }
                 at = e_end;

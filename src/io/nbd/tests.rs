@@ -446,3 +446,111 @@ fn a_read_whose_deadline_has_passed_fails_without_closing_a_healthy_connection()
     );
     assert_eq!(dev.connections(), 4);
 }
+
+#[test]
+fn a_server_without_multi_conn_gets_one_connection_shared_by_concurrent_readers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = sparse_file(dir.path(), "img", 8 << 20, &[0, 1, 17, 64, 100, 127], 10);
+    let sock = dir.path().join("s");
+    let log = dir.path().join("log");
+    let file_arg = format!("file={}", f.display());
+    let log_arg = format!("logfile={}", log.display());
+    // The log filter records each connection the server accepts.
+    let _srv = Server::nbdkit(
+        &sock,
+        &[
+            "--filter=multi-conn",
+            "--filter=log",
+            "file",
+            &file_arg,
+            "multi-conn-mode=disable",
+            &log_arg,
+        ],
+    );
+    let dev = Arc::new(NbdDev::open(&unix_uri(&sock, ""), opts(10_000)).expect("open"));
+    assert!(!dev.multi_conn(), "multi-conn-mode=disable advertises it");
+    let want = Arc::new(std::fs::read(&f).expect("file"));
+    let hs: Vec<_> = (0..8u64)
+        .map(|k| {
+            let (d, w) = (dev.clone(), want.clone());
+            std::thread::spawn(move || {
+                let mut most = 0;
+                for i in 0..64u64 {
+                    let off = ((k * 64 + i) * 12_288 + k * 512) % ((8 << 20) - 200_000);
+                    let mut b = vec![0u8; 4096 + (i as usize % 5) * 40_000];
+                    d.read_at(&mut b, off).expect("read");
+                    assert_eq!(b[..], w[off as usize..off as usize + b.len()]);
+                    most = most.max(d.connections());
+                }
+                most
+            })
+        })
+        .collect();
+    for h in hs {
+        let most = h.join().expect("reader");
+        assert_eq!(most, 1, "connections seen by a reader");
+    }
+    assert_eq!(dev.connections(), 1);
+    drop(dev);
+    // Server side: exactly one connection was ever made.
+    let text = std::fs::read_to_string(&log).expect("the log filter's file");
+    let connects = text.lines().filter(|l| l.contains("Connect")).count();
+    assert_eq!(connects, 1, "the server saw:\n{text}");
+}
+
+#[test]
+fn reads_respect_the_servers_block_size_constraints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = sparse_file(dir.path(), "img", 8 << 20, &[0, 1, 2, 30, 31, 90, 127], 11);
+    let want = std::fs::read(&f).expect("file");
+    let sock = dir.path().join("s");
+    let file_arg = format!("file={}", f.display());
+    for max in ["1M", "256K"] {
+        let max_arg = format!("blocksize-maximum={max}");
+        // A request that breaks the constraints fails with EINVAL instead of being served.
+        let srv = Server::nbdkit(
+            &sock,
+            &[
+                "--filter=blocksize-policy",
+                "file",
+                &file_arg,
+                "blocksize-minimum=4096",
+                "blocksize-preferred=65536",
+                &max_arg,
+                "blocksize-error-policy=error",
+            ],
+        );
+        let dev = NbdDev::open(&unix_uri(&sock, ""), opts(10_000)).expect("open");
+        assert_eq!(dev.block_sizes().logical, 4096, "the server's minimum");
+        // Aligned, larger than the maximum: split.
+        assert!(read_all(&dev) == want, "max {max}: aligned reads differ");
+        let mut b = vec![0u8; 3 << 20];
+        dev.read_at(&mut b, 1 << 20).expect("a 3 MiB read");
+        assert!(b[..] == want[1 << 20..4 << 20]);
+        // Unaligned offsets and lengths, small and large, and up to the very end.
+        for (off, len) in [
+            (100u64, 5000usize),
+            (4095, 2),
+            (65536 - 700, 1400),
+            (777, (3 << 20) + 12_345),
+            ((8 << 20) - 5000, 5000),
+            ((8 << 20) - 1, 1),
+        ] {
+            let mut b = vec![0u8; len];
+            dev.read_at(&mut b, off)
+                .unwrap_or_else(|e| panic!("max {max}: read {len} at {off}: {e}"));
+            assert!(
+                b[..] == want[off as usize..off as usize + len],
+                "max {max}: read {len} at {off} differs"
+            );
+        }
+        // Block status at unaligned edges: clipped to the window asked for.
+        let k = 65536;
+        assert_eq!(
+            dev.zero_ranges(2 * k + 1000, 30 * k).expect("block status"),
+            vec![(3 * k, 27 * k), (32 * k, 1000)]
+        );
+        drop(dev);
+        srv.kill();
+    }
+}
