@@ -377,4 +377,6 @@ impl Engine {
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
+mod nbd_tests;
+#[cfg(test)]
 mod tests;
