@@ -462,7 +462,10 @@ mod tests {
             matches!(regions, Err(SurvivalError::Corrupt { .. })),
             "{regions:?}"
         );
-        dev.write_at(&[0xff], 20).expect("damage");
+        // Flipped, not overwritten: byte 20 is part of the random UUID, and may be 0xff.
+        let mut b = [0u8];
+        dev.read_at(&mut b, 20).expect("read");
+        dev.write_at(&[!b[0]], 20).expect("damage");
         let damaged = SurvivalFile::read(dev.as_ref(), uuid, BOOT, nr);
         match damaged {
             Err(e @ SurvivalError::Corrupt { .. }) => {
