@@ -47,6 +47,11 @@ enum Command {
     Up(cli::table::UpArgs),
     /// Stop clones of the clone table (by name, or all that are up).
     Down(cli::table::DownArgs),
+    /// Stream a clone's events as JSON lines (mode changes, hydration complete, failed regions,
+    /// the source lost and back, slow commits).
+    Events(cli::monitor::EventsArgs),
+    /// Print Prometheus metrics of the running clones (node_exporter textfile format).
+    Metrics(cli::monitor::MetricsArgs),
     /// Print the name of a clone device (udev's by-id rule uses it).
     #[command(hide = true)]
     Name(cli::status::NameArgs),
@@ -109,6 +114,8 @@ fn main() -> ExitCode {
         Command::ResetMode(a) => cli::metadata::run_reset_mode(a),
         Command::Up(a) => done(cli::table::run_up(a)),
         Command::Down(a) => done(cli::table::run_down(a)),
+        Command::Events(a) => done(cli::monitor::run_events(a)),
+        Command::Metrics(a) => done(cli::monitor::run_metrics(a)),
         Command::Name(a) => done(cli::status::run_name(a)),
         Command::SystemdGenerator(a) => done(cli::table::run_generator(a)),
         Command::GenDocs(a) => done(gen_docs(a)),

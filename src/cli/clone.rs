@@ -96,6 +96,10 @@ pub struct CreateArgs {
     /// every command takes NAME (default: clone- and the start of the metadata's UUID).
     #[arg(long)]
     pub name: Option<String>,
+    /// Serve Prometheus metrics at HOST:PORT (GET /metrics); `ublk-clone metrics` prints
+    /// the same text (for node_exporter's textfile collector).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 impl From<&CreateArgs> for DaemonConfig {
@@ -125,6 +129,7 @@ impl From<&CreateArgs> for DaemonConfig {
             recover: a.recover,
             source_timeout: a.source_timeout,
             name: a.name.clone(),
+            metrics: a.metrics.clone(),
         }
     }
 }
@@ -152,6 +157,9 @@ pub(super) fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
     kv("--metadata", abs(&cfg.metadata).into());
     if let Some(n) = &cfg.name {
         kv("--name", n.into());
+    }
+    if let Some(m) = &cfg.metrics {
+        kv("--metrics", m.into());
     }
     if let Some(r) = cfg.region_size {
         kv("--region-size", r.to_string().into());

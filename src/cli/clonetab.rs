@@ -9,7 +9,7 @@
 //!
 //! Options are comma-separated (`-` or nothing: none): `region-size=SIZE`, `rate=SIZE`
 //! (bytes/s), `hydration-threshold=N`, `batch-size=N`, `queues=N`, `depth=N`,
-//! `source-timeout=SECONDS`, and the flags `no-hydration`, `no-discard-passdown`,
+//! `source-timeout=SECONDS`, `metrics=HOST:PORT`, and the flags `no-hydration`, `no-discard-passdown`,
 //! `buffered-io`, `no-recovery`. `#` starts a comment.
 //!
 //! Invariant: a bad line never stops the good ones; its error names the file, the line and
@@ -58,6 +58,7 @@ pub struct Options {
     pub no_discard_passdown: bool,
     pub buffered_io: bool,
     pub no_recovery: bool,
+    pub metrics: Option<String>,
 }
 
 /// A bad line: `FILE:LINE: FIELD: what is wrong`.
@@ -237,11 +238,12 @@ fn parse_options(col: &str) -> Result<Options, String> {
             "no-discard-passdown" => o.no_discard_passdown = flag()?,
             "buffered-io" => o.buffered_io = flag()?,
             "no-recovery" => o.no_recovery = flag()?,
+            "metrics" => o.metrics = Some(need()?.to_string()),
             other => {
                 return Err(format!(
                     "unknown option '{other}' (known: region-size, rate, hydration-threshold, \
                      batch-size, queues, depth, source-timeout, no-hydration, \
-                     no-discard-passdown, buffered-io, no-recovery)"
+                     no-discard-passdown, buffered-io, no-recovery, metrics)"
                 ))
             }
         }
@@ -279,6 +281,7 @@ impl Entry {
             recover: false,
             source_timeout: o.source_timeout.unwrap_or(DEFAULT_SOURCE_TIMEOUT),
             name: Some(self.name.clone()),
+            metrics: o.metrics.clone(),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod clone;
 pub mod clonetab;
 pub mod metadata;
+pub mod monitor;
 pub mod size;
 pub mod status;
 pub mod stop;

@@ -86,6 +86,9 @@ pub struct DaemonConfig {
     /// from the metadata's UUID ([`super::names::default_name`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Serve Prometheus metrics at this address (`HOST:PORT`, `GET /metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// Most connections to one NBD server.
@@ -165,6 +168,11 @@ impl DaemonConfig {
     pub fn validate_options(&self) -> Result<()> {
         if let Some(name) = &self.name {
             super::names::validate(name)?;
+        }
+        if let Some(a) = &self.metrics {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                refuse!("--metrics {a}: expected an address and port, e.g. 127.0.0.1:9560");
+            }
         }
         if let Some(rs) = self.region_size {
             if !rs.is_power_of_two() || !(4096..=1 << 30).contains(&rs) {

@@ -43,6 +43,12 @@ pub enum Request {
     Mark {
         name: String,
     },
+    /// The events logged after sequence number `after` (`ublk-clone events`).
+    Events {
+        after: u64,
+    },
+    /// The status and the monitoring counters (`ublk-clone metrics`).
+    Metrics,
 }
 
 /// The state of a daemon's dm-log-writes recording (`create --log-writes`).
@@ -62,6 +68,10 @@ pub struct Response {
     pub status: Option<serde_json::Value>,
     #[serde(default)]
     pub recording: Option<RecordingStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<super::events::EventsPage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<crate::engine::metrics::MetricsSnapshot>,
 }
 
 impl Response {
@@ -71,6 +81,8 @@ impl Response {
             error: None,
             status: None,
             recording: None,
+            events: None,
+            metrics: None,
         }
     }
 
@@ -80,6 +92,8 @@ impl Response {
             error: Some(msg),
             status: None,
             recording: None,
+            events: None,
+            metrics: None,
         }
     }
 }

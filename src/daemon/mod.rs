@@ -17,6 +17,8 @@ pub mod config;
 pub mod control;
 pub mod devices;
 mod error;
+pub mod events;
+pub mod metrics;
 pub mod names;
 mod open;
 mod open_metadata;

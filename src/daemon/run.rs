@@ -40,6 +40,11 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let private_ns = process::private_mount_namespace();
     process::install_signal_handlers();
     process::abort_on_panic();
+    let metrics = cfg
+        .metrics
+        .as_deref()
+        .map(super::metrics::listen)
+        .transpose()?;
     let recovering = cfg.recover.then_some(cfg.number as u32);
     if let Some(name) = &cfg.name {
         // Before anything is opened or formatted: a refused name writes nothing.
@@ -72,7 +77,7 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     if let Err(e) = sticky.record(&engine) {
         log::warn!("{}", super::error::chain(&e));
     }
-    let served = serve_device(cfg, &o, &engine, &sticky, name, notify);
+    let served = serve_device(cfg, &o, &engine, &sticky, name, metrics, notify);
     let shut = engine.shutdown();
     // Ends the log after the final commit: the unflushed writes, then the end mark.
     let closed = o.recording.as_ref().map(|r| r.space.close());
@@ -97,6 +102,7 @@ fn serve_device(
     engine: &Arc<Engine>,
     sticky: &Arc<Sticky>,
     name: String,
+    metrics: Option<tiny_http::Server>,
     notify: bool,
 ) -> Result<()> {
     let queues = cfg.queue_count();
@@ -120,6 +126,7 @@ fn serve_device(
         metadata: absolute(&cfg.metadata),
         region_size: o.md.region_size(),
         name,
+        metrics,
         engine: engine.clone(),
         sticky: sticky.clone(),
         recording: o.recording.clone().map(|r| {
@@ -164,6 +171,8 @@ struct Live {
     metadata: PathBuf,
     region_size: u64,
     name: String,
+    /// `--metrics`: listening, served once the device is live.
+    metrics: Option<tiny_http::Server>,
     engine: Arc<Engine>,
     sticky: Arc<Sticky>,
     recording: Option<CtlRecording>,
@@ -175,7 +184,7 @@ struct Live {
 impl Live {
     /// Publishes the device (record, control socket, readiness), answers the control socket
     /// until stopped, then removes the device (`kill_dev`) and its runtime files.
-    fn run(self, info: DeviceInfo, kill_dev: impl Fn()) {
+    fn run(mut self, info: DeviceInfo, kill_dev: impl Fn()) {
         let rec = DaemonRecord {
             pid: std::process::id(),
             replaces_pid: None,
@@ -214,6 +223,17 @@ impl Live {
         if let Err(e) = names::link(&self.name, &info.path) {
             // The name still works for ublk-clone's commands (they read the record).
             log::error!("{}", super::error::chain(&e));
+        }
+        if let Some(server) = self.metrics.take() {
+            let r = super::metrics::serve(
+                server,
+                info.path.clone(),
+                self.name.clone(),
+                self.engine.clone(),
+            );
+            if let Err(e) = r {
+                log::error!("--metrics: cannot start serving: {e}");
+            }
         }
         // udev's by-id link asks `ublk-clone name`, which reads the record written just now.
         names::udev_change(&info.path);

@@ -50,7 +50,13 @@ pub(super) fn control_loop(
     sticky: &Sticky,
     rec: Option<&CtlRecording>,
 ) -> LoopEnd {
+    let mut events = super::events::Events::default();
+    let mut last_tick: Option<std::time::Instant> = None;
     loop {
+        if last_tick.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+            events.tick(engine);
+            last_tick = Some(std::time::Instant::now());
+        }
         // Failed regions found since the last tick (a `set` is recorded before its answer).
         if let Err(e) = sticky.record(engine) {
             log::warn!("{}", super::error::chain(&e));
@@ -64,7 +70,7 @@ pub(super) fn control_loop(
         }
         match l.accept() {
             Ok((s, _)) => {
-                if let Some(end) = answer(&s, engine, sticky, rec) {
+                if let Some(end) = answer(&s, engine, sticky, rec, &events) {
                     return end;
                 }
             }
@@ -85,6 +91,7 @@ fn answer(
     engine: &Engine,
     sticky: &Sticky,
     rec: Option<&CtlRecording>,
+    events: &super::events::Events,
 ) -> Option<LoopEnd> {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -135,6 +142,20 @@ fn answer(
         Ok(Request::Stop) => (Response::ok(), Some(LoopEnd::Stop)),
         Ok(Request::Handover) => handover(engine, rec),
         Ok(Request::Status) => (ok_status(engine, rec), None),
+        Ok(Request::Events { after }) => (
+            Response {
+                events: Some(events.page(after)),
+                ..Response::ok()
+            },
+            None,
+        ),
+        Ok(Request::Metrics) => (
+            Response {
+                metrics: Some(engine.metrics().snapshot()),
+                ..ok_status(engine, rec)
+            },
+            None,
+        ),
         Err(e) => (Response::err(format!("bad request: {e}")), None),
     };
     let mut w = s;

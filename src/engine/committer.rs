@@ -60,6 +60,7 @@ pub(crate) struct Committer {
     dest_flush_failed: AtomicBool,
     commits: AtomicU64,
     flush_requests: AtomicU64,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 impl Committer {
@@ -70,6 +71,7 @@ impl Committer {
         config: &super::EngineConfig,
         mode: (Mode, String),
         kickers: &Arc<Kickers>,
+        metrics: Arc<super::metrics::Metrics>,
     ) -> Committer {
         Committer {
             md,
@@ -91,6 +93,7 @@ impl Committer {
             dest_flush_failed: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             flush_requests: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -255,7 +258,10 @@ impl Committer {
     /// The commit thread.
     pub fn run(&self) {
         while let Some(epoch) = self.next_epoch() {
-            if let Err(e) = self.commit_once() {
+            let t = Instant::now();
+            let res = self.commit_once();
+            self.metrics.observe_commit(t.elapsed());
+            if let Err(e) = res {
                 self.degrade(Mode::ReadOnly, &format!("commit failed: {e}"));
             }
             if self.mode_unpersisted.swap(false, Ordering::AcqRel) {

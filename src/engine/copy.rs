@@ -115,7 +115,13 @@ impl Engine {
             let mut buf = self.copy_budget.take_blocking(n);
             let mut attempt = 0;
             let read = loop {
-                match self.source.read_at(&mut buf, pos) {
+                let read = self.source.read_at(&mut buf, pos);
+                if read.is_err() {
+                    self.metrics
+                        .source_read_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                match read {
                     Ok(()) => break Ok(()),
                     Err(e) if self.source_unreachable(&e) => {
                         // Not the region's fault: nothing is marked failed.

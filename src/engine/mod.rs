@@ -25,6 +25,7 @@ mod copy;
 mod error;
 pub mod flush;
 mod hydrator;
+pub mod metrics;
 pub mod path;
 pub mod pause;
 mod readwrite;
@@ -101,6 +102,7 @@ pub struct Engine {
     copy_budget: budget::CopyBudget,
     regions_hydrated_write: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Engine {
@@ -129,6 +131,7 @@ impl Engine {
             md.seal();
         }
         let map = Arc::new(RegionMap::new(md.clone(), mode.0 != Mode::ReadWrite));
+        let metrics = Arc::new(metrics::Metrics::default());
         let committer = Arc::new(Committer::new(
             md,
             dest.clone(),
@@ -136,6 +139,7 @@ impl Engine {
             &config,
             mode,
             &kickers,
+            metrics.clone(),
         ));
         if start_mode.is_some() {
             committer.persist_start_mode();
@@ -153,6 +157,7 @@ impl Engine {
             dest,
             regions_hydrated_write: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
+            metrics,
             config,
         });
         engine.spawn_threads()?;
@@ -310,7 +315,15 @@ impl Engine {
     /// arrived has completed and every bit set before it arrived is durable.
     pub async fn flush<P: DataPath>(&self, p: &P) -> Result<(), IoError> {
         pause::point(pause::Point::Flush);
-        self.committer.flush(p).await
+        let t = std::time::Instant::now();
+        let r = self.committer.flush(p).await;
+        self.metrics.flush.observe(t.elapsed());
+        r
+    }
+
+    /// The monitoring counters (user I/O by operation, FLUSH and commit latency).
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
 
     /// FLUSH through a group commit (always a commit-thread destination flush).

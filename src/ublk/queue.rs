@@ -86,6 +86,9 @@ impl<'a> Queue<'a> {
     /// A new request arrived on `tag`.
     fn start(self: &Rc<Self>, tag: u16) {
         let req = Request::decode(self.q.get_iod(tag));
+        if let Some(op) = req.op.kind() {
+            self.engine.metrics().count_op(op, req.len);
+        }
         if self.direct && req.carries_data() && self.try_direct(tag, req) {
             return;
         }

@@ -24,6 +24,21 @@ pub(super) enum Op {
     Unsupported(u32),
 }
 
+impl Op {
+    /// The operation as the metrics count it (`None`: unsupported).
+    pub fn kind(self) -> Option<crate::engine::metrics::OpKind> {
+        use crate::engine::metrics::OpKind;
+        Some(match self {
+            Op::Read => OpKind::Read,
+            Op::Write => OpKind::Write,
+            Op::Flush => OpKind::Flush,
+            Op::WriteZeroes { .. } => OpKind::WriteZeroes,
+            Op::Discard => OpKind::Discard,
+            Op::Unsupported(_) => return None,
+        })
+    }
+}
+
 /// A decoded request descriptor. Offsets and lengths are in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Request {

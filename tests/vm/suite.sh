@@ -828,7 +828,7 @@ test_clonetab_up_and_down() {
   stop "$db"
   {
     echo "# test table"
-    echo "a  $WORK/src2  $WORK/dst2  $WORK/meta2b  region-size=64K,rate=4M"
+    echo "a  $WORK/src2  $WORK/dst2  $WORK/meta2b  region-size=64K,rate=4M,metrics=127.0.0.1:9560"
     echo "b  $WORK/src   $WORK/dst   $WORK/meta"
     echo "c  $WORK/src   /nonexistent/dst  $WORK/meta3  bogus"
   } >"$tab"
@@ -849,6 +849,13 @@ test_clonetab_up_and_down() {
     || fail "b lost its write: it was not resumed"
   "$BIN" list | grep -E "^$da +a " >/dev/null || fail "list does not name a: $("$BIN" list)"
   "$BIN" status a >>"$LOG" || fail "status by name"
+  # Monitoring: the metrics (CLI and HTTP) and the events of clone a.
+  "$BIN" metrics a | grep -q "^ublk_clone_regions{device=\"$da\",name=\"a\"} 512$" \
+    || fail "metrics: $("$BIN" metrics a | head -n 5)"
+  python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9560/metrics", timeout=10).read().decode())' \
+    | grep -q '^ublk_clone_io_requests_total{device="'"$da"'",name="a",op="read"} [1-9]' \
+    || fail "no read counted at http://127.0.0.1:9560/metrics"
+  "$BIN" events a --no-follow | grep -q '"event":"started"' || fail "events: $("$BIN" events a --no-follow)"
   out=$("$BIN" up a --table "$tab") || fail "up of a clone that is up failed"
   echo "$out" | grep -q "a: already up: $da" || fail "up a: $out"
   truncate -s 32M "$WORK/dst3"; truncate -s 8M "$WORK/meta3"
@@ -874,6 +881,21 @@ test_clonetab_up_and_down() {
   echo "$out" | grep -q "a: $da" || fail "up did not recover $da: $out"
   [ "$(daemon_pid "$da")" != "$pid" ] || fail "no new daemon"
   [ "$(readlink /dev/ublk-clone/a)" = "$da" ] || fail "the name link was lost in the recovery"
+  # The new daemon serves the metrics again. b (resumed partly hydrated) completes and says so.
+  wait_hydrated "$db" 120
+  for ((i = 0; i < 50; i++)); do
+    "$BIN" events b --no-follow | grep -q '"event":"hydration_complete"' && break
+    sleep 0.1
+  done
+  "$BIN" events b --no-follow | grep -q '"event":"hydration_complete"' \
+    || fail "no hydration_complete event: $("$BIN" events b --no-follow)"
+  "$BIN" events b --no-follow | head -n 1 | python3 -c '
+import json, sys
+e = json.loads(sys.stdin.readline())
+sys.exit(0 if (e["event"], e["name"], e["regions"]) == ("started", "b", 512) and e["hydrated"] < 512 else f"{e}")' \
+    || fail "b's first event is not its start, partly hydrated"
+  python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9560/metrics", timeout=10).read().decode())' \
+    | grep -q '^ublk_clone_regions_hydrated{device="'"$da"'",name="a"} 512$' || fail "metrics after the recovery"
   echo 3 >/proc/sys/vm/drop_caches
   cmp "$WORK/fa" "$mnt/fa" || fail "the file differs after the recovery"
   umount "$mnt"

@@ -554,3 +554,26 @@ fn reads_respect_the_servers_block_size_constraints() {
         srv.kill();
     }
 }
+
+#[test]
+fn only_a_shutting_down_server_counts_as_away() {
+    use super::wire::nbd_error;
+    use std::io::ErrorKind;
+    // Numbers outside the protocol's (ETIMEDOUT, ENOTCONN) are EINVAL: the data's fault.
+    for code in [libc::ETIMEDOUT, libc::ENOTCONN, 9999] {
+        let e = nbd_error(code as u32, "");
+        assert!(
+            !matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::NotConnected),
+            "{code}: {e}"
+        );
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{code}");
+    }
+    assert_eq!(
+        nbd_error(libc::EIO as u32, "").raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        nbd_error(libc::ESHUTDOWN as u32, "bye").kind(),
+        ErrorKind::NotConnected
+    );
+}

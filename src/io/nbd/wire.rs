@@ -284,11 +284,30 @@ pub fn request(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8;
     m
 }
 
-/// An NBD error number as an `io::Error` (NBD's numbers are Linux errno values).
+/// The error numbers the NBD protocol defines (Linux errno values); a server's other
+/// numbers mean EINVAL (the spec says so).
+const NBD_ERRORS: [i32; 8] = [
+    libc::EPERM,
+    libc::EIO,
+    libc::ENOMEM,
+    libc::EINVAL,
+    libc::ENOSPC,
+    libc::EOVERFLOW,
+    libc::ENOTSUP,
+    libc::ESHUTDOWN,
+];
+
+/// An NBD error number as an `io::Error`. Only a server shutting down says the source is
+/// away; every other error is about the data asked for (a number outside the protocol's,
+/// such as ETIMEDOUT, is EINVAL: it must not pass for an unreachable source).
 pub fn nbd_error(code: u32, msg: &str) -> io::Error {
-    let base = io::Error::from_raw_os_error(code as i32);
+    let code = i32::try_from(code)
+        .ok()
+        .filter(|c| NBD_ERRORS.contains(c))
+        .unwrap_or(libc::EINVAL);
+    let base = io::Error::from_raw_os_error(code);
     // A server shutting down is going away, not failing the data asked for.
-    let kind = if code == libc::ESHUTDOWN as u32 {
+    let kind = if code == libc::ESHUTDOWN {
         io::ErrorKind::NotConnected
     } else {
         base.kind()
