@@ -52,6 +52,9 @@ enum Command {
     Events(cli::monitor::EventsArgs),
     /// Print Prometheus metrics of the running clones (node_exporter textfile format).
     Metrics(cli::monitor::MetricsArgs),
+    /// Write the order in which a clone's regions were first read (create --trace-reads),
+    /// for another clone's --prefetch.
+    Trace(clone::TraceArgs),
     /// Print the name of a clone device (udev's by-id rule uses it).
     #[command(hide = true)]
     Name(cli::status::NameArgs),
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Down(a) => done(cli::table::run_down(a)),
         Command::Events(a) => done(cli::monitor::run_events(a)),
         Command::Metrics(a) => done(cli::monitor::run_metrics(a)),
+        Command::Trace(a) => done(clone::run_trace(a)),
         Command::Name(a) => done(cli::status::run_name(a)),
         Command::SystemdGenerator(a) => done(cli::table::run_generator(a)),
         Command::GenDocs(a) => done(gen_docs(a)),

@@ -100,6 +100,13 @@ pub struct CreateArgs {
     /// the same text (for node_exporter's textfile collector).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Record the order in which regions are first read (`ublk-clone trace` writes it out;
+    /// a later clone's `--prefetch` uses it).
+    #[arg(long)]
+    pub trace_reads: bool,
+    /// Hydrate the regions of this read trace first, in order, ahead of the sweep.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch: Option<PathBuf>,
 }
 
 impl From<&CreateArgs> for DaemonConfig {
@@ -130,6 +137,8 @@ impl From<&CreateArgs> for DaemonConfig {
             source_timeout: a.source_timeout,
             name: a.name.clone(),
             metrics: a.metrics.clone(),
+            trace_reads: a.trace_reads,
+            prefetch: a.prefetch.clone(),
         }
     }
 }
@@ -161,6 +170,9 @@ pub(super) fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
     if let Some(m) = &cfg.metrics {
         kv("--metrics", m.into());
     }
+    if let Some(p) = &cfg.prefetch {
+        kv("--prefetch", abs(p).into());
+    }
     if let Some(r) = cfg.region_size {
         kv("--region-size", r.to_string().into());
     }
@@ -188,6 +200,7 @@ pub(super) fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
         ("--dest-moved", cfg.dest_moved),
         ("--no-recovery", cfg.no_recovery),
         ("--recover", cfg.recover),
+        ("--trace-reads", cfg.trace_reads),
     ] {
         if on {
             v.push(flag.into());
@@ -308,6 +321,27 @@ pub fn run_set(a: &SetArgs) -> Result<()> {
         hydrate_on_read: a.hydrate_on_read,
     };
     control::request(id, &req)?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// The clone (started with --trace-reads).
+    pub dev: String,
+    /// Where to write the trace (one byte offset per line, in the order of first reads).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `ublk-clone trace DEV --out FILE`: the order in which the clone's regions were first read.
+pub fn run_trace(a: &TraceArgs) -> Result<()> {
+    let id = control::parse_dev(&a.dev)?;
+    let t = control::request(id, &Request::Trace)?
+        .trace
+        .context("the daemon sent no trace")?;
+    let text = crate::engine::trace::format_trace(&t.regions, t.region_size);
+    std::fs::write(&a.out, text).with_context(|| format!("cannot write {}", a.out.display()))?;
+    println!("{} regions written to {}", t.regions.len(), a.out.display());
     Ok(())
 }
 

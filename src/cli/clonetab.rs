@@ -9,8 +9,8 @@
 //!
 //! Options are comma-separated (`-` or nothing: none): `region-size=SIZE`, `rate=SIZE`
 //! (bytes/s), `hydration-threshold=N`, `batch-size=N`, `queues=N`, `depth=N`,
-//! `source-timeout=SECONDS`, `metrics=HOST:PORT`, and the flags `no-hydration`, `no-discard-passdown`,
-//! `buffered-io`, `no-recovery`. `#` starts a comment.
+//! `source-timeout=SECONDS`, `metrics=HOST:PORT`, `prefetch=FILE`, and the flags `no-hydration`, `no-discard-passdown`,
+//! `buffered-io`, `no-recovery`, `trace-reads`. `#` starts a comment.
 //!
 //! Invariant: a bad line never stops the good ones; its error names the file, the line and
 //! the field. Names and metadata paths are unique in a table (a later duplicate is the bad one).
@@ -59,6 +59,8 @@ pub struct Options {
     pub buffered_io: bool,
     pub no_recovery: bool,
     pub metrics: Option<String>,
+    pub trace_reads: bool,
+    pub prefetch: Option<PathBuf>,
 }
 
 /// A bad line: `FILE:LINE: FIELD: what is wrong`.
@@ -239,11 +241,14 @@ fn parse_options(col: &str) -> Result<Options, String> {
             "buffered-io" => o.buffered_io = flag()?,
             "no-recovery" => o.no_recovery = flag()?,
             "metrics" => o.metrics = Some(need()?.to_string()),
+            "trace-reads" => o.trace_reads = flag()?,
+            "prefetch" => o.prefetch = Some(PathBuf::from(need()?)),
             other => {
                 return Err(format!(
                     "unknown option '{other}' (known: region-size, rate, hydration-threshold, \
                      batch-size, queues, depth, source-timeout, no-hydration, \
-                     no-discard-passdown, buffered-io, no-recovery, metrics)"
+                     no-discard-passdown, buffered-io, no-recovery, metrics, trace-reads, \
+                     prefetch)"
                 ))
             }
         }
@@ -282,6 +287,8 @@ impl Entry {
             source_timeout: o.source_timeout.unwrap_or(DEFAULT_SOURCE_TIMEOUT),
             name: Some(self.name.clone()),
             metrics: o.metrics.clone(),
+            trace_reads: o.trace_reads,
+            prefetch: o.prefetch.clone(),
         }
     }
 }

@@ -89,6 +89,12 @@ pub struct DaemonConfig {
     /// Serve Prometheus metrics at this address (`HOST:PORT`, `GET /metrics`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// Record the order in which regions are first read (`ublk-clone trace` writes it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trace_reads: bool,
+    /// A read trace whose regions are hydrated first, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PathBuf>,
 }
 
 /// Most connections to one NBD server.
@@ -163,11 +169,31 @@ impl DaemonConfig {
         cfg
     }
 
+    /// The byte offsets of the `--prefetch` trace file, if one is given.
+    pub fn prefetch_offsets(&self) -> Result<Vec<u64>> {
+        match &self.prefetch {
+            Some(p) => self.prefetch_offsets_of(p),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn prefetch_offsets_of(&self, p: &Path) -> Result<Vec<u64>> {
+        let text = std::fs::read_to_string(p)
+            .named(|| format!("--prefetch {}: cannot read the trace", p.display()))?;
+        match crate::engine::trace::parse_trace(&text) {
+            Ok(v) => Ok(v),
+            Err(e) => refuse!("--prefetch {}: {e}", p.display()),
+        }
+    }
+
     /// The checks of [`validate`](Self::validate) that read no device: option values, the
     /// name, and an NBD source's URI.
     pub fn validate_options(&self) -> Result<()> {
         if let Some(name) = &self.name {
             super::names::validate(name)?;
+        }
+        if let Some(p) = &self.prefetch {
+            self.prefetch_offsets_of(p)?;
         }
         if let Some(a) = &self.metrics {
             if a.parse::<std::net::SocketAddr>().is_err() {

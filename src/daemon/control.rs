@@ -49,6 +49,15 @@ pub enum Request {
     },
     /// The status and the monitoring counters (`ublk-clone metrics`).
     Metrics,
+    /// The read trace (`ublk-clone trace`).
+    Trace,
+}
+
+/// A clone's read trace: the regions first read, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceReply {
+    pub region_size: u64,
+    pub regions: Vec<u64>,
 }
 
 /// The state of a daemon's dm-log-writes recording (`create --log-writes`).
@@ -72,6 +81,8 @@ pub struct Response {
     pub events: Option<super::events::EventsPage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<crate::engine::metrics::MetricsSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceReply>,
 }
 
 impl Response {
@@ -83,6 +94,7 @@ impl Response {
             recording: None,
             events: None,
             metrics: None,
+            trace: None,
         }
     }
 
@@ -94,6 +106,7 @@ impl Response {
             recording: None,
             events: None,
             metrics: None,
+            trace: None,
         }
     }
 }

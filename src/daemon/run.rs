@@ -62,6 +62,12 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     process::detach_ublk_mounts(private_ns, &control::run_dir());
     let region_size = o.md.region_size();
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
+    ecfg.trace_reads = cfg.trace_reads;
+    ecfg.prefetch = crate::engine::trace::regions_of(
+        &cfg.prefetch_offsets()?,
+        region_size,
+        o.source.size().div_ceil(region_size),
+    );
     ecfg.block_size = o.block_sizes.logical as u64;
     ecfg.start_mode = degraded.map(|(m, reason)| (Mode::from_metadata(m), reason));
     // A recovering daemon continues the dead one: its settings and failed regions.

@@ -149,6 +149,26 @@ fn answer(
             },
             None,
         ),
+        Ok(Request::Trace) => match engine.read_trace() {
+            Some(regions) => (
+                Response {
+                    trace: Some(control::TraceReply {
+                        region_size: engine.geometry().region_size,
+                        regions,
+                    }),
+                    ..Response::ok()
+                },
+                None,
+            ),
+            None => (
+                Response::err(
+                    "not tracing: the clone was not started with --trace-reads (or \
+                     trace-reads in the clone table)"
+                        .into(),
+                ),
+                None,
+            ),
+        },
         Ok(Request::Metrics) => (
             Response {
                 metrics: Some(engine.metrics().snapshot()),

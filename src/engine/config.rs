@@ -89,6 +89,10 @@ pub struct EngineConfig {
     /// A degraded mode to start in, and why, when the metadata records a milder one (the mode
     /// a dead daemon of this clone was in: see [`crate::metadata::survival`]).
     pub start_mode: Option<(Mode, String)>,
+    /// Record the order in which regions are first read (`--trace-reads`).
+    pub trace_reads: bool,
+    /// Regions to hydrate first, in order (`--prefetch`).
+    pub prefetch: Vec<u64>,
     /// Deliberate protocol violations, for the crash oracle's own tests only.
     #[cfg(test)]
     pub(crate) bugs: Bugs,
@@ -127,6 +131,8 @@ impl EngineConfig {
             copy_budget: 64 << 20,
             knobs: Knobs::defaults_for(region_size),
             start_mode: None,
+            trace_reads: false,
+            prefetch: Vec::new(),
             #[cfg(test)]
             bugs: Bugs::default(),
         }

@@ -377,12 +377,22 @@ impl Engine {
                 break;
             }
         }
+        let mut prefetching = false;
+        if first.is_none() {
+            // Then the prefetch list (`--prefetch`), ahead of the sweep.
+            first = self
+                .prefetch
+                .next(|r| r < nr && !self.map.md().is_hydrated(r) && !self.hydrator.is_failed(r));
+            prefetching = first.is_some();
+        }
         let mut guards = Vec::new();
         if let Some(r) = first {
             if let Some(g) = self.locks.try_lock(r) {
                 guards.push(g);
             }
         }
+        // A prefetched region a writer holds is the writer's to hydrate: sweep instead.
+        prefetching &= !guards.is_empty();
         if guards.is_empty() {
             let mut cursor = self.hydrator.cursor.lock();
             let start = *cursor;
@@ -407,11 +417,15 @@ impl Engine {
                 return Batch::NothingToPick;
             }
         }
-        // Extend to contiguous regions.
+        // Extend to contiguous regions (a prefetch batch only over the list's next regions:
+        // what was read comes first, not its neighbours).
         let head = guards[0].region();
         while (guards.len() as u64) < max {
             let r = head + guards.len() as u64;
             if r >= nr || self.map.md().is_hydrated(r) || self.hydrator.is_failed(r) {
+                break;
+            }
+            if prefetching && !self.prefetch.take_if_next(r) {
                 break;
             }
             match self.locks.try_lock(r) {

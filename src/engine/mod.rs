@@ -30,6 +30,7 @@ pub mod path;
 pub mod pause;
 mod readwrite;
 pub mod regions;
+pub mod trace;
 mod view;
 pub mod wake;
 mod zero_discard;
@@ -103,6 +104,10 @@ pub struct Engine {
     regions_hydrated_write: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<metrics::Metrics>,
+    /// `--trace-reads`: the first-read order of the regions.
+    trace: Option<trace::ReadTrace>,
+    /// `--prefetch`: regions hydrated ahead of the sweep.
+    prefetch: trace::Prefetch,
 }
 
 impl Engine {
@@ -158,6 +163,10 @@ impl Engine {
             regions_hydrated_write: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             metrics,
+            trace: config
+                .trace_reads
+                .then(|| trace::ReadTrace::new(geo.nr_regions)),
+            prefetch: trace::Prefetch::new(config.prefetch.iter().copied()),
             config,
         });
         engine.spawn_threads()?;
@@ -319,6 +328,21 @@ impl Engine {
         let r = self.committer.flush(p).await;
         self.metrics.flush.observe(t.elapsed());
         r
+    }
+
+    /// Records a user read of `[offset, offset+len)` for the read trace (`--trace-reads`).
+    pub fn trace_read(&self, offset: u64, len: u64) {
+        if let Some(t) = &self.trace {
+            if len > 0 && offset < self.geo.size {
+                let last = (offset + len - 1).min(self.geo.size - 1);
+                t.record(self.geo.region_of(offset), self.geo.region_of(last));
+            }
+        }
+    }
+
+    /// The regions first read so far, in order (`None`: not tracing).
+    pub fn read_trace(&self) -> Option<Vec<u64>> {
+        self.trace.as_ref().map(|t| t.order())
     }
 
     /// The monitoring counters (user I/O by operation, FLUSH and commit latency).

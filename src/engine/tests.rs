@@ -1504,3 +1504,35 @@ fn an_engine_started_in_a_dead_daemons_degraded_mode_refuses_flushes_and_records
     assert_eq!(mode, crate::metadata::MetadataMode::ReadOnly);
     assert!(reason.contains("commit failed: EIO"), "{reason}");
 }
+
+/// `--prefetch`: the listed regions are hydrated first, in order, ahead of the sweep (which
+/// starts at region 0); `--trace-reads` records first reads once each, in order.
+#[test]
+fn prefetched_regions_are_hydrated_before_the_sweep() {
+    const REGION: u64 = 4096;
+    let r = rig(64 * REGION, REGION, |c| {
+        c.hydration_workers = 1;
+        c.knobs.batch_size = 1;
+        c.knobs.threshold = 1;
+        // About 8 regions a second: the order shows.
+        c.knobs.rate_bytes_per_sec = 8 * REGION;
+        c.prefetch = vec![7, 2, 30];
+        c.trace_reads = true;
+    });
+    let md = r.engine.map.md();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while md.nr_hydrated() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let hydrated: Vec<u64> = (0..64).filter(|x| md.is_hydrated(*x)).collect();
+    // The sweep (from region 0) may have taken one more region since, never before the list.
+    assert!(
+        hydrated == [2, 7, 30] || hydrated == [0, 2, 7, 30],
+        "{hydrated:?}"
+    );
+    r.engine.trace_read(5 * REGION, 2 * REGION);
+    r.engine.trace_read(3 * REGION, 512);
+    r.engine.trace_read(5 * REGION, 512);
+    assert_eq!(r.engine.read_trace(), Some(vec![5, 6, 3]));
+    assert!(r.engine.shutdown().is_ok());
+}

@@ -89,6 +89,9 @@ impl<'a> Queue<'a> {
         if let Some(op) = req.op.kind() {
             self.engine.metrics().count_op(op, req.len);
         }
+        if req.op == Op::Read {
+            self.engine.trace_read(req.offset, req.len);
+        }
         if self.direct && req.carries_data() && self.try_direct(tag, req) {
             return;
         }

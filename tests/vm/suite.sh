@@ -907,6 +907,57 @@ sys.exit(0 if (e["event"], e["name"], e["regions"]) == ("started", "b", 512) and
   rm -f /run/udev/rules.d/90-ublk-clone.rules
 }
 
+test_trace_and_prefetch() {
+  # Issue 15: a first clone of a golden ext4 image records the order of its first reads while
+  # a set of files is read ("a boot"); a second clone started with --prefetch hydrates those
+  # regions first: once it has hydrated as many regions as the trace holds (plus a little),
+  # every traced region is hydrated, including ones the sweep from region 0 could not have
+  # reached yet.
+  rm -f "$WORK"/src "$WORK"/dst "$WORK"/meta
+  truncate -s 32M "$WORK/src" "$WORK/dst"; truncate -s 8M "$WORK/meta"
+  local mnt=$WORK/mnt tr=$WORK/trace n maxr h
+  mkdir -p "$mnt" "$WORK/gold"
+  say "$(date +%T) making the golden image"
+  head -c 16M /dev/urandom >"$WORK/gold/filler"
+  for f in 1 2 3 4; do head -c 1M /dev/urandom >"$WORK/gold/boot$f"; done
+  mkfs.ext4 -q -F -b 4096 -d "$WORK/gold" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d"
+  say "$(date +%T) first clone"
+  dev=$(create --region-size 64K --no-hydration --trace-reads --name first) || fail "create --trace-reads"
+  mount -o ro "$dev" "$mnt" || fail "mount"
+  cat "$mnt"/boot* >/dev/null
+  umount "$mnt"
+  "$BIN" trace first --out "$tr" >>"$LOG" || fail "trace"
+  stop "$dev"
+  n=$(grep -vc '^#' "$tr")
+  maxr=$(grep -v '^#' "$tr" | awk '{r = $1 / 65536; if (r > m) m = r} END {print m}')
+  say "trace: $n regions, the last at region $maxr"
+  [ "$n" -ge 64 ] || fail "the trace holds $n regions; reading 4 MiB of files needs at least 64"
+  # The second clone: new destination and metadata, prefetch from the trace, slow sweep.
+  say "$(date +%T) second clone"
+  truncate -s 32M "$WORK/dst2"; truncate -s 8M "$WORK/meta2p"
+  dev=$("$BIN" create --source "$WORK/src" --dest "$WORK/dst2" --metadata "$WORK/meta2p" \
+    --region-size 64K --rate 2M --prefetch "$tr" --name second 2>>"$LOG") || fail "create --prefetch"
+  for ((i = 0; i < 600; i++)); do
+    h=$(status_json "$dev" | json_field hydrated)
+    [ "$h" -ge "$n" ] && break
+    sleep 0.05
+  done
+  stop "$dev"
+  say "$(date +%T) $h regions hydrated"
+  [ "$maxr" -gt $((h + 64)) ] || fail "the traced regions lie within reach of the sweep ($maxr <= $h + 64): the check has no teeth"
+  "$BIN" dump "$WORK/meta2p" >"$WORK/dump.json" || fail "dump"
+  python3 - "$WORK/dump.json" "$tr" <<'PY' || fail "traced regions were not hydrated first"
+import json, sys
+d = json.load(open(sys.argv[1]))
+hyd = set()
+for a, b in d["hydrated_ranges"]:  # [start, end)
+    hyd.update(range(a, b))
+want = [int(l) // 65536 for l in open(sys.argv[2]) if l.strip() and not l.startswith("#")]
+missing = [r for r in want if r not in hyd]
+sys.exit(f"{len(missing)} of {len(want)} traced regions not hydrated: {missing[:10]}" if missing else 0)
+PY
+}
+
 # Fault injection with dm-flakey, dm-error and dm-thin: the test_fault_* functions.
 source "$(dirname "$0")/faults.sh"
 
@@ -918,7 +969,7 @@ truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
          kill_and_recover kill_at_pause_points recover_waits_for_old_writes kill_and_restart_under_load \
-         nbd_source_comes_and_goes clonetab_up_and_down \
+         nbd_source_comes_and_goes clonetab_up_and_down trace_and_prefetch \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
