@@ -191,6 +191,11 @@ fn the_generator_wants_one_unit_per_good_line() {
         std::fs::read_link(wants.join("ublk-clone@db.service")).expect("link"),
         Path::new("/usr/lib/systemd/system/ublk-clone@.service")
     );
+    // The target is pulled in by local-fs.target: no `systemctl enable` needed.
+    assert_eq!(
+        std::fs::read_link(out.join("local-fs.target.wants/ublk-clone.target")).expect("link"),
+        Path::new("/usr/lib/systemd/system/ublk-clone.target")
+    );
     // No table: no units, no error (a host without clones).
     let o = run_in(
         d,
@@ -226,4 +231,36 @@ fn man_pages_and_completions_generate() {
     // Hidden plumbing stays out of the pages people read.
     let top = std::fs::read_to_string(d.join("man/ublk-clone.1")).expect("page");
     assert!(!top.contains("systemd\\-generator") && !top.contains("gen\\-docs"));
+}
+
+/// The units load cleanly in systemd (no ordering cycle with local-fs-pre.target, no unknown
+/// setting): `systemd-analyze verify` on copies that run this build's binary.
+#[test]
+fn the_systemd_units_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/systemd");
+    for (from, to) in [
+        ("ublk-clone@.service", "ublk-clone@db.service"),
+        ("ublk-clone.target", "ublk-clone.target"),
+    ] {
+        let text = std::fs::read_to_string(dist.join(from)).expect("unit");
+        // This build's binary; no man pages installed here.
+        let text: String = text
+            .replace("/usr/bin/ublk-clone", bin())
+            .lines()
+            .filter(|l| !l.starts_with("Documentation="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(d.join(to), text).expect("write unit");
+    }
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(d.join("ublk-clone@db.service"))
+        .arg(d.join("ublk-clone.target"))
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let t = text(&o);
+    assert!(o.status.success() && t.trim().is_empty(), "{t}");
 }

@@ -20,7 +20,7 @@ SRC
 fi
 
 pkgs=(libclang-dev linux-libc-dev fio e2fsprogs xfsprogs util-linux fdisk kmod busybox-static
-      nbdkit libnbd-bin)
+      nbdkit libnbd-bin systemd)
 # QEMU comes from bookworm-backports: the image's qemu-utils is the backports one and breaks
 # bookworm's own qemu-system-common.
 bpo_pkgs=(qemu-system-x86 qemu-utils)

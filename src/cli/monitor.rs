@@ -45,14 +45,20 @@ fn devices(dev: Option<&str>) -> Result<Vec<(u32, String)>> {
 /// `ublk-clone events [DEV]`: one JSON object per line, each with its `device` and `name`.
 pub fn run_events(a: &EventsArgs) -> Result<()> {
     let devs = devices(a.dev.as_deref())?;
-    let mut after: HashMap<u32, u64> = HashMap::new();
+    // Per device: the daemon last read from, and the last event seen from it.
+    let mut after: HashMap<u32, (u32, u64)> = HashMap::new();
     loop {
         for (id, name) in &devs {
-            let seen = after.get(id).copied().unwrap_or(0);
+            let (pid, seen) = after.get(id).copied().unwrap_or((0, 0));
             let r = control::request(*id, &Request::Events { after: seen })?;
-            let page = r
+            let mut page = r
                 .events
                 .context("the daemon sent no events (an older daemon?)")?;
+            if pid != 0 && page.pid != pid {
+                // A new daemon (a recovery, a restart): its events start at 1 again.
+                let r = control::request(*id, &Request::Events { after: 0 })?;
+                page = r.events.context("the daemon sent no events")?;
+            }
             if page.missed > 0 {
                 println!(
                     "{}",
@@ -68,7 +74,7 @@ pub fn run_events(a: &EventsArgs) -> Result<()> {
                 }
                 println!("{v}");
             }
-            after.insert(*id, page.next);
+            after.insert(*id, (page.pid, page.next));
         }
         if a.no_follow {
             return Ok(());

@@ -108,7 +108,10 @@ pub fn run_up(a: &UpArgs) -> Result<()> {
 
 /// Brings up one entry: already up, recovered after a crash, or started (resumed or new).
 fn up_one(file: &Path, e: &Entry, foreground: bool) -> Result<()> {
-    if let Some(l) = device_named(&e.name).filter(|l| l.daemon_running) {
+    // A device whose daemon died or is dying comes first: its record still names a process
+    // (killed, not yet gone), which must not pass for a running daemon.
+    let recoverable = daemon::recover::recoverable_device_of(&e.metadata);
+    if let Some(l) = device_named(&e.name).filter(|l| l.daemon_running && recoverable.is_none()) {
         if foreground {
             bail!(
                 "already up as {} (pid {}); not starting a second daemon",
@@ -119,7 +122,7 @@ fn up_one(file: &Path, e: &Entry, foreground: bool) -> Result<()> {
         println!("{}: already up: {}", e.name, l.record.device);
         return Ok(());
     }
-    let mut cfg = match daemon::recover::recoverable_device_of(&e.metadata) {
+    let mut cfg = match recoverable {
         // Its device waits with the file system on it (the daemon died): recover it.
         Some(id) => daemon::recover::config_for_recover(&id.to_string())?,
         None => e.config(),
@@ -200,6 +203,12 @@ pub fn run_generator(a: &GeneratorArgs) -> Result<()> {
     }
     let wants = dir.join("ublk-clone.target.wants");
     std::fs::create_dir_all(&wants)?;
+    // The target itself is wanted by local-fs.target (no `systemctl enable` needed).
+    let fs_wants = dir.join("local-fs.target.wants");
+    std::fs::create_dir_all(&fs_wants)?;
+    let target = fs_wants.join("ublk-clone.target");
+    let _ = std::fs::remove_file(&target);
+    std::os::unix::fs::symlink(Path::new(UNIT_DIR).join("ublk-clone.target"), &target)?;
     for e in &t.entries {
         let unit = format!("ublk-clone@{}.service", e.name);
         let link = wants.join(&unit);

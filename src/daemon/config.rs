@@ -169,11 +169,17 @@ impl DaemonConfig {
         cfg
     }
 
-    /// The byte offsets of the `--prefetch` trace file, if one is given.
+    /// The byte offsets of the `--prefetch` trace file, if one is given. A recovering daemon
+    /// goes on without them when the file cannot be read (it is an optimisation; the device
+    /// and the file system on it wait for the recovery).
     pub fn prefetch_offsets(&self) -> Result<Vec<u64>> {
-        match &self.prefetch {
-            Some(p) => self.prefetch_offsets_of(p),
-            None => Ok(Vec::new()),
+        match (&self.prefetch, self.recover) {
+            (None, _) => Ok(Vec::new()),
+            (Some(p), false) => self.prefetch_offsets_of(p),
+            (Some(p), true) => Ok(self.prefetch_offsets_of(p).unwrap_or_else(|e| {
+                log::warn!("{e}; recovering without the prefetch list");
+                Vec::new()
+            })),
         }
     }
 
@@ -191,9 +197,6 @@ impl DaemonConfig {
     pub fn validate_options(&self) -> Result<()> {
         if let Some(name) = &self.name {
             super::names::validate(name)?;
-        }
-        if let Some(p) = &self.prefetch {
-            self.prefetch_offsets_of(p)?;
         }
         if let Some(a) = &self.metrics {
             if a.parse::<std::net::SocketAddr>().is_err() {
@@ -241,6 +244,12 @@ impl DaemonConfig {
     /// do not exist are left to the open.
     pub fn validate(&self) -> Result<()> {
         self.validate_options()?;
+        if let Some(p) = &self.prefetch {
+            // A recovery goes on without its prefetch list (a mounted file system waits).
+            if !self.recover {
+                self.prefetch_offsets_of(p)?;
+            }
+        }
         let source = self.source_path().map(|p| ("--source", p));
         let mut distinct = vec![
             ("--dest", self.dest.as_path()),
@@ -367,4 +376,20 @@ mod tests {
     }
 
     const REMOTE_WORKERS: usize = crate::engine::REMOTE_HYDRATION_WORKERS;
+
+    /// A missing trace file refuses a new start, but never a recovery (a mounted file system
+    /// waits for it); the clone table's parsing does not read the file at all.
+    #[test]
+    fn a_missing_prefetch_file_refuses_a_start_but_not_a_recovery() -> serde_json::Result<()> {
+        let mut cfg = config("/dev/sdb", None)?;
+        cfg.prefetch = Some(PathBuf::from("/nonexistent/trace"));
+        assert!(cfg.validate_options().is_ok());
+        match cfg.prefetch_offsets() {
+            Err(e) => assert!(e.to_string().contains("/nonexistent/trace"), "{e}"),
+            Ok(v) => panic!("accepted: {v:?}"),
+        }
+        cfg.recover = true;
+        assert!(matches!(cfg.prefetch_offsets(), Ok(v) if v.is_empty()));
+        Ok(())
+    }
 }

@@ -4,7 +4,8 @@
 //! lost and back, and commits slower than [`SLOW_COMMIT`]. Readers poll with the sequence
 //! number of the last event they saw.
 //!
-//! Invariants: sequence numbers grow by one per event and are never reused by a daemon; a
+//! Invariants: sequence numbers grow by one per event and are never reused by a daemon (a
+//! new daemon starts again at 1, and says which it is: [`EventsPage::pid`]); a
 //! reader that fell behind by more than [`KEEP`] events is told how many it missed. A source
 //! lost and back within one tick is not seen (the status shows the source's state, not its
 //! history).
@@ -64,6 +65,10 @@ pub struct EventsPage {
     pub events: Vec<Event>,
     pub next: u64,
     pub missed: u64,
+    /// The daemon answering: a new daemon (a recovery or restart) numbers its events from 1
+    /// again, so a reader that sees another pid starts over from 0.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// The daemon's event log and the status it last looked at.
@@ -171,6 +176,7 @@ impl Events {
             events: self.log.iter().filter(|e| e.seq > after).cloned().collect(),
             next: self.next - 1,
             missed: first.saturating_sub(after + 1),
+            pid: std::process::id(),
         }
     }
 }

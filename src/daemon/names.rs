@@ -129,8 +129,27 @@ pub fn unlink(name: &str, device: &str) {
     }
 }
 
+/// Whether `link` points at `device`, written absolute (ours) or relative (udev's
+/// `../ublkbN`), compared lexically (the device may be gone already).
 fn points_at(link: &Path, device: &str) -> bool {
-    std::fs::read_link(link).is_ok_and(|t| t == Path::new(device))
+    let Ok(t) = std::fs::read_link(link) else {
+        return false;
+    };
+    let full = match link.parent() {
+        Some(dir) if t.is_relative() => dir.join(t),
+        _ => t,
+    };
+    let mut norm = PathBuf::new();
+    for c in full.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                norm.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => norm.push(other),
+        }
+    }
+    norm == Path::new(device)
 }
 
 /// Removes the links in `dir` that point at `device`, except the one named `keep`.
@@ -210,6 +229,14 @@ mod tests {
             std::fs::read_link(dir.join("other"))?,
             Path::new("/dev/ublkb1")
         );
+        // udev's relative link to the same device counts as pointing at it.
+        std::os::unix::fs::symlink("../ublkb5", dir.join("by-udev"))?;
+        assert!(points_at(
+            &dir.join("by-udev"),
+            &format!("{}/ublkb5", d.path().display())
+        ));
+        assert!(!points_at(&dir.join("by-udev"), "/dev/ublkb5"));
+        std::fs::remove_file(dir.join("by-udev"))?;
         // A name moves to another device number (a restart under another number).
         link_in(&dir, "new", "/dev/ublkb2")?;
         assert_eq!(

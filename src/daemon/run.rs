@@ -40,11 +40,14 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let private_ns = process::private_mount_namespace();
     process::install_signal_handlers();
     process::abort_on_panic();
-    let metrics = cfg
-        .metrics
-        .as_deref()
-        .map(super::metrics::listen)
-        .transpose()?;
+    let metrics = match cfg.metrics.as_deref().map(super::metrics::listen) {
+        Some(Err(e)) if cfg.recover => {
+            // The device and its file system wait for this recovery: go on without metrics.
+            log::error!("{}; recovering without metrics", super::error::chain(&e));
+            None
+        }
+        other => other.transpose()?,
+    };
     let recovering = cfg.recover.then_some(cfg.number as u32);
     if let Some(name) = &cfg.name {
         // Before anything is opened or formatted: a refused name writes nothing.

@@ -841,7 +841,8 @@ test_clonetab_up_and_down() {
   say "$out"
   echo "$out" | grep -q "$tab:4: options: unknown option 'bogus'" || fail "the bad line is not named: $out"
   [ -L /dev/ublk-clone/a ] && [ -L /dev/ublk-clone/b ] || fail "no name links: $(ls -l /dev/ublk-clone)"
-  da=$(readlink /dev/ublk-clone/a); db=$(readlink /dev/ublk-clone/b)
+  # Absolute (the daemon's) or relative (udev's, ../ublkbN): the device either way.
+  da=$(readlink -f /dev/ublk-clone/a); db=$(readlink -f /dev/ublk-clone/b)
   [ -b "$da" ] && [ -b "$db" ] && [ "$da" != "$db" ] || fail "links: a -> $da, b -> $db"
   echo "$out" | grep -q "a: $da" || fail "up did not print a's device: $out"
   # b resumed: its write is there; a is new.
@@ -880,7 +881,7 @@ test_clonetab_up_and_down() {
   out=$("$BIN" up a --table "$tab" 2>&1) || fail "up after the daemon died: $out"
   echo "$out" | grep -q "a: $da" || fail "up did not recover $da: $out"
   [ "$(daemon_pid "$da")" != "$pid" ] || fail "no new daemon"
-  [ "$(readlink /dev/ublk-clone/a)" = "$da" ] || fail "the name link was lost in the recovery"
+  [ "$(readlink -f /dev/ublk-clone/a)" = "$da" ] || fail "the name link was lost in the recovery"
   # The new daemon serves the metrics again. b (resumed partly hydrated) completes and says so.
   wait_hydrated "$db" 120
   for ((i = 0; i < 50; i++)); do
@@ -916,11 +917,11 @@ test_trace_and_prefetch() {
   rm -f "$WORK"/src "$WORK"/dst "$WORK"/meta
   truncate -s 32M "$WORK/src" "$WORK/dst"; truncate -s 8M "$WORK/meta"
   local mnt=$WORK/mnt tr=$WORK/trace n maxr h
-  mkdir -p "$mnt" "$WORK/gold"
+  mkdir -p "$mnt" "$WORK/gold-trace"
   say "$(date +%T) making the golden image"
-  head -c 16M /dev/urandom >"$WORK/gold/filler"
-  for f in 1 2 3 4; do head -c 1M /dev/urandom >"$WORK/gold/boot$f"; done
-  mkfs.ext4 -q -F -b 4096 -d "$WORK/gold" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d"
+  head -c 16M /dev/urandom >"$WORK/gold-trace/filler"
+  for f in 1 2 3 4; do head -c 1M /dev/urandom >"$WORK/gold-trace/boot$f"; done
+  mkfs.ext4 -q -F -b 4096 -d "$WORK/gold-trace" "$WORK/src" >/dev/null || fail "mkfs.ext4 -d"
   say "$(date +%T) first clone"
   dev=$(create --region-size 64K --no-hydration --trace-reads --name first) || fail "create --trace-reads"
   mount -o ro "$dev" "$mnt" || fail "mount"
