@@ -230,9 +230,7 @@ mod tests {
     use crate::io::mem::MemDev;
     use crate::io::BlockDev;
     use crate::metadata::{Expect, FormatParams, Metadata};
-    use rand::{Rng, SeedableRng};
     use std::io;
-    use std::os::unix::fs::FileExt;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -274,27 +272,7 @@ mod tests {
         const REGION: u64 = 64 << 10;
         let dir = tempfile::tempdir().expect("tempdir");
         let (src_path, dst_path) = (dir.path().join("src"), dir.path().join("dst"));
-        // A sparse source: about 10% of its regions hold data, some of them only one 4 KiB
-        // block (the rest of such a region is a hole, but the region must still be read).
-        let src = std::fs::File::create(&src_path).expect("source");
-        src.set_len(SIZE).expect("size");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-        let nr = SIZE / REGION;
-        let mut data_regions = std::collections::BTreeSet::new();
-        while data_regions.len() < (nr / 10) as usize {
-            let r = rng.gen_range(0..nr);
-            let len = if rng.gen_bool(0.5) { REGION } else { 4096 };
-            let at = r * REGION
-                + if len == 4096 {
-                    4096 * rng.gen_range(0..16)
-                } else {
-                    0
-                };
-            let bytes: Vec<u8> = (0..len).map(|_| rng.gen_range(1..=255)).collect();
-            src.write_all_at(&bytes, at).expect("data");
-            data_regions.insert(r);
-        }
-        src.sync_all().expect("sync");
+        let data_regions = crate::engine::tests::sparse_source(&src_path, SIZE, REGION, 12);
         // A destination full of old data: zeroed regions must really be zeroed.
         std::fs::write(&dst_path, vec![0xaa; SIZE as usize]).expect("destination");
         let source = Arc::new(Counting {
@@ -317,14 +295,7 @@ mod tests {
             Ok(e) => e,
             Err(e) => panic!("engine start: {e}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !engine.is_fully_hydrated() && Instant::now() < deadline {
-            engine
-                .hydrator
-                .wake
-                .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
-        }
-        assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
+        crate::engine::tests::hydrate_fully(&engine, Duration::from_secs(60));
         let status = engine.status();
         assert!(engine.shutdown().is_ok());
         let data_bytes = data_regions.len() as u64 * REGION;

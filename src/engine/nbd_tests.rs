@@ -9,8 +9,6 @@ use crate::io::nbd::tests::{unix_uri, Server};
 use crate::io::nbd::{NbdDev, NbdOptions};
 use crate::metadata::{Expect, FormatParams};
 use futures_lite::future::block_on;
-use rand::{Rng, SeedableRng};
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 const REGION: u64 = 64 << 10;
@@ -24,45 +22,12 @@ fn metadata(source: &dyn BlockDev, dest: &dyn BlockDev) -> Arc<Metadata> {
     Arc::new(Metadata::open(meta, &expect).expect("open metadata").0)
 }
 
-/// Waits (until `deadline`) for the engine to be fully hydrated.
-fn hydrate(engine: &Engine, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !engine.is_fully_hydrated() && Instant::now() < deadline {
-        engine
-            .hydrator
-            .wake
-            .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
-    }
-    assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
-}
-
 #[test]
 fn a_sparse_nbd_export_hydrates_by_reading_only_its_data() {
     const SIZE: u64 = 64 << 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let (src_path, dst_path) = (dir.path().join("src"), dir.path().join("dst"));
-    // About 10% of the regions hold data, some of them only one 4 KiB block (the rest of such
-    // a region is a hole, but the region must still be read).
-    let src = std::fs::File::create(&src_path).expect("source");
-    src.set_len(SIZE).expect("size");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
-    let nr = SIZE / REGION;
-    let mut data_regions = std::collections::BTreeSet::new();
-    while data_regions.len() < (nr / 10) as usize {
-        let r = rng.gen_range(0..nr);
-        let len = if rng.gen_bool(0.5) { REGION } else { 4096 };
-        let at = r * REGION
-            + if len == 4096 {
-                4096 * rng.gen_range(0..16)
-            } else {
-                0
-            };
-        let bytes: Vec<u8> = (0..len).map(|_| rng.gen_range(1..=255)).collect();
-        src.write_all_at(&bytes, at).expect("data");
-        data_regions.insert(r);
-    }
-    src.sync_all().expect("sync");
-    drop(src);
+    let data_regions = super::tests::sparse_source(&src_path, SIZE, REGION, 13);
     // A destination full of old data: zeroed regions must really be zeroed.
     std::fs::write(&dst_path, vec![0xaa; SIZE as usize]).expect("destination");
     let sock = dir.path().join("s");
@@ -83,7 +48,7 @@ fn a_sparse_nbd_export_hydrates_by_reading_only_its_data() {
         Ok(e) => e,
         Err(e) => panic!("engine start: {e}"),
     };
-    hydrate(&engine, Duration::from_secs(60));
+    super::tests::hydrate_fully(&engine, Duration::from_secs(60));
     let status = engine.status();
     assert!(engine.shutdown().is_ok());
     let read = source.bytes_read() - before;
@@ -209,7 +174,7 @@ fn an_nbd_server_killed_mid_hydration_and_restarted_ends_with_source_plus_writes
     let _srv = Server::qemu_nbd(&src_path, &sock);
     assert_eq!(writer.join().expect("writer"), Ok(()));
     want[cow_off as usize..cow_off as usize + cow.len()].copy_from_slice(&cow);
-    hydrate(&engine, Duration::from_secs(60));
+    super::tests::hydrate_fully(&engine, Duration::from_secs(60));
     let status = engine.status();
     assert!(engine.shutdown().is_ok());
     eprintln!("hydration paused at {paused_at} of {nr} regions; resumed and completed: {status:?}");

@@ -1536,3 +1536,47 @@ fn prefetched_regions_are_hydrated_before_the_sweep() {
     assert_eq!(r.engine.read_trace(), Some(vec![5, 6, 3]));
     assert!(r.engine.shutdown().is_ok());
 }
+
+/// A sparse source file of `size` bytes at `path` in which about 10% of the `region`-sized
+/// regions hold data, some of them only one 4 KiB block (the rest of such a region is a hole,
+/// but the region must still be read); the regions holding data.
+pub(crate) fn sparse_source(
+    path: &std::path::Path,
+    size: u64,
+    region: u64,
+    seed: u64,
+) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::create(path).expect("source");
+    src.set_len(size).expect("size");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let nr = size / region;
+    let mut data_regions = std::collections::BTreeSet::new();
+    while data_regions.len() < (nr / 10) as usize {
+        let r = rng.gen_range(0..nr);
+        let len = if rng.gen_bool(0.5) { region } else { 4096 };
+        let at = r * region
+            + if len == 4096 {
+                4096 * rng.gen_range(0..region / 4096)
+            } else {
+                0
+            };
+        let bytes: Vec<u8> = (0..len).map(|_| rng.gen_range(1..=255)).collect();
+        src.write_all_at(&bytes, at).expect("data");
+        data_regions.insert(r);
+    }
+    src.sync_all().expect("sync");
+    data_regions
+}
+
+/// Waits (up to `within`) for `engine` to be fully hydrated; fails the test if it is not.
+pub(crate) fn hydrate_fully(engine: &Engine, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while !engine.is_fully_hydrated() && std::time::Instant::now() < deadline {
+        engine
+            .hydrator
+            .wake
+            .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
+    }
+    assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
+}
