@@ -883,6 +883,13 @@ const CASES: &[Case] = &[
     case(clone!("--log-writes {nodir}/x.log"), &["--log-writes", "{nodir}/x.log", "directory does not exist"], &[]),
     case(clone!("--log-writes {old.log}"), &["--log-writes", "{old.log}", "remove it or choose another file"], &[]),
     case(clone!("--log-writes {new.log} --log-writes-size 100K"), &["--log-writes-size", "at least 1M"], &[]),
+    case(clone!("--name 12"), &["name '12'", "device number"], &[]),
+    case(clone!("--name a/b"), &["name 'a/b'", "letters, digits"], &[]),
+    case(clone!("--metrics nowhere"), &["--metrics nowhere", "address and port"], &[]),
+    case(clone!("--prefetch {gone}"), &["--prefetch {gone}", "cannot read the trace"], &[]),
+    case("trace 4242 --out {gone}", &["/dev/ublkb4242", "ublk-clone list"], &[]),
+    case("events nosuchclone --no-follow", &["no clone is named 'nosuchclone'"], &[]),
+    case("metrics nosuchclone", &["no clone is named 'nosuchclone'"], &[]),
     // start.
     case("start --metadata {gone}", &["--metadata", "{gone}", "cannot open"], &[]),
     case("start --metadata {meta}", &["--metadata {meta}", "does not hold ublk-clone metadata", "ublk-clone create"], &[]),
