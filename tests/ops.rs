@@ -264,3 +264,44 @@ fn the_systemd_units_verify() {
     let t = text(&o);
     assert!(o.status.success() && t.trim().is_empty(), "{t}");
 }
+
+/// The Debian package's asset list (Cargo.toml, `[package.metadata.deb]`) names files that
+/// exist (the generated ones aside) and leaves out none of `dist/`: a new unit or rule that
+/// is not packaged fails here, not on a user's host.
+#[test]
+fn the_debian_package_lists_every_dist_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
+    let deb = manifest
+        .split("[package.metadata.deb]")
+        .nth(1)
+        .expect("no [package.metadata.deb] in Cargo.toml");
+    let sources: Vec<&str> = deb
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("[\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    assert!(sources.len() >= 10, "assets: {sources:?}");
+    for s in &sources {
+        if s.starts_with("target/") {
+            continue; // the binary and what gen-docs makes: built by tools/build-deb.sh
+        }
+        assert!(root.join(s).is_file(), "asset {s} does not exist");
+    }
+    for sub in ["dist/systemd", "dist/udev"] {
+        for e in std::fs::read_dir(root.join(sub)).expect("dist dir") {
+            let name = format!("{sub}/{}", e.expect("entry").file_name().to_string_lossy());
+            assert!(
+                sources.contains(&name.as_str()),
+                "{name} is not in the package"
+            );
+        }
+    }
+    assert!(sources.contains(&"dist/ublk-clonetab.example"));
+    for s in ["postinst", "postrm"] {
+        let p = root.join("dist/debian").join(s);
+        let o = Command::new("sh").arg("-n").arg(&p).output().expect("sh");
+        assert!(o.status.success(), "{s}: {}", text(&o));
+    }
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything ublk-clone needs on a fresh Debian 12 machine: the build dependencies
 # (libclang for libublk's bindgen), the tools the tests drive (fio, mkfs.*, fsck), QEMU and the
-# bookworm-backports 6.12 kernel (the host kernel has no ublk), and virtme-ng to boot it.
+# bookworm-backports 6.12 kernel (the host kernel has no ublk), virtme-ng to boot it, and
+# cargo-deb for the Debian package.
 # Idempotent: re-running it only installs what is missing.
 set -euo pipefail
 
@@ -50,5 +51,9 @@ fi
 if ! command -v vng >/dev/null 2>&1; then
   pip install --quiet --disable-pip-version-check 'virtme-ng==1.42' \
     || pip install --quiet --disable-pip-version-check virtme-ng
+fi
+# cargo-deb builds the Debian package (tools/build-deb.sh; the VM suite installs it).
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  cargo install --quiet --locked --version 3.8.0 cargo-deb || cargo install --quiet --locked cargo-deb
 fi
 echo "setup-host: ok (kernel $(ls /lib/modules | grep -E '^6\.12\.' | sort -V | tail -n1), vng $(vng --version 2>/dev/null | head -n1))"

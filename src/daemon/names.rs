@@ -10,6 +10,9 @@
 //!   that died without recovery, its device number since reused).
 //! - A name is never a plain number or `ublkbN`, so `N` and `/dev/ublkbN` always mean the
 //!   device number.
+//! - Two daemons never start under one name at once: each holds [`NameLock`] (an exclusive
+//!   flock on `<run_dir>/names/NAME.lock`) from before its [`check_free`] until its device is
+//!   gone, so the check and the daemon record it leads to are one step for other daemons.
 
 use super::error::{refuse, Named, Result};
 use std::path::{Path, PathBuf};
@@ -77,6 +80,53 @@ pub fn check_free(name: &str, recovering: Option<u32>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A daemon's hold on its name (see the module's invariants); released when dropped or when
+/// the process dies.
+#[derive(Debug)]
+pub struct NameLock {
+    _file: std::fs::File,
+}
+
+/// Takes `name`'s lock. A recovering daemon (`wait`) waits up to 30 s for a dying daemon
+/// (which keeps its descriptors until the kernel has ended its I/O) to let go; any other
+/// daemon is refused at once while another holds the name.
+pub fn lock(name: &str, wait: bool) -> Result<NameLock> {
+    let timeout = std::time::Duration::from_secs(if wait { 30 } else { 0 });
+    lock_in(&super::control::run_dir().join("names"), name, timeout)
+}
+
+fn lock_in(dir: &Path, name: &str, timeout: std::time::Duration) -> Result<NameLock> {
+    use std::os::fd::AsRawFd;
+    validate(name)?;
+    std::fs::create_dir_all(dir).named(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .named(|| format!("cannot open {}", path.display()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(NameLock { _file: file });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(e).named(|| format!("cannot lock {}", path.display()));
+        }
+        if std::time::Instant::now() >= deadline {
+            refuse!(
+                "name '{name}' is taken by another ublk-clone daemon that is starting or \
+                 serving it ({} is locked); choose another --name",
+                path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The name `dev` gives, if it is one: `NAME` or `<dev_dir>/NAME`.
@@ -203,6 +253,27 @@ mod tests {
         assert_eq!(name_of("/dev/ublk-clone/db"), Some("db"));
         assert_eq!(name_of("/dev/sda"), None);
         assert_eq!(name_of("12"), None);
+    }
+
+    /// The race a check alone leaves open: two daemons starting under one name both find it
+    /// free. The lock lets only one through, and frees the name when its holder goes.
+    #[test]
+    fn a_name_is_locked_by_one_daemon_at_a_time() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let now = std::time::Duration::ZERO;
+        let held = lock_in(d.path(), "db", now)?;
+        let e = lock_in(d.path(), "db", now).expect_err("a second holder of 'db'");
+        assert!(e.to_string().contains("name 'db' is taken"), "{e}");
+        let _other = lock_in(d.path(), "web", now)?;
+        // A recovering daemon waits for the dying holder.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        lock_in(d.path(), "db", std::time::Duration::from_secs(10))?;
+        t.join().expect("thread");
+        assert!(lock_in(d.path(), "../x", now).is_err());
+        Ok(())
     }
 
     #[test]

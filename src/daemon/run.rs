@@ -49,17 +49,24 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
         other => other.transpose()?,
     };
     let recovering = cfg.recover.then_some(cfg.number as u32);
+    // The name is held (locked) for the daemon's life, from before the check on.
+    let mut _name_lock = None;
     if let Some(name) = &cfg.name {
         // Before anything is opened or formatted: a refused name writes nothing.
+        _name_lock = Some(names::lock(name, cfg.recover)?);
         names::check_free(name, recovering)?;
     }
     let o = open_devices(cfg, true)?;
     let name = match &cfg.name {
         Some(n) => n.clone(),
-        None => names::default_name(&o.md.uuid()),
+        None => {
+            // A name derived from the metadata (taken only by a copy of this metadata).
+            let n = names::default_name(&o.md.uuid());
+            _name_lock = Some(names::lock(&n, cfg.recover)?);
+            names::check_free(&n, recovering)?;
+            n
+        }
     };
-    // A name derived from the metadata (taken only by a copy of this metadata).
-    names::check_free(&name, recovering)?;
     saved::save(cfg, &o.md, o.source_file.as_deref(), &o.dest)?;
     let (survival_path, degraded) = survival::resume(cfg, &o.md)?;
     process::detach_ublk_mounts(private_ns, &control::run_dir());

@@ -863,6 +863,20 @@ test_clonetab_up_and_down() {
   expect_error "a second clone named b" "taken by $db" "$BIN" create --name b \
     --source "$WORK/src2" --dest "$WORK/dst3" --metadata "$WORK/meta3"
   [ -z "$(tr -d '\0' <"$WORK/meta3" | head -c 1)" ] || fail "the refused create wrote metadata"
+  # Two creates under one new name at once: exactly one gets it (the daemons' name lock).
+  truncate -s 32M "$WORK/dst4" "$WORK/dst5"; truncate -s 8M "$WORK/meta4" "$WORK/meta5"
+  local p1 p2 r1=0 r2=0
+  "$BIN" create --name race --source "$WORK/src" --dest "$WORK/dst4" --metadata "$WORK/meta4" \
+    --no-hydration >"$WORK/race1" 2>&1 & p1=$!
+  "$BIN" create --name race --source "$WORK/src" --dest "$WORK/dst5" --metadata "$WORK/meta5" \
+    --no-hydration >"$WORK/race2" 2>&1 & p2=$!
+  wait "$p1" || r1=$?
+  wait "$p2" || r2=$?
+  say "race: rc $r1 $r2: $(cat "$WORK/race1" "$WORK/race2" | tr '\n' ' ')"
+  [ $((r1 == 0)) -ne $((r2 == 0)) ] || fail "two creates named race: rc $r1 and $r2"
+  grep -q "name 'race' is taken" "$WORK/race1" "$WORK/race2" || fail "the loser does not say the name is taken"
+  [ "$("$BIN" list | grep -c -E '^/dev/ublkb[0-9]+ +race ')" = 1 ] || fail "list: $("$BIN" list)"
+  stop race
   if [ -e /run/udev/control ]; then
     udevadm settle --timeout=10
     [ "$(readlink -f /dev/disk/by-id/ublk-clone-a)" = "$da" ] \
@@ -959,6 +973,65 @@ sys.exit(f"{len(missing)} of {len(want)} traced regions not hydrated: {missing[:
 PY
 }
 
+test_debian_package() {
+  # Issue 15: the .deb (tools/build-deb.sh; UBC_DEB names it, default target/debian/) installs
+  # on this Debian 12 root (the guest's RAM overlay of it), with its dependencies satisfied;
+  # the installed binary, man pages, completions, units, generator and udev rule work; removal
+  # takes every file away.
+  local deb=${UBC_DEB:-} out f mnt=$WORK/mnt
+  [ -n "$deb" ] || deb=$(ls -t "$(dirname "$BIN")"/../debian/ublk-clone_*.deb 2>/dev/null | head -n1)
+  [ -f "$deb" ] || fail "no package (run tools/build-deb.sh, or set UBC_DEB): '$deb'"
+  say "package: $deb"
+  ! dpkg -s ublk-clone >/dev/null 2>&1 || fail "ublk-clone is already installed: not a clean root"
+  [ ! -e /usr/bin/ublk-clone ] || fail "/usr/bin/ublk-clone exists before the install"
+  rm -f /var/lib/man-db/auto-update # no man-db index rebuild under emulation (RAM overlay only)
+  dpkg -i "$deb" >>"$LOG" 2>&1 || fail "dpkg -i failed"
+  dpkg -s ublk-clone | grep -q '^Status: install ok installed' || fail "not installed: $(dpkg -s ublk-clone)"
+  [ -x /usr/bin/ublk-clone ] || fail "no /usr/bin/ublk-clone"
+  out=$(/usr/bin/ublk-clone --help) || fail "ublk-clone --help failed"
+  echo "$out" | grep -q '^  create ' || fail "--help lists no create: $out"
+  for f in ublk-clone ublk-clone-create ublk-clone-up; do
+    out=$(MANPAGER=cat MANWIDTH=100 man "$f" 2>&1) || fail "man $f: $out"
+    echo "$out" | grep -q "^NAME" || fail "man $f has no NAME section: $(echo "$out" | head -n 5)"
+  done
+  MANPAGER=cat man ublk-clone-create | grep -q -- '--region-size' || fail "man ublk-clone-create lacks --region-size"
+  bash -c 'source /usr/share/bash-completion/completions/ublk-clone && complete -p ublk-clone' >>"$LOG" 2>&1 \
+    || fail "the bash completion does not load"
+  for f in /usr/lib/systemd/system/ublk-clone@.service /usr/lib/systemd/system/ublk-clone.target \
+           /usr/lib/udev/rules.d/90-ublk-clone.rules /usr/share/zsh/vendor-completions/_ublk-clone \
+           /usr/share/fish/vendor_completions.d/ublk-clone.fish \
+           /usr/share/doc/ublk-clone/examples/ublk-clonetab; do
+    [ -s "$f" ] || fail "$f missing or empty"
+  done
+  [ -x /usr/lib/systemd/system-generators/ublk-clone-generator ] || fail "the generator is not executable"
+  # The installed generator over /etc/ublk-clonetab, and the installed binary serving a clone
+  # of the table by name (the units' ExecStart is `up --foreground NAME`).
+  mk_images 16
+  echo "pkg  $WORK/src  $WORK/dst  $WORK/meta  region-size=64K,no-hydration" >/etc/ublk-clonetab
+  mkdir -p "$WORK/gen"
+  /usr/lib/systemd/system-generators/ublk-clone-generator "$WORK/gen" "$WORK/gen" "$WORK/gen" >>"$LOG" 2>&1 \
+    || fail "the installed generator failed"
+  [ -L "$WORK/gen/ublk-clone.target.wants/ublk-clone@pkg.service" ] \
+    || fail "the generator made no unit for pkg: $(find "$WORK/gen")"
+  # The installed units, as instance pkg; verify also checks that their man: pages are installed.
+  cp /usr/lib/systemd/system/ublk-clone@.service "$WORK/ublk-clone@pkg.service"
+  out=$(SYSTEMD_LOG_LEVEL=notice systemd-analyze verify "$WORK/ublk-clone@pkg.service" \
+        /usr/lib/systemd/system/ublk-clone.target 2>&1) && [ -z "$out" ] \
+    || fail "systemd-analyze verify of the installed units: $out"
+  out=$(/usr/bin/ublk-clone up pkg 2>&1) || fail "up pkg: $out"
+  [ -b "$(readlink -f /dev/ublk-clone/pkg)" ] || fail "no /dev/ublk-clone/pkg"
+  cmp <(dd if=/dev/ublk-clone/pkg bs=1M count=16 iflag=direct status=none) "$WORK/src" \
+    || fail "the installed binary's clone does not read the source"
+  /usr/bin/ublk-clone down pkg >>"$LOG" 2>&1 || fail "down pkg"
+  rm -f /etc/ublk-clonetab
+  dpkg -P ublk-clone >>"$LOG" 2>&1 || fail "dpkg -P failed"
+  ! dpkg -s ublk-clone >/dev/null 2>&1 || fail "still installed after dpkg -P"
+  for f in /usr/bin/ublk-clone /usr/share/man/man1/ublk-clone.1.gz /usr/lib/systemd/system/ublk-clone@.service \
+           /usr/lib/udev/rules.d/90-ublk-clone.rules /usr/lib/systemd/system-generators/ublk-clone-generator; do
+    [ ! -e "$f" ] || fail "$f left after removal"
+  done
+}
+
 # Fault injection with dm-flakey, dm-error and dm-thin: the test_fault_* functions.
 source "$(dirname "$0")/faults.sh"
 
@@ -970,7 +1043,7 @@ truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
          kill_and_recover kill_at_pause_points recover_waits_for_old_writes kill_and_restart_under_load \
-         nbd_source_comes_and_goes clonetab_up_and_down trace_and_prefetch \
+         nbd_source_comes_and_goes clonetab_up_and_down trace_and_prefetch debian_package \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
          fault_source_bad_blocks fault_dest_enospc \
