@@ -169,21 +169,21 @@ impl DaemonConfig {
         cfg
     }
 
-    /// The byte offsets of the `--prefetch` trace file, if one is given. A recovering daemon
+    /// The extents of the `--prefetch` trace file, if one is given. A recovering daemon
     /// goes on without them when the file cannot be read (it is an optimisation; the device
     /// and the file system on it wait for the recovery).
-    pub fn prefetch_offsets(&self) -> Result<Vec<u64>> {
+    pub fn prefetch_extents(&self) -> Result<Vec<crate::engine::trace::Extent>> {
         match (&self.prefetch, self.recover) {
             (None, _) => Ok(Vec::new()),
-            (Some(p), false) => self.prefetch_offsets_of(p),
-            (Some(p), true) => Ok(self.prefetch_offsets_of(p).unwrap_or_else(|e| {
+            (Some(p), false) => self.prefetch_extents_of(p),
+            (Some(p), true) => Ok(self.prefetch_extents_of(p).unwrap_or_else(|e| {
                 log::warn!("{e}; recovering without the prefetch list");
                 Vec::new()
             })),
         }
     }
 
-    fn prefetch_offsets_of(&self, p: &Path) -> Result<Vec<u64>> {
+    fn prefetch_extents_of(&self, p: &Path) -> Result<Vec<crate::engine::trace::Extent>> {
         let text = std::fs::read_to_string(p)
             .named(|| format!("--prefetch {}: cannot read the trace", p.display()))?;
         match crate::engine::trace::parse_trace(&text) {
@@ -247,7 +247,7 @@ impl DaemonConfig {
         if let Some(p) = &self.prefetch {
             // A recovery goes on without its prefetch list (a mounted file system waits).
             if !self.recover {
-                self.prefetch_offsets_of(p)?;
+                self.prefetch_extents_of(p)?;
             }
         }
         let source = self.source_path().map(|p| ("--source", p));
@@ -384,12 +384,12 @@ mod tests {
         let mut cfg = config("/dev/sdb", None)?;
         cfg.prefetch = Some(PathBuf::from("/nonexistent/trace"));
         assert!(cfg.validate_options().is_ok());
-        match cfg.prefetch_offsets() {
+        match cfg.prefetch_extents() {
             Err(e) => assert!(e.to_string().contains("/nonexistent/trace"), "{e}"),
             Ok(v) => panic!("accepted: {v:?}"),
         }
         cfg.recover = true;
-        assert!(matches!(cfg.prefetch_offsets(), Ok(v) if v.is_empty()));
+        assert!(matches!(cfg.prefetch_extents(), Ok(v) if v.is_empty()));
         Ok(())
     }
 }

@@ -99,7 +99,7 @@ pub fn render(
     metric(
         "source_read_errors_total",
         "counter",
-        "Failed source reads of background hydration.",
+        "Failed source reads: background hydration (each attempt) and user I/O.",
         &one(m.source_read_errors as f64),
     );
     metric(

@@ -74,7 +74,7 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let mut ecfg = cfg.engine_config(o.source.size(), region_size);
     ecfg.trace_reads = cfg.trace_reads;
     ecfg.prefetch = crate::engine::trace::regions_of(
-        &cfg.prefetch_offsets()?,
+        &cfg.prefetch_extents()?,
         region_size,
         o.source.size().div_ceil(region_size),
     );
@@ -287,6 +287,9 @@ impl Live {
             // while the queue threads still serve); the kernel tears the rings down.
             unsafe { libc::_exit(0) };
         }
+        // No new background copies from here: the device's last requests and the final
+        // flush of its removal do not share the destination with the sweep.
+        self.engine.stop_background_hydration();
         kill_dev();
         names::unlink(&self.name, &info.path);
         let _ = std::fs::remove_file(control::socket_path(rec.id));

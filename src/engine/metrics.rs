@@ -96,7 +96,7 @@ pub struct Metrics {
     pub flush: Histogram,
     /// Commits (destination flush and metadata), start to end.
     pub commit: Histogram,
-    /// Source reads that failed for background hydration (each attempt).
+    /// Source reads that failed: background hydration's (each attempt) and user I/O's.
     pub source_read_errors: AtomicU64,
     /// The slowest commit since [`Metrics::take_slowest_commit`] last looked, in µs.
     slowest_commit_us: AtomicU64,

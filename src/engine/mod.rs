@@ -254,6 +254,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Stops background hydration (no new copies start; a batch in progress finishes) while
+    /// user I/O goes on: a stopping device's last requests and the kernel's final flush do
+    /// not queue behind a sweep that [`shutdown`](Self::shutdown) would end anyway.
+    pub fn stop_background_hydration(&self) {
+        self.hydrator.stop();
+    }
+
     /// Stops hydration, runs a final commit, marks the metadata clean and joins the threads.
     pub fn shutdown(&self) -> Result<(), EngineError> {
         self.hydrator.stop();

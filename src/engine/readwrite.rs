@@ -80,10 +80,12 @@ impl Engine {
                 run_end = self.geo.region_end(next).min(end);
             }
             let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            let side = if hydrated { Side::Dest } else { Side::Source };
-            p.read(side, slice, pos)
-                .await
-                .map_err(|e| IoError::eio(e.to_string()))?;
+            let read = if hydrated {
+                p.read(Side::Dest, slice, pos).await
+            } else {
+                self.read_source(p, slice, pos).await
+            };
+            read.map_err(|e| IoError::eio(e.to_string()))?;
             if !hydrated && self.knobs.lock().hydrate_on_read {
                 self.hydrator.hint(r);
             }
@@ -225,15 +227,32 @@ impl Engine {
         }
         let mut buf = self.copy_budget.take((stop - start) as usize).await;
         if start < offset {
-            p.read(Side::Source, &mut buf[..(offset - start) as usize], start)
+            self.read_source(p, &mut buf[..(offset - start) as usize], start)
                 .await?;
         }
         if stop > end {
             let at = (end - start) as usize;
-            p.read(Side::Source, &mut buf[at..], end).await?;
+            self.read_source(p, &mut buf[at..], end).await?;
         }
         buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(data);
         p.write_dest(&buf, start).await
+    }
+
+    /// A source read for user I/O (a read of an unhydrated region, a copy-on-write); a
+    /// failure counts in the source-error metric, as background hydration's do.
+    async fn read_source<P: DataPath>(
+        &self,
+        p: &P,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let r = p.read(Side::Source, buf, offset).await;
+        if r.is_err() {
+            self.metrics
+                .source_read_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Copies `[a, b)` from the source to the destination, a budgeted chunk at a time (the
@@ -243,7 +262,7 @@ impl Engine {
         while pos < b {
             let n = (b - pos).min(budget::COPY_CHUNK as u64) as usize;
             let mut buf = self.copy_budget.take(n).await;
-            p.read(Side::Source, &mut buf[..], pos).await?;
+            self.read_source(p, &mut buf[..], pos).await?;
             p.write_dest(&buf, pos).await?;
             pos += n as u64;
         }

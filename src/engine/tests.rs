@@ -532,6 +532,28 @@ fn source_read_errors_mark_the_region_failed_and_hydration_continues() {
     assert_eq!(r.engine.mode(), Mode::ReadWrite);
 }
 
+/// The source-error metric counts user I/O's failed source reads too (a read of an
+/// unhydrated region, a copy-on-write's), not only background hydration's.
+#[test]
+fn user_source_read_errors_are_counted() {
+    let r = rig(16 * 4096, 4096, no_hydration);
+    r.source.set_fault(Some(Arc::new(|op: &Op| match op {
+        Op::Read { .. } => Some(io::Error::other("medium error")),
+        _ => None,
+    })));
+    let errors = || r.engine.metrics().snapshot().source_read_errors;
+    assert_eq!(errors(), 0);
+    let mut buf = [0u8; 512];
+    assert!(block_on(r.engine.read(&r.path, 3 * 4096, &mut buf)).is_err());
+    assert_eq!(errors(), 1, "a user read's source error");
+    assert!(block_on(r.engine.write(&r.path, 7 * 4096 + 512, &[1; 512], false)).is_err());
+    assert!(
+        errors() >= 2,
+        "a copy-on-write's source error: {}",
+        errors()
+    );
+}
+
 #[test]
 fn discard_marks_whole_regions_without_copy_and_zeroes_partial_edges() {
     let r = rig(16 * 4096, 4096, |c| {

@@ -90,44 +90,64 @@ impl Prefetch {
     }
 }
 
-/// A trace file: a comment line, then the byte offset of each region first read, one per
-/// line (offsets, not region numbers: a trace taken at one region size serves another).
+/// A traced extent: the byte offset and length of a region first read.
+pub type Extent = (u64, u64);
+
+/// A trace file: a comment line, then the byte offset and length of each region first read,
+/// one per line (bytes, not region numbers: a trace taken at one region size serves another,
+/// each traced region becoming every region it overlaps).
 pub fn format_trace(order: &[u64], region_size: u64) -> String {
     let mut s = format!(
-        "# ublk-clone read trace: first reads, in order; region size {region_size}; {} regions\n",
+        "# ublk-clone read trace: first reads, in order; region size {region_size}; {} regions\n\
+         # offset length\n",
         order.len()
     );
     for r in order {
-        s += &format!("{}\n", r * region_size);
+        s += &format!("{} {region_size}\n", r * region_size);
     }
     s
 }
 
-/// The byte offsets of a trace file; an error names the first bad line.
-pub fn parse_trace(text: &str) -> Result<Vec<u64>, String> {
+/// The extents of a trace file (a line with an offset only stands for the region holding
+/// that byte); an error names the first bad line.
+pub fn parse_trace(text: &str) -> Result<Vec<Extent>, String> {
     let mut v = Vec::new();
     for (i, l) in text.lines().enumerate() {
         let l = l.trim();
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
-        match l.parse::<u64>() {
-            Ok(o) => v.push(o),
-            Err(_) => return Err(format!("line {}: '{l}' is not a byte offset", i + 1)),
-        }
+        let mut cols = l.split_whitespace().map(str::parse::<u64>);
+        let e = match (cols.next(), cols.next(), cols.next()) {
+            (Some(Ok(o)), None, None) => (o, 1),
+            (Some(Ok(o)), Some(Ok(n)), None) if n > 0 => (o, n),
+            _ => {
+                return Err(format!(
+                    "line {}: '{l}' is not a byte offset and length",
+                    i + 1
+                ))
+            }
+        };
+        v.push(e);
     }
     Ok(v)
 }
 
-/// The regions of `offsets` (in regions of `region_size`, of which there are `nr`), in
-/// order, each once; offsets past the device are dropped.
-pub fn regions_of(offsets: &[u64], region_size: u64, nr: u64) -> Vec<u64> {
+/// The regions of `extents` (in regions of `region_size`, of which there are `nr`), in
+/// order, each once; what lies past the device is dropped.
+pub fn regions_of(extents: &[Extent], region_size: u64, nr: u64) -> Vec<u64> {
     let mut seen = std::collections::HashSet::new();
-    offsets
-        .iter()
-        .map(|o| o / region_size)
-        .filter(|r| *r < nr && seen.insert(*r))
-        .collect()
+    let mut out = Vec::new();
+    for &(o, n) in extents {
+        let first = o / region_size;
+        let last = (o.saturating_add(n - 1) / region_size).min(nr.saturating_sub(1));
+        for r in first..=last {
+            if r < nr && seen.insert(r) {
+                out.push(r);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -149,16 +169,30 @@ mod tests {
     fn a_trace_file_round_trips_across_region_sizes() {
         let text = format_trace(&[5, 3, 9], 65536);
         assert!(text.starts_with("# ublk-clone read trace"));
-        let offsets = parse_trace(&text).expect("parse");
-        assert_eq!(offsets, [5 * 65536, 3 * 65536, 9 * 65536]);
-        assert_eq!(regions_of(&offsets, 65536, 100), [5, 3, 9]);
-        // At 128 KiB regions 5 and 3 land in 2 and 1; 9 in 4; repeats are dropped.
-        assert_eq!(regions_of(&offsets, 131072, 100), [2, 1, 4]);
-        assert_eq!(regions_of(&offsets, 65536, 6), [5, 3]);
+        let extents = parse_trace(&text).expect("parse");
         assert_eq!(
-            parse_trace("# c\n10\nx\n"),
-            Err("line 3: 'x' is not a byte offset".into())
+            extents,
+            [(5 * 65536, 65536), (3 * 65536, 65536), (9 * 65536, 65536)]
         );
+        assert_eq!(regions_of(&extents, 65536, 100), [5, 3, 9]);
+        // At 128 KiB regions 5 and 3 land in 2 and 1; 9 in 4; repeats are dropped.
+        assert_eq!(regions_of(&extents, 131072, 100), [2, 1, 4]);
+        // At 16 KiB each traced region is 4 regions: all of them, not only the first.
+        assert_eq!(
+            regions_of(&extents[..2], 16384, 100),
+            [20, 21, 22, 23, 12, 13, 14, 15]
+        );
+        assert_eq!(regions_of(&extents, 65536, 6), [5, 3]);
+        assert_eq!(regions_of(&[(5 * 65536, 131072)], 65536, 6), [5]);
+        // An offset alone: the region holding it.
+        assert_eq!(parse_trace("# c\n70000\n"), Ok(vec![(70000, 1)]));
+        assert_eq!(regions_of(&[(70000, 1)], 16384, 100), [4]);
+        for bad in ["x", "10 0", "10 20 30", "10 -1"] {
+            assert_eq!(
+                parse_trace(&format!("# c\n10\n{bad}\n")),
+                Err(format!("line 3: '{bad}' is not a byte offset and length"))
+            );
+        }
     }
 
     #[test]

@@ -967,7 +967,7 @@ d = json.load(open(sys.argv[1]))
 hyd = set()
 for a, b in d["hydrated_ranges"]:  # [start, end)
     hyd.update(range(a, b))
-want = [int(l) // 65536 for l in open(sys.argv[2]) if l.strip() and not l.startswith("#")]
+want = [int(l.split()[0]) // 65536 for l in open(sys.argv[2]) if l.strip() and not l.startswith("#")]
 missing = [r for r in want if r not in hyd]
 sys.exit(f"{len(missing)} of {len(want)} traced regions not hydrated: {missing[:10]}" if missing else 0)
 PY
