@@ -979,7 +979,7 @@ test_debian_package() {
   # the installed binary, man pages, completions, units, generator and udev rule work; removal
   # takes every file away.
   local deb=${UBC_DEB:-} out f mnt=$WORK/mnt
-  [ -n "$deb" ] || deb=$(ls -t "$(dirname "$BIN")"/../debian/ublk-clone_*.deb 2>/dev/null | head -n1)
+  [ -n "$deb" ] || deb=$(ls -t "$(dirname "$BIN")"/../debian/ublk-clone_*.deb 2>/dev/null | head -n1 || true)
   [ -f "$deb" ] || fail "no package (run tools/build-deb.sh, or set UBC_DEB): '$deb'"
   say "package: $deb"
   ! dpkg -s ublk-clone >/dev/null 2>&1 || fail "ublk-clone is already installed: not a clean root"
