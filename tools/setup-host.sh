@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything ublk-clone needs on a fresh Debian 12 machine: the build dependencies
 # (libclang for libublk's bindgen), the tools the tests drive (fio, mkfs.*, fsck), QEMU and the
-# bookworm-backports 6.12 kernel (the host kernel has no ublk), virtme-ng to boot it, and
-# cargo-deb for the Debian package.
+# bookworm-backports 6.12 kernel (the host kernel has no ublk) and the newest trixie-backports
+# kernel (tools/vm-run --kernel new), virtme-ng to boot them, and cargo-deb for the Debian
+# package.
 # Idempotent: re-running it only installs what is missing.
 set -euo pipefail
 
@@ -48,6 +49,49 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#bpo_missing[@]} -gt 0 ] || [ -z "$kver" ]; t
   fi
 fi
 
+# The newest kernel of Debian's trixie-backports suite: the second guest kernel (today's ublk:
+# zero copy, quiesce, batch I/O; dm-clone and dm-log-writes as modules). Fetched with a private
+# apt state, so the host's own sources and packages are untouched, and unpacked (dpkg -x of
+# linux-binary, linux-modules and linux-base) into /usr/lib/modules/KV, vmlinuz included.
+new_kernel() {
+  local st=/var/lib/ublk-clone/apt kv dl
+  mkdir -p "$st/sources" "$st/lists/partial" "$st/archives/partial" "$st/cache"
+  cat > "$st/sources/trixie-backports.sources" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  local apt=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$st/sources"
+             -o "Dir::State::Lists=$st/lists" -o "Dir::Cache=$st/cache"
+             -o "Dir::Cache::Archives=$st/archives")
+  if ! apt-get "${apt[@]}" update -qq; then
+    echo "setup-host.sh: cannot reach trixie-backports" >&2; return 1
+  fi
+  kv=$(apt-cache "${apt[@]}" search --names-only '^linux-binary-[0-9.]+\+deb13-amd64$' \
+       | awk '{print $1}' | sed 's/^linux-binary-//' | sort -V | tail -n1)
+  [ -n "$kv" ] || { echo "setup-host.sh: no linux-binary-*+deb13-amd64 in trixie-backports" >&2; return 1; }
+  if [ -f "/usr/lib/modules/$kv/vmlinuz" ] && [ -f "/usr/lib/modules/$kv/modules.dep" ]; then
+    return 0
+  fi
+  dl=$(mktemp -d)
+  (cd "$dl" && apt-get "${apt[@]}" download -qq "linux-binary-$kv" "linux-modules-$kv" "linux-base-$kv" 2>&1 \
+     | grep -v 'Download is performed unsandboxed' >&2 || true)
+  for d in "$dl"/linux-binary-*.deb "$dl"/linux-modules-*.deb "$dl"/linux-base-*.deb; do
+    [ -f "$d" ] || { echo "setup-host.sh: downloading the $kv kernel failed" >&2; rm -rf "$dl"; return 1; }
+    dpkg -x "$d" "$dl/root"
+  done
+  rm -rf "/usr/lib/modules/$kv"
+  cp -a "$dl/root/usr/lib/modules/$kv" /usr/lib/modules/
+  depmod "$kv"
+  rm -rf "$dl"
+}
+if ! new_kernel; then
+  # A kernel fetched earlier still serves (the suite's new-kernel run needs one).
+  ls /usr/lib/modules | grep -qE '^[0-9.]+\+deb13-amd64$' || exit 1
+fi
+
 if ! command -v vng >/dev/null 2>&1; then
   pip install --quiet --disable-pip-version-check 'virtme-ng==1.42' \
     || pip install --quiet --disable-pip-version-check virtme-ng
@@ -56,4 +100,4 @@ fi
 if ! command -v cargo-deb >/dev/null 2>&1; then
   cargo install --quiet --locked --version 3.8.0 cargo-deb || cargo install --quiet --locked cargo-deb
 fi
-echo "setup-host: ok (kernel $(ls /lib/modules | grep -E '^6\.12\.' | sort -V | tail -n1), vng $(vng --version 2>/dev/null | head -n1))"
+echo "setup-host: ok (kernels $(ls /lib/modules | grep -E '^6\.12\.' | sort -V | tail -n1) and $(ls /lib/modules | grep -E '^[0-9.]+\+deb13-amd64$' | sort -V | tail -n1), vng $(vng --version 2>/dev/null | head -n1))"
