@@ -13,7 +13,8 @@ pub struct StatusArgs {
     pub dev: Option<String>,
     #[arg(long)]
     pub json: bool,
-    /// Refresh every second until interrupted or fully hydrated.
+    /// Refresh every second until interrupted, fully hydrated (exit 0), or hydration ends
+    /// short of it: only failed regions left, or the clone out of read-write mode (exit 1).
     #[arg(long)]
     pub watch: bool,
 }
@@ -177,9 +178,10 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
     }
     loop {
         let mut all_done = true;
+        let mut ended = Vec::new();
         for id in &ids {
             let (s, rec) = fetch_status(*id)?;
-            all_done &= s.hydrated == s.regions;
+            all_done &= watch_over(*id, &s, &mut ended);
             let dev = format!("/dev/ublkb{id}");
             if a.json {
                 let name = names.get(id).map(String::as_str);
@@ -191,10 +193,43 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
                 }
             }
         }
-        if !a.watch || all_done {
+        if !a.watch {
             return Ok(());
         }
+        if all_done {
+            return watch_result(&ended);
+        }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Whether `--watch` is over for clone `id`: hydrated, or hydration has ended short of it
+/// (failed regions only are left, or the clone left read-write mode), which goes to `ended`.
+fn watch_over(id: u32, s: &Status, ended: &mut Vec<String>) -> bool {
+    let failed = s.failed_regions.len() as u64;
+    if s.hydrated >= s.regions {
+        return true;
+    }
+    let why = if s.mode != crate::engine::Mode::ReadWrite {
+        format!("the clone is in {} mode", s.mode.name())
+    } else if s.hydrated + failed >= s.regions {
+        format!("{failed} regions failed to hydrate (source read errors)")
+    } else {
+        return false;
+    };
+    ended.push(format!(
+        "/dev/ublkb{id}: hydration ended at {} of {} regions: {why}",
+        s.hydrated, s.regions
+    ));
+    true
+}
+
+/// `--watch`'s exit: success when every clone is hydrated, else an error saying why not.
+fn watch_result(ended: &[String]) -> Result<()> {
+    if ended.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", ended.join("; "))
     }
 }
 
@@ -244,9 +279,10 @@ fn watch_bars(ids: &[u32], names: &std::collections::HashMap<u32, String>) -> Re
         .collect();
     loop {
         let mut all_done = true;
+        let mut ended = Vec::new();
         for (id, bar) in &bars {
             let (s, _) = fetch_status(*id)?;
-            all_done &= s.hydrated == s.regions;
+            all_done &= watch_over(*id, &s, &mut ended);
             bar.set_length(s.size);
             bar.set_position((s.hydrated * s.region_size).min(s.size));
             bar.set_message(bar_message(&s));
@@ -255,7 +291,7 @@ fn watch_bars(ids: &[u32], names: &std::collections::HashMap<u32, String>) -> Re
             for (_, b) in &bars {
                 b.finish();
             }
-            return Ok(());
+            return watch_result(&ended);
         }
         std::thread::sleep(Duration::from_secs(1));
     }

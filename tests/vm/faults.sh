@@ -441,6 +441,12 @@ $((s3 + 8)) $((FAULT_SECTORS - s3 - 8)) linear $sl $((s3 + 8))"
     done
     say "after hydration: $h/$n hydrated, failed regions: $failed"
     [ "$failed" = "$bad" ] || fail "failed_regions '$failed', expected '$bad'"
+    # status --watch ends (exit 1, saying why) when only failed regions are left.
+    local wout wrc=0
+    wout=$(timeout 60 "$BIN" status "$DEV" --watch 2>&1) || wrc=$?
+    say "status --watch: rc $wrc: $(echo "$wout" | tail -n 1)"
+    [ $wrc = 1 ] && echo "$wout" | grep -q "hydration ended at $h of $n regions: $nbad regions failed to hydrate" \
+        || fail "status --watch with failed regions: rc $wrc: $wout"
     [ "$h" = $((n - nbad)) ] || fail "hydrated $h, expected $((n - nbad)) (regions - failed)"
     read_regions "$DEV" "$F/src" "$bad" || fail "reads after hydration (see above)"
     stop "$DEV" || fail "stop"

@@ -851,12 +851,15 @@ test_clonetab_up_and_down() {
   "$BIN" list | grep -E "^$da +a " >/dev/null || fail "list does not name a: $("$BIN" list)"
   "$BIN" status a >>"$LOG" || fail "status by name"
   # Monitoring: the metrics (CLI and HTTP) and the events of clone a.
-  "$BIN" metrics a | grep -q "^ublk_clone_regions{device=\"$da\",name=\"a\"} 512$" \
+  out=$("$BIN" metrics a) || fail "metrics a"
+  grep -q "^ublk_clone_regions{device=\"$da\",name=\"a\"} 512$" <<<"$out" \
     || fail "metrics: $("$BIN" metrics a | head -n 5)"
-  python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9560/metrics", timeout=10).read().decode())' \
-    | grep -q '^ublk_clone_io_requests_total{device="'"$da"'",name="a",op="read"} [1-9]' \
+  out=$(python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9560/metrics", timeout=10).read().decode())') \
+    || fail "GET http://127.0.0.1:9560/metrics"
+  grep -q '^ublk_clone_io_requests_total{device="'"$da"'",name="a",op="read"} [1-9]' <<<"$out" \
     || fail "no read counted at http://127.0.0.1:9560/metrics"
-  "$BIN" events a --no-follow | grep -q '"event":"started"' || fail "events: $("$BIN" events a --no-follow)"
+  out=$("$BIN" events a --no-follow) || fail "events a"
+  grep -q '"event":"started"' <<<"$out" || fail "events: $("$BIN" events a --no-follow)"
   out=$("$BIN" up a --table "$tab") || fail "up of a clone that is up failed"
   echo "$out" | grep -q "a: already up: $da" || fail "up a: $out"
   truncate -s 32M "$WORK/dst3"; truncate -s 8M "$WORK/meta3"
@@ -898,19 +901,29 @@ test_clonetab_up_and_down() {
   [ "$(readlink -f /dev/ublk-clone/a)" = "$da" ] || fail "the name link was lost in the recovery"
   # The new daemon serves the metrics again. b (resumed partly hydrated) completes and says so.
   wait_hydrated "$db" 120
+  # status --watch: off a terminal, lines until hydrated (exit 0); on one (script), a bar.
+  out=$(timeout 120 "$BIN" status a --watch 2>&1) || fail "status --watch a: $out"
+  tail -n 2 <<<"$out" | grep -q " 512/512 " || fail "status --watch a did not end hydrated: $(echo "$out" | tail -n 2)"
+  out=$(timeout 120 script -qec "$BIN status a --watch" /dev/null 2>&1) || fail "status --watch on a terminal: $out"
+  say "status --watch on a terminal: $(echo "$out" | tr '\r' '\n' | grep -a '%' | tail -n 1)"
+  echo "$out" | grep -aq "\[=*\] 100% 32.00 MiB/32.00 MiB" || fail "no progress bar: $out"
   for ((i = 0; i < 50; i++)); do
-    "$BIN" events b --no-follow | grep -q '"event":"hydration_complete"' && break
+    out=$("$BIN" events b --no-follow) || true
+    grep -q '"event":"hydration_complete"' <<<"$out" && break
     sleep 0.1
   done
-  "$BIN" events b --no-follow | grep -q '"event":"hydration_complete"' \
+  out=$("$BIN" events b --no-follow) || fail "events b"
+  grep -q '"event":"hydration_complete"' <<<"$out" \
     || fail "no hydration_complete event: $("$BIN" events b --no-follow)"
-  "$BIN" events b --no-follow | head -n 1 | python3 -c '
+  out=$("$BIN" events b --no-follow) || fail "events b"
+  head -n 1 <<<"$out" | python3 -c '
 import json, sys
 e = json.loads(sys.stdin.readline())
 sys.exit(0 if (e["event"], e["name"], e["regions"]) == ("started", "b", 512) and e["hydrated"] < 512 else f"{e}")' \
     || fail "b's first event is not its start, partly hydrated"
-  python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9560/metrics", timeout=10).read().decode())' \
-    | grep -q '^ublk_clone_regions_hydrated{device="'"$da"'",name="a"} 512$' || fail "metrics after the recovery"
+  out=$(python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9560/metrics", timeout=10).read().decode())') \
+    || fail "GET http://127.0.0.1:9560/metrics after the recovery"
+  grep -q '^ublk_clone_regions_hydrated{device="'"$da"'",name="a"} 512$' <<<"$out" || fail "metrics after the recovery"
   echo 3 >/proc/sys/vm/drop_caches
   cmp "$WORK/fa" "$mnt/fa" || fail "the file differs after the recovery"
   umount "$mnt"
@@ -994,7 +1007,8 @@ test_debian_package() {
     out=$(MANPAGER=cat MANWIDTH=100 man "$f" 2>&1) || fail "man $f: $out"
     echo "$out" | grep -q "^NAME" || fail "man $f has no NAME section: $(echo "$out" | head -n 5)"
   done
-  MANPAGER=cat man ublk-clone-create | grep -q -- '--region-size' || fail "man ublk-clone-create lacks --region-size"
+  out=$(MANPAGER=cat man ublk-clone-create) || fail "man ublk-clone-create"
+  grep -q -- '--region-size' <<<"$out" || fail "man ublk-clone-create lacks --region-size"
   bash -c 'source /usr/share/bash-completion/completions/ublk-clone && complete -p ublk-clone' >>"$LOG" 2>&1 \
     || fail "the bash completion does not load"
   for f in /usr/lib/systemd/system/ublk-clone@.service /usr/lib/systemd/system/ublk-clone.target \
