@@ -299,7 +299,7 @@ fn the_debian_package_lists_every_dist_file() {
         }
     }
     assert!(sources.contains(&"dist/ublk-clonetab.example"));
-    for s in ["postinst", "postrm"] {
+    for s in ["postinst", "prerm", "postrm"] {
         let p = root.join("dist/debian").join(s);
         let o = Command::new("sh").arg("-n").arg(&p).output().expect("sh");
         assert!(o.status.success(), "{s}: {}", text(&o));

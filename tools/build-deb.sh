@@ -5,6 +5,7 @@
 # Usage: tools/build-deb.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ -z "${CARGO_TARGET_DIR:-}" ] || { echo "build-deb: unset CARGO_TARGET_DIR (the package's assets are under ./target)" >&2; exit 1; }
 command -v cargo-deb >/dev/null || { echo "build-deb: cargo-deb missing; run tools/setup-host.sh" >&2; exit 1; }
 cargo build --release --bins --quiet
 rm -rf target/release/dist-docs

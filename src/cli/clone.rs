@@ -328,7 +328,7 @@ pub fn run_set(a: &SetArgs) -> Result<()> {
 pub struct TraceArgs {
     /// The clone (started with --trace-reads).
     pub dev: String,
-    /// Where to write the trace (one byte offset per line, in the order of first reads).
+    /// Where to write the trace (one byte offset and length per line, in the order of first reads).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 }

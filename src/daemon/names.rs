@@ -13,6 +13,9 @@
 //! - Two daemons never start under one name at once: each holds [`NameLock`] (an exclusive
 //!   flock on `<run_dir>/names/NAME.lock`) from before its [`check_free`] until its device is
 //!   gone, so the check and the daemon record it leads to are one step for other daemons.
+//!   `create` takes it before its own checks and formatting and the daemon inherits it.
+//!   Lock files stay in `<run_dir>/names` (a tmpfs); removing one safely would need the
+//!   holder to re-check its inode, and an empty file costs nothing.
 
 use super::error::{refuse, Named, Result};
 use std::path::{Path, PathBuf};
@@ -89,12 +92,53 @@ pub struct NameLock {
     _file: std::fs::File,
 }
 
-/// Takes `name`'s lock. A recovering daemon (`wait`) waits up to 30 s for a dying daemon
-/// (which keeps its descriptors until the kernel has ended its I/O) to let go; any other
-/// daemon is refused at once while another holds the name.
+/// Set in a daemon started by `spawn`: the descriptor of the name lock that `spawn` took
+/// (before its checks and any formatting) and the daemon inherits.
+pub const LOCK_FD_ENV: &str = "UBLK_CLONE_NAME_LOCK_FD";
+
+impl NameLock {
+    /// The lock's descriptor (for a child to inherit).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self._file.as_raw_fd()
+    }
+}
+
+/// Takes `name`'s lock, or adopts the one this process inherited from `spawn`. A recovering
+/// daemon (`wait`) waits up to 30 s for a dying daemon (which keeps its descriptors until
+/// the kernel has ended its I/O) to let go; any other is refused at once while another
+/// process holds the name.
 pub fn lock(name: &str, wait: bool) -> Result<NameLock> {
+    let dir = super::control::run_dir().join("names");
+    if let Some(l) = inherited(&dir, name) {
+        return Ok(l);
+    }
     let timeout = std::time::Duration::from_secs(if wait { 30 } else { 0 });
-    lock_in(&super::control::run_dir().join("names"), name, timeout)
+    lock_in(&dir, name, timeout)
+}
+
+/// The lock of `name` passed down by `spawn` ([`LOCK_FD_ENV`]), if it is that: a descriptor
+/// of `<dir>/NAME.lock` (same file), which holds the flock already (it is `spawn`'s open
+/// file, shared).
+fn inherited(dir: &Path, name: &str) -> Option<NameLock> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let fd: i32 = std::env::var(LOCK_FD_ENV).ok()?.parse().ok()?;
+    std::env::remove_var(LOCK_FD_ENV);
+    let want = std::fs::metadata(dir.join(format!("{name}.lock"))).ok()?;
+    // SAFETY: fstat into a zeroed stat buffer; the descriptor is only read.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    if st.st_dev != want.dev() || st.st_ino != want.ino() {
+        return None;
+    }
+    // SAFETY: the descriptor is open, refers to the lock file, and nothing else owns it in
+    // this process (it came from the parent through exec).
+    Some(NameLock {
+        _file: unsafe { std::fs::File::from_raw_fd(fd) },
+    })
 }
 
 fn lock_in(dir: &Path, name: &str, timeout: std::time::Duration) -> Result<NameLock> {

@@ -51,22 +51,24 @@ fn serve_clone(cfg: &DaemonConfig, notify: bool) -> Result<()> {
     let recovering = cfg.recover.then_some(cfg.number as u32);
     // The name is held (locked) for the daemon's life, from before the check on.
     let mut _name_lock = None;
-    if let Some(name) = &cfg.name {
+    if let (Some(name), false) = (&cfg.name, cfg.recover) {
         // Before anything is opened or formatted: a refused name writes nothing.
-        _name_lock = Some(names::lock(name, cfg.recover)?);
-        names::check_free(name, recovering)?;
+        names::check_free(name, None)?;
+        _name_lock = Some(names::lock(name, false)?);
+        names::check_free(name, None)?;
     }
+    // A recovery takes its name after `open_devices`, whose recovery lock makes a second
+    // recovery of the device fail at once, and whose barrier waits for the dead daemon.
     let o = open_devices(cfg, true)?;
     let name = match &cfg.name {
         Some(n) => n.clone(),
-        None => {
-            // A name derived from the metadata (taken only by a copy of this metadata).
-            let n = names::default_name(&o.md.uuid());
-            _name_lock = Some(names::lock(&n, cfg.recover)?);
-            names::check_free(&n, recovering)?;
-            n
-        }
+        // A name derived from the metadata (taken only by a copy of this metadata).
+        None => names::default_name(&o.md.uuid()),
     };
+    if _name_lock.is_none() {
+        _name_lock = Some(names::lock(&name, cfg.recover)?);
+        names::check_free(&name, recovering)?;
+    }
     saved::save(cfg, &o.md, o.source_file.as_deref(), &o.dest)?;
     let (survival_path, degraded) = survival::resume(cfg, &o.md)?;
     process::detach_ublk_mounts(private_ns, &control::run_dir());

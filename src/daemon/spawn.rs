@@ -26,12 +26,18 @@ const NOTIFY_ENV: &str = "UBLK_CLONE_NOTIFY";
 /// program with `daemon_args` (the command line that runs `cfg` in the foreground) as a
 /// background daemon, and returns its device path once it is ready.
 pub fn spawn(cfg: &DaemonConfig, daemon_args: &[OsString]) -> Result<String> {
+    let mut name_lock = None;
     if !cfg.recover {
         // The checks run here first, so that errors reach the caller before a daemon
         // exists. A recovery skips them: only the daemon may start it (the kernel accepts
         // START_USER_RECOVERY once), and the devices may be held by the dead daemon until
         // then; the daemon reports its errors through the notify pipe.
+        // The name is locked before it is checked and anything is formatted; the daemon
+        // inherits the lock (a create that loses a race for a name writes nothing).
+        // (Checked before the lock too: a name that a live clone holds is refused naming it.)
         if let Some(name) = &cfg.name {
+            super::names::check_free(name, None)?;
+            name_lock = Some(super::names::lock(name, false)?);
             super::names::check_free(name, None)?;
         }
         drop(open_devices(cfg, false)?);
@@ -50,10 +56,20 @@ pub fn spawn(cfg: &DaemonConfig, daemon_args: &[OsString]) -> Result<String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
-    // SAFETY: setsid is async-signal-safe; the child gets its own session (a daemon).
+    let lock_fd = name_lock.as_ref().map(|l| {
+        cmd.env(super::names::LOCK_FD_ENV, l.fd().to_string());
+        l.fd()
+    });
+    // SAFETY: setsid and fcntl are async-signal-safe; the child gets its own session (a
+    // daemon) and keeps the name lock's descriptor across exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            if let Some(fd) = lock_fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }

@@ -139,6 +139,9 @@ pub fn regions_of(extents: &[Extent], region_size: u64, nr: u64) -> Vec<u64> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for &(o, n) in extents {
+        if seen.len() as u64 >= nr {
+            break; // every region is in already (a trace of whole-device lines costs no more)
+        }
         let first = o / region_size;
         let last = (o.saturating_add(n - 1) / region_size).min(nr.saturating_sub(1));
         for r in first..=last {

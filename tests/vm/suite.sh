@@ -878,6 +878,8 @@ test_clonetab_up_and_down() {
   say "race: rc $r1 $r2: $(cat "$WORK/race1" "$WORK/race2" | tr '\n' ' ')"
   [ $((r1 == 0)) -ne $((r2 == 0)) ] || fail "two creates named race: rc $r1 and $r2"
   grep -q "name 'race' is taken" "$WORK/race1" "$WORK/race2" || fail "the loser does not say the name is taken"
+  local lost=$WORK/meta4; [ $r1 = 0 ] && lost=$WORK/meta5
+  [ -z "$(tr -d '\0' <"$lost" | head -c 1)" ] || fail "the create that lost the name wrote its metadata $lost"
   [ "$("$BIN" list | grep -c -E '^/dev/ublkb[0-9]+ +race ')" = 1 ] || fail "list: $("$BIN" list)"
   stop race
   if [ -e /run/udev/control ]; then
@@ -998,7 +1000,21 @@ test_debian_package() {
   ! dpkg -s ublk-clone >/dev/null 2>&1 || fail "ublk-clone is already installed: not a clean root"
   [ ! -e /usr/bin/ublk-clone ] || fail "/usr/bin/ublk-clone exists before the install"
   rm -f /var/lib/man-db/auto-update # no man-db index rebuild under emulation (RAM overlay only)
+  # A failure part-way must not leave the package (and its udev rule) to the later tests.
+  trap '/usr/bin/ublk-clone down pkg >/dev/null 2>&1; dpkg -P ublk-clone >/dev/null 2>&1; rm -f /etc/ublk-clonetab' EXIT
   dpkg -i "$deb" >>"$LOG" 2>&1 || fail "dpkg -i failed"
+  # Its Depends cover every shared library the binary loads (the guest's root has them all,
+  # so dpkg alone would not notice a missing one).
+  local deps lib pkg
+  deps=$(dpkg-deb -f "$deb" Depends)
+  say "Depends: $deps"
+  for lib in $(ldd /usr/bin/ublk-clone | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+    pkg=$(dpkg -S "$(readlink -f "$lib")" 2>/dev/null | head -n1 | cut -d: -f1) \
+      || pkg=$(dpkg -S "$lib" 2>/dev/null | head -n1 | cut -d: -f1) || true
+    [ -n "$pkg" ] || fail "no package owns $lib"
+    grep -qE "(^|, )$pkg( |,|$)" <<<"$deps" || fail "$lib ($pkg) is not in Depends: $deps"
+  done
+  dpkg -L ublk-clone >"$WORK/pkg-files"
   dpkg -s ublk-clone | grep -q '^Status: install ok installed' || fail "not installed: $(dpkg -s ublk-clone)"
   [ -x /usr/bin/ublk-clone ] || fail "no /usr/bin/ublk-clone"
   out=$(/usr/bin/ublk-clone --help) || fail "ublk-clone --help failed"
@@ -1036,14 +1052,20 @@ test_debian_package() {
   [ -b "$(readlink -f /dev/ublk-clone/pkg)" ] || fail "no /dev/ublk-clone/pkg"
   cmp <(dd if=/dev/ublk-clone/pkg bs=1M count=16 iflag=direct status=none) "$WORK/src" \
     || fail "the installed binary's clone does not read the source"
+  # Removing the package under a running clone is refused (its daemon's tools would go).
+  out=$(dpkg -r ublk-clone 2>&1) && fail "dpkg -r succeeded while pkg was up"
+  grep -q "clones are running" <<<"$out" || fail "dpkg -r refused without saying why: $out"
+  [ -x /usr/bin/ublk-clone ] || fail "the refused removal took the binary"
   /usr/bin/ublk-clone down pkg >>"$LOG" 2>&1 || fail "down pkg"
   rm -f /etc/ublk-clonetab
   dpkg -P ublk-clone >>"$LOG" 2>&1 || fail "dpkg -P failed"
   ! dpkg -s ublk-clone >/dev/null 2>&1 || fail "still installed after dpkg -P"
-  for f in /usr/bin/ublk-clone /usr/share/man/man1/ublk-clone.1.gz /usr/lib/systemd/system/ublk-clone@.service \
-           /usr/lib/udev/rules.d/90-ublk-clone.rules /usr/lib/systemd/system-generators/ublk-clone-generator; do
-    [ ! -e "$f" ] || fail "$f left after removal"
-  done
+  # Every file it installed is gone (directories may stay: other packages share them).
+  while read -r f; do
+    [ -d "$f" ] || [ ! -e "$f" ] || fail "$f left after dpkg -P"
+  done <"$WORK/pkg-files"
+  grep -q '^/usr/bin/ublk-clone$' "$WORK/pkg-files" || fail "dpkg -L did not list the binary"
+  trap - EXIT
 }
 
 # Fault injection with dm-flakey, dm-error and dm-thin: the test_fault_* functions.
