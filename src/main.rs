@@ -27,6 +27,8 @@ enum Command {
     Restart(clone::RestartArgs),
     /// List running clone devices.
     List,
+    /// Show the ublk features the running kernel offers and which of them clones use.
+    Features,
     /// Show hydration progress and mode.
     Status(cli::status::StatusArgs),
     /// Change run-time settings (hydration on/off, threshold, batch size, rate).
@@ -99,7 +101,10 @@ fn done(r: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,libublk=warn"),
+    )
+    .init();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Create(a) => done(clone::run_create(a)),
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
         Command::Recover(a) => done(clone::run_recover(a)),
         Command::Restart(a) => done(clone::run_restart(a)),
         Command::List => done(cli::status::run_list()),
+        Command::Features => done(cli::status::run_features()),
         Command::Status(a) => done(cli::status::run_status(a)),
         Command::Set(a) => done(clone::run_set(a)),
         Command::Stop(a) => done(cli::stop::run_stop(a)),

@@ -84,6 +84,10 @@ pub struct CreateArgs {
     /// is mounted on it go away (by default the device waits for `ublk-clone recover`).
     #[arg(long)]
     pub no_recovery: bool,
+    /// Do not use zero copy even where the kernel offers it (ublk's UBLK_F_AUTO_BUF_REG,
+    /// kernel 6.16 and later): serve requests through the daemon's buffers, as on 6.12.
+    #[arg(long)]
+    pub no_zero_copy: bool,
     /// Internal (`ublk-clone recover`): attach to the quiesced device --number.
     #[arg(long, hide = true)]
     pub recover: bool,
@@ -133,6 +137,7 @@ impl From<&CreateArgs> for DaemonConfig {
             log_writes: a.log_writes.clone(),
             log_writes_size: a.log_writes_size,
             no_recovery: a.no_recovery,
+            no_zero_copy: a.no_zero_copy,
             recover: a.recover,
             source_timeout: a.source_timeout,
             name: a.name.clone(),
@@ -199,6 +204,7 @@ pub(super) fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
         ("--ignore-source-mismatch", cfg.ignore_source_mismatch),
         ("--dest-moved", cfg.dest_moved),
         ("--no-recovery", cfg.no_recovery),
+        ("--no-zero-copy", cfg.no_zero_copy),
         ("--recover", cfg.recover),
         ("--trace-reads", cfg.trace_reads),
     ] {

@@ -10,7 +10,7 @@
 //! Options are comma-separated (`-` or nothing: none): `region-size=SIZE`, `rate=SIZE`
 //! (bytes/s), `hydration-threshold=N`, `batch-size=N`, `queues=N`, `depth=N`,
 //! `source-timeout=SECONDS`, `metrics=HOST:PORT`, `prefetch=FILE`, and the flags `no-hydration`, `no-discard-passdown`,
-//! `buffered-io`, `no-recovery`, `trace-reads`. `#` starts a comment.
+//! `buffered-io`, `no-recovery`, `no-zero-copy`, `trace-reads`. `#` starts a comment.
 //!
 //! Invariant: a bad line never stops the good ones; its error names the file, the line and
 //! the field. Names and metadata paths are unique in a table (a later duplicate is the bad one).
@@ -58,6 +58,7 @@ pub struct Options {
     pub no_discard_passdown: bool,
     pub buffered_io: bool,
     pub no_recovery: bool,
+    pub no_zero_copy: bool,
     pub metrics: Option<String>,
     pub trace_reads: bool,
     pub prefetch: Option<PathBuf>,
@@ -240,6 +241,7 @@ fn parse_options(col: &str) -> Result<Options, String> {
             "no-discard-passdown" => o.no_discard_passdown = flag()?,
             "buffered-io" => o.buffered_io = flag()?,
             "no-recovery" => o.no_recovery = flag()?,
+            "no-zero-copy" => o.no_zero_copy = flag()?,
             "metrics" => o.metrics = Some(need()?.to_string()),
             "trace-reads" => o.trace_reads = flag()?,
             "prefetch" => o.prefetch = Some(PathBuf::from(need()?)),
@@ -247,8 +249,8 @@ fn parse_options(col: &str) -> Result<Options, String> {
                 return Err(format!(
                     "unknown option '{other}' (known: region-size, rate, hydration-threshold, \
                      batch-size, queues, depth, source-timeout, no-hydration, \
-                     no-discard-passdown, buffered-io, no-recovery, metrics, trace-reads, \
-                     prefetch)"
+                     no-discard-passdown, buffered-io, no-recovery, no-zero-copy, metrics, \
+                     trace-reads, prefetch)"
                 ))
             }
         }
@@ -283,6 +285,7 @@ impl Entry {
             log_writes: None,
             log_writes_size: crate::daemon::config::DEFAULT_LOG_WRITES_SIZE,
             no_recovery: o.no_recovery,
+            no_zero_copy: o.no_zero_copy,
             recover: false,
             source_timeout: o.source_timeout.unwrap_or(DEFAULT_SOURCE_TIMEOUT),
             name: Some(self.name.clone()),

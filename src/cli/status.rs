@@ -27,8 +27,8 @@ pub fn run_list() -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<14} {:<16} {:>8} {:<24} {:<24} {:<24}",
-        "DEVICE", "NAME", "PID", "SOURCE", "DEST", "METADATA"
+        "{:<14} {:<16} {:>8} {:<24} {:<24} {:<24} {:<20}",
+        "DEVICE", "NAME", "PID", "SOURCE", "DEST", "METADATA", "FEATURES"
     );
     for d in devs {
         let r = &d.record;
@@ -38,13 +38,18 @@ pub fn run_list() -> Result<()> {
             "-".to_string()
         };
         println!(
-            "{:<14} {:<16} {:>8} {:<24} {:<24} {:<24}{}",
+            "{:<14} {:<16} {:>8} {:<24} {:<24} {:<24} {:<20}{}",
             r.device,
             r.name.as_deref().unwrap_or("-"),
             pid,
             r.source.display(),
             r.dest.display(),
             r.metadata.display(),
+            if r.features.is_empty() {
+                "-".to_string()
+            } else {
+                r.features.join(",")
+            },
             if d.daemon_running {
                 ""
             } else {
@@ -53,6 +58,38 @@ pub fn run_list() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ublk-clone features`: what the kernel's ublk driver offers (`UBLK_U_CMD_GET_FEATURES`)
+/// and what clones created now use of it.
+pub fn run_features() -> Result<()> {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        anyhow::bail!("/dev/ublk-control is missing: ublk_drv is not loaded (modprobe ublk_drv)");
+    }
+    let f = crate::ublk::driver_features();
+    println!("kernel ublk features: {f:#x}");
+    for line in feature_lines(f) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// One line per feature clones use where the kernel offers it.
+fn feature_lines(f: u64) -> Vec<String> {
+    use libublk::sys;
+    let has = |flag: u32| f & flag as u64 != 0;
+    let zc = if crate::ublk::zero_copy(f) {
+        "offered, used by clones (--no-zero-copy: not)"
+    } else {
+        "not offered (needs UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY: kernel 6.16 or later); \
+         request data is copied through the daemon"
+    };
+    let rec = if has(sys::UBLK_F_USER_RECOVERY) && has(sys::UBLK_F_USER_RECOVERY_REISSUE) {
+        "offered, used by clones (--no-recovery: not)"
+    } else {
+        "not offered: a daemon's death removes its device"
+    };
+    vec![format!("zero-copy: {zc}"), format!("recovery: {rec}")]
 }
 
 fn human(bytes: f64) -> String {
@@ -129,6 +166,7 @@ pub const STATUS_SCHEMA: u32 = 1;
 pub fn status_json(
     device: &str,
     name: Option<&str>,
+    features: &[String],
     s: &Status,
     rec: Option<&RecordingStatus>,
 ) -> Result<serde_json::Value> {
@@ -139,6 +177,7 @@ pub fn status_json(
     obj.insert("schema_version".into(), STATUS_SCHEMA.into());
     obj.insert("device".into(), device.into());
     obj.insert("name".into(), name.into());
+    obj.insert("ublk_features".into(), features.into());
     if let Some(rec) = rec {
         obj.insert("recording".into(), serde_json::to_value(rec)?);
     }
@@ -169,9 +208,13 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
         Some(d) => vec![control::parse_dev(d)?],
         None => control::list_records().iter().map(|r| r.id).collect(),
     };
-    let names: std::collections::HashMap<u32, String> = control::list_devices()
+    let records: std::collections::HashMap<u32, control::DaemonRecord> = control::list_devices()
         .into_iter()
-        .filter_map(|l| Some((l.record.id, l.record.name?)))
+        .map(|l| (l.record.id, l.record))
+        .collect();
+    let names: std::collections::HashMap<u32, String> = records
+        .iter()
+        .filter_map(|(id, r)| Some((*id, r.name.clone()?)))
         .collect();
     if a.watch && !a.json && std::io::stdout().is_terminal() {
         return watch_bars(&ids, &names);
@@ -185,7 +228,8 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
             let dev = format!("/dev/ublkb{id}");
             if a.json {
                 let name = names.get(id).map(String::as_str);
-                println!("{}", status_json(&dev, name, &s, rec.as_ref())?);
+                let features = records.get(id).map_or(&[][..], |r| &r.features[..]);
+                println!("{}", status_json(&dev, name, features, &s, rec.as_ref())?);
             } else {
                 println!("{}", format_status(&dev, &s));
                 if let Some(rec) = &rec {
@@ -323,6 +367,25 @@ pub fn run_name(a: &NameArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::engine::{Knobs, Mode, SourceDown};
+    use libublk::sys;
+
+    #[test]
+    fn zero_copy_needs_both_flags_and_recovery_both_of_its() {
+        let zc = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
+        let rec = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+        let l = feature_lines(zc | rec);
+        assert!(l[0].starts_with("zero-copy: offered") && l[1].starts_with("recovery: offered"));
+        // 6.12 offers user copy and recovery, not auto buffer registration.
+        let l = feature_lines(sys::UBLK_F_USER_COPY as u64 | rec);
+        assert!(l[0].starts_with("zero-copy: not offered"), "{l:?}");
+        let l = feature_lines(sys::UBLK_F_AUTO_BUF_REG as u64 | sys::UBLK_F_USER_RECOVERY as u64);
+        assert!(l[0].starts_with("zero-copy: not offered") && l[1].starts_with("recovery: not"));
+        assert_eq!(
+            crate::ublk::feature_names(zc | rec),
+            ["zero-copy", "recovery"]
+        );
+        assert!(crate::ublk::feature_names(zc & !(sys::UBLK_F_USER_COPY as u64)).is_empty());
+    }
 
     /// Every key `status --json` writes (nested ones as `a.b`).
     fn keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
@@ -368,9 +431,11 @@ mod tests {
             entries: 9,
             error: None,
         };
-        let v = status_json("/dev/ublkb0", Some("db"), &s, Some(&rec))?;
+        let features = ["zero-copy".to_string(), "recovery".to_string()];
+        let v = status_json("/dev/ublkb0", Some("db"), &features, &s, Some(&rec))?;
         assert_eq!(v["schema_version"], STATUS_SCHEMA);
         assert_eq!(v["name"], "db");
+        assert_eq!(v["ublk_features"][0], "zero-copy");
         let mut written = Vec::new();
         keys(&v, "", &mut written);
         written.sort();

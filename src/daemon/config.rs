@@ -75,6 +75,9 @@ pub struct DaemonConfig {
     /// Create the device without user recovery: a daemon death then removes it.
     #[serde(default)]
     pub no_recovery: bool,
+    /// Never use zero copy, even where the kernel offers it (saved only when set).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_zero_copy: bool,
     /// Attach to the quiesced device `number`, whose daemon died, instead of adding one.
     #[serde(default)]
     pub recover: bool,

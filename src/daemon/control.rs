@@ -130,6 +130,10 @@ pub struct DaemonRecord {
     /// The clone's name (records written before names existed have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The ublk features the device serves with (`zero-copy`, `recovery`), from
+    /// the flags the kernel granted (records written before this existed have none).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 pub fn record_path(id: u32) -> PathBuf {

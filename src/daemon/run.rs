@@ -132,6 +132,7 @@ fn serve_device(
         physical_block_size: o.block_sizes.physical,
         recovery: !cfg.no_recovery,
         recover: cfg.recover,
+        zero_copy: !cfg.no_zero_copy,
     };
     let run_dir = control::run_dir();
     std::fs::create_dir_all(&run_dir).named(|| format!("cannot create {}", run_dir.display()))?;
@@ -215,6 +216,10 @@ impl Live {
             depth: info.depth,
             region_size: self.region_size,
             name: Some(self.name.clone()),
+            features: ublk::feature_names(info.flags)
+                .into_iter()
+                .map(String::from)
+                .collect(),
         };
         let listener = match server::bind_control(&rec) {
             Ok(l) => l,

@@ -34,6 +34,44 @@ pub struct DeviceOptions {
     /// Attach to the existing quiesced device `id` (after [`begin_recovery`]) instead of
     /// adding one.
     pub recover: bool,
+    /// Use zero copy ([`ZERO_COPY_FLAGS`]) where the kernel offers it; `false` keeps the
+    /// data path of kernels without it (6.12), e.g. to compare the two.
+    pub zero_copy: bool,
+}
+
+/// Zero copy: the kernel registers each request's pages in the queue ring's buffer table
+/// (`UBLK_F_AUTO_BUF_REG`, 6.16), so hydrated reads and writes go between those pages and
+/// the destination in place; the daemon copies the data itself where it needs it in its own
+/// buffer (`UBLK_F_USER_COPY`). Used only where the kernel offers both, and allows them
+/// together.
+pub const ZERO_COPY_FLAGS: u64 =
+    (libublk::sys::UBLK_F_AUTO_BUF_REG | libublk::sys::UBLK_F_USER_COPY) as u64;
+
+/// Whether a device with `flags` (as granted) serves requests with zero copy.
+pub fn zero_copy(flags: u64) -> bool {
+    flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS
+}
+
+/// The ublk features the loaded driver offers (`UBLK_U_CMD_GET_FEATURES`; 0 when it cannot
+/// tell, e.g. without ublk_drv).
+pub fn driver_features() -> u64 {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        return 0;
+    }
+    UblkCtrl::get_features().unwrap_or(0)
+}
+
+/// The names of the ublk features a device with `flags` serves with, for status and list.
+pub fn feature_names(flags: u64) -> Vec<&'static str> {
+    use libublk::sys;
+    let mut names = Vec::new();
+    if zero_copy(flags) {
+        names.push("zero-copy");
+    }
+    if flags & sys::UBLK_F_USER_RECOVERY as u64 != 0 {
+        names.push("recovery");
+    }
+    names
 }
 
 /// What a device's recovery starts from: the existing device's queues and depth.
@@ -174,14 +212,16 @@ impl DeviceInfo {
 
 /// Adds the ublk device (not yet started), or with `recover` attaches to the quiesced one.
 pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
-    let builder = libublk::ctrl::UblkCtrlBuilder::default()
-        .name("ublk-clone")
-        .id(opts.id)
-        .nr_queues(opts.queues)
-        .depth(opts.depth)
-        .io_buf_bytes(opts.io_buf_bytes);
+    let builder = || {
+        libublk::ctrl::UblkCtrlBuilder::default()
+            .name("ublk-clone")
+            .id(opts.id)
+            .nr_queues(opts.queues)
+            .depth(opts.depth)
+            .io_buf_bytes(opts.io_buf_bytes)
+    };
     if opts.recover {
-        return builder
+        return builder()
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
             .map_err(|cause| ServeError::Recover {
@@ -189,15 +229,29 @@ pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
                 cause,
             });
     }
-    builder
-        .ctrl_flags(if opts.recovery {
-            RECOVERY_FLAGS as u64
-        } else {
-            0
-        })
+    let base = if opts.recovery {
+        RECOVERY_FLAGS as u64
+    } else {
+        0
+    };
+    // Detected at run time, never from the kernel's version.
+    let zc = opts.zero_copy && zero_copy(driver_features());
+    let added = builder()
+        .ctrl_flags(base | if zc { ZERO_COPY_FLAGS } else { 0 })
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-        .map_err(|cause| ServeError::Add { cause })
+        .build();
+    match added {
+        Err(e) if zc => {
+            // A driver that offers both flags but refuses them together.
+            log::info!("the kernel refused a zero-copy device ({e}); adding one without");
+            builder()
+                .ctrl_flags(base)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+                .map_err(|cause| ServeError::Add { cause })
+        }
+        other => other.map_err(|cause| ServeError::Add { cause }),
+    }
 }
 
 /// The device's parameters, from the engine's geometry and block size and the options.

@@ -32,8 +32,8 @@ mod request;
 mod uring_path;
 
 pub use device::{
-    begin_recovery, delete_device, device_daemon_pid, device_state, DeviceInfo, DeviceOptions,
-    DeviceState, RecoveryStart,
+    begin_recovery, delete_device, device_daemon_pid, device_state, driver_features, feature_names,
+    zero_copy, DeviceInfo, DeviceOptions, DeviceState, RecoveryStart, ZERO_COPY_FLAGS,
 };
 pub use queue::queues_alive;
 pub use uring_path::UringPath;

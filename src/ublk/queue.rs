@@ -10,8 +10,17 @@
 //! transfer everything (an error or a short transfer) has completed and is then redone by the
 //! full path, which reports errors as the engine does.
 //!
-//! Invariant: a tag has at most one request in flight, so its I/O buffer and its entry in
-//! `requests` belong to that request alone until it is committed.
+//! On a zero-copy device (`UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY`, kernel 6.16 and later) the
+//! kernel registers each request's own pages in the queue ring's buffer table at the index of
+//! its tag before it hands the request over, and unregisters them when it is committed. The
+//! direct path then reads and writes those pages in place (`ReadFixed`/`WriteFixed`): no copy
+//! through the daemon. The full path still works on the tag's buffer, and copies the request's
+//! data into it (a write) or out of it (a read) itself, with reads and writes of `/dev/ublkcN`
+//! at the request's user-copy offset (fixed file 0). A request whose pages the kernel could not
+//! register (`UBLK_IO_F_NEED_REG_BUF`) takes the full path.
+//!
+//! Invariant: a tag has at most one request in flight, so its I/O buffer, its registered
+//! pages and its entry in `requests` belong to that request alone until it is committed.
 
 use super::remote::RemoteSource;
 use super::request::{self, Op, Request};
@@ -21,7 +30,9 @@ use crate::engine::Engine;
 use crate::io::observe::IoObserver;
 use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
+use libublk::io::UblkIOCtx;
 use libublk::io::{BufDescList, UblkDev, UblkQueue};
+use libublk::sys::ublk_auto_buf_reg;
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
 use std::cell::RefCell;
@@ -61,6 +72,9 @@ struct Queue<'a> {
     /// Direct I/O is off while an observer watches the destination (it is told of I/O
     /// through `UringPath` only).
     direct: bool,
+    /// Zero copy: each tag's registration (its buffer-table index and flags), given back
+    /// with every commit; `None` when the kernel copies request data into the tag buffers.
+    zero_copy: Option<Vec<ublk_auto_buf_reg>>,
     /// Each tag's request as decoded when it arrived. An entry is set before the tag's direct
     /// I/O is submitted and read when it completes (initially the decoding of an all-zero
     /// descriptor, which no completion ever reads).
@@ -73,11 +87,13 @@ impl<'a> Queue<'a> {
     }
 
     fn complete(&self, tag: u16, res: i32) {
-        let r = self.q.complete_io_cmd_unified(
-            tag,
-            BufDesc::Slice(self.buf(tag)),
-            Ok(libublk::UblkIORes::Result(res)),
-        );
+        let desc = match &self.zero_copy {
+            Some(regs) => BufDesc::AutoReg(regs[tag as usize]),
+            None => BufDesc::Slice(self.buf(tag)),
+        };
+        let r = self
+            .q
+            .complete_io_cmd_unified(tag, desc, Ok(libublk::UblkIORes::Result(res)));
         if let Err(e) = r {
             log::error!("queue {} tag {tag}: cannot complete: {e}", self.q.get_qid());
         }
@@ -92,7 +108,8 @@ impl<'a> Queue<'a> {
         if req.op == Op::Read {
             self.engine.trace_read(req.offset, req.len);
         }
-        if self.direct && req.carries_data() && self.try_direct(tag, req) {
+        let in_place = self.zero_copy.is_none() || !req.unregistered;
+        if self.direct && in_place && req.carries_data() && self.try_direct(tag, req) {
             return;
         }
         self.spawn_full(tag, req);
@@ -107,18 +124,28 @@ impl<'a> Queue<'a> {
         let Some(side) = self.engine.direct_route(req.offset, req.len, req.fua) else {
             return false;
         };
-        let slot = uring_path::slot(side);
-        let ptr = self.bufs[tag as usize].as_mut_ptr();
+        let slot = types::Fixed(uring_path::slot(side));
         // `len` fits the tag's buffer, whose size is a u32 (the device's io_buf_bytes).
         let len = len as u32;
-        let sqe = if req.op == Op::Read {
-            opcode::Read::new(types::Fixed(slot), ptr, len)
+        let sqe = match (&self.zero_copy, req.op == Op::Read) {
+            // The request's registered pages, from their start (a kernel buffer's address
+            // is its offset).
+            (Some(regs), true) => {
+                opcode::ReadFixed::new(slot, std::ptr::null_mut(), len, regs[tag as usize].index)
+                    .offset(req.offset)
+                    .build()
+            }
+            (Some(regs), false) => {
+                opcode::WriteFixed::new(slot, std::ptr::null(), len, regs[tag as usize].index)
+                    .offset(req.offset)
+                    .build()
+            }
+            (None, true) => opcode::Read::new(slot, self.bufs[tag as usize].as_mut_ptr(), len)
                 .offset(req.offset)
-                .build()
-        } else {
-            opcode::Write::new(types::Fixed(slot), ptr, len)
+                .build(),
+            (None, false) => opcode::Write::new(slot, self.bufs[tag as usize].as_mut_ptr(), len)
                 .offset(req.offset)
-                .build()
+                .build(),
         };
         self.requests.borrow_mut()[tag as usize] = req;
         let sqe = sqe.user_data(DIRECT_IO | tag as u64);
@@ -138,10 +165,50 @@ impl<'a> Queue<'a> {
             // else reads or writes it until this request is committed below.
             let buf =
                 unsafe { std::slice::from_raw_parts_mut(me.bufs[tag as usize].as_mut_ptr(), n) };
-            let res = request::handle(&me.engine, &me.path, req, buf).await;
+            let res = if me.zero_copy.is_some() {
+                me.handle_user_copy(tag, req, buf).await
+            } else {
+                request::handle(&me.engine, &me.path, req, buf).await
+            };
             me.complete(tag, res);
         })
         .detach();
+    }
+
+    /// The full path on a zero-copy device: the request's data is copied into the tag's
+    /// buffer before a write and out of it after a read, through `/dev/ublkcN`.
+    async fn handle_user_copy(&self, tag: u16, req: Request, buf: &mut [u8]) -> i32 {
+        let data = match req.op {
+            Op::Read | Op::Write => match req.fits(buf.len()) {
+                Some(n) => n,
+                // `handle` reports it.
+                None => return request::handle(&self.engine, &self.path, req, buf).await,
+            },
+            _ => return request::handle(&self.engine, &self.path, req, buf).await,
+        };
+        let pos = UblkIOCtx::ublk_user_copy_pos(self.q.get_qid(), tag, 0);
+        if req.op == Op::Write {
+            if let Err(e) = user_copy(&mut buf[..data], pos, true).await {
+                log::error!(
+                    "write at offset {} length {}: cannot fetch its data: {e}",
+                    req.offset,
+                    req.len
+                );
+                return -libc::EIO;
+            }
+        }
+        let res = request::handle(&self.engine, &self.path, req, buf).await;
+        if req.op == Op::Read && res > 0 {
+            if let Err(e) = user_copy(&mut buf[..data], pos, false).await {
+                log::error!(
+                    "read at offset {} length {}: cannot hand its data over: {e}",
+                    req.offset,
+                    req.len
+                );
+                return -libc::EIO;
+            }
+        }
+        res
     }
 
     fn on_cqe(self: &Rc<Self>, user_data: u64, cqe: &io_uring::cqueue::Entry) {
@@ -162,6 +229,38 @@ impl<'a> Queue<'a> {
             libublk::uring_async::ublk_wake_task(user_data, cqe);
         }
     }
+}
+
+/// Copies a request's data between `buf` and the request's pages, through `/dev/ublkcN`
+/// (fixed file 0) at the request's user-copy offset `pos`: `fetch` reads the data of a write
+/// into `buf`, otherwise `buf` is written into a read's pages.
+async fn user_copy(buf: &mut [u8], pos: u64, fetch: bool) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let (ptr, len, at) = (rest.as_mut_ptr(), rest.len() as u32, pos + done as u64);
+        let sqe = if fetch {
+            opcode::Read::new(types::Fixed(0), ptr, len)
+                .offset(at)
+                .build()
+        } else {
+            opcode::Write::new(types::Fixed(0), ptr, len)
+                .offset(at)
+                .build()
+        };
+        match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+            Ok(n) if n > 0 => done += n as usize,
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "no bytes moved",
+                ))
+            }
+            Ok(n) => return Err(io::Error::from_raw_os_error(-n)),
+            Err(e) => return Err(io::Error::other(format!("io_uring: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 /// Keeps a read pending on the queue's eventfd so that kicks from other threads wake the
@@ -226,9 +325,21 @@ fn serve_queue(
     dev: &UblkDev,
 ) {
     let bufs = Rc::new(dev.alloc_queue_io_bufs());
-    let q = match UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
-    {
+    let zero_copy = super::device::zero_copy(dev.dev_info.flags).then(|| {
+        (0..dev.dev_info.queue_depth)
+            .map(|tag| ublk_auto_buf_reg {
+                index: tag,
+                // A request whose pages cannot be registered still comes, flagged.
+                flags: libublk::sys::UBLK_AUTO_BUF_REG_FALLBACK as u8,
+                ..Default::default()
+            })
+            .collect::<Vec<_>>()
+    });
+    let fetch = match &zero_copy {
+        Some(regs) => BufDescList::AutoRegs(regs),
+        None => BufDescList::Slices(Some(&bufs)),
+    };
+    let q = match UblkQueue::new(qid, dev).and_then(|q| q.submit_fetch_commands_unified(fetch)) {
         Ok(q) => Rc::new(q),
         Err(e) => {
             log::error!("queue {qid}: cannot set up: {e}");
@@ -250,6 +361,7 @@ fn serve_queue(
     let idle = Request::decode(&libublk::sys::ublksrv_io_desc::default());
     let queue = Rc::new(Queue {
         direct: observer.is_none(),
+        zero_copy,
         path: Rc::new(UringPath::new(observer, remote.map(|r| (r, kick)))),
         q,
         engine,

@@ -47,6 +47,10 @@ pub(super) struct Request {
     pub len: u64,
     /// Forced Unit Access: the data must be durable when the request completes.
     pub fua: bool,
+    /// On a zero-copy device, the kernel did not register the request's pages in the ring's
+    /// buffer table (`UBLK_IO_F_NEED_REG_BUF`, the fallback of `UBLK_F_AUTO_BUF_REG`): the
+    /// request can only take the path through the tag's buffer.
+    pub unregistered: bool,
 }
 
 impl Request {
@@ -66,6 +70,7 @@ impl Request {
             offset: iod.start_sector << 9,
             len: (iod.nr_sectors as u64) << 9,
             fua: iod.op_flags & sys::UBLK_IO_F_FUA != 0,
+            unregistered: iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0,
         }
     }
 
@@ -100,6 +105,7 @@ pub(super) async fn handle(engine: &Engine, path: &UringPath, req: Request, buf:
         offset: off,
         len,
         fua,
+        ..
     } = req;
     match op {
         Op::Read | Op::Write => {
@@ -150,9 +156,16 @@ mod tests {
                 op: Op::Write,
                 offset: 4096,
                 len: 8192,
-                fua: true
+                fua: true,
+                unregistered: false,
             }
         );
+        let r = Request::decode(&iod(
+            sys::UBLK_IO_OP_READ | sys::UBLK_IO_F_NEED_REG_BUF,
+            0,
+            8,
+        ));
+        assert!(r.unregistered && r.carries_data());
         assert!(w.carries_data());
         assert_eq!(w.fits(8192), Some(8192));
         assert_eq!(w.fits(4096), None);
