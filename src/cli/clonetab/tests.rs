@@ -12,7 +12,7 @@ fn good_lines_comments_and_blanks() {
          db  /srv/db.img  /dev/vg/db  /dev/vg/dbmd  region-size=64K,rate=100M,queues=2\n\
          web nbd+unix:///img?socket=/run/nbd.sock /dev/vg/web /dev/vg/webmd -   # trailing\n\
          \tlog /srv/log.img /dev/vg/log /dev/vg/logmd\n\
-         ro /srv/ro.img /dev/vg/ro /dev/vg/romd no-hydration,buffered-io,no-recovery,\
+         ro /srv/ro.img /dev/vg/ro /dev/vg/romd no-hydration,buffered-io,no-recovery,no-zero-copy,\
          no-discard-passdown,depth=64,hydration-threshold=8,batch-size=4,source-timeout=5\n",
     );
     assert!(t.errors.is_empty(), "{:?}", t.errors);
@@ -27,6 +27,8 @@ fn good_lines_comments_and_blanks() {
     assert_eq!(t.get("log").expect("log").options, Options::default());
     let ro = &t.get("ro").expect("ro").options;
     assert!(ro.no_hydration && ro.buffered_io && ro.no_recovery && ro.no_discard_passdown);
+    assert!(ro.no_zero_copy && t.get("ro").expect("ro").config().no_zero_copy);
+    assert!(!t.get("db").expect("db").config().no_zero_copy);
     assert_eq!(
         (
             ro.depth,
