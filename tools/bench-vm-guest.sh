@@ -5,6 +5,8 @@ bin=$1 rublk=$2 rounds=$3 runtime=$4
 profiles=${5:-randread seqwrite fsync}
 modprobe ublk_drv
 modprobe loop 2>/dev/null || true
+# Up to six 256 MiB backing files and a clone's writes: more than tmpfs's default half of RAM.
+mount -o remount,size=4G /dev/shm
 w=$(mktemp -d /dev/shm/bench.XXXXXX)
 size=256M
 echo "setting up backing files in $w"

@@ -25,4 +25,4 @@ zc_flag=
 if "$peer_root/bin/rublk" add loop --help 2>/dev/null | grep -qE -- "${RUBLK_ZC_FLAG:--z}[ ,]"; then
   zc_flag=${RUBLK_ZC_FLAG:--z}
 fi
-exec tools/vm-run --mem 3G --kernel "${BENCH_KERNEL:-6.12}" -- env RUBLK_ZC_FLAG="$zc_flag" tools/bench-vm-guest.sh "$(pwd)/target/release/ublk-clone" "$peer_root/bin/rublk" "$rounds" "$runtime" "${3:-randread seqwrite fsync}"
+exec tools/vm-run --mem 5G --kernel "${BENCH_KERNEL:-6.12}" -- env RUBLK_ZC_FLAG="$zc_flag" tools/bench-vm-guest.sh "$(pwd)/target/release/ublk-clone" "$peer_root/bin/rublk" "$rounds" "$runtime" "${3:-randread seqwrite fsync}"

@@ -45,10 +45,10 @@ pub fn run_list() -> Result<()> {
             r.source.display(),
             r.dest.display(),
             r.metadata.display(),
-            if r.features.is_empty() {
-                "-".to_string()
-            } else {
-                r.features.join(",")
+            match &r.features {
+                None => "?".to_string(),
+                Some(f) if f.is_empty() => "-".to_string(),
+                Some(f) => f.join(","),
             },
             if d.daemon_running {
                 ""
@@ -66,7 +66,12 @@ pub fn run_features() -> Result<()> {
     if !std::path::Path::new("/dev/ublk-control").exists() {
         anyhow::bail!("/dev/ublk-control is missing: ublk_drv is not loaded (modprobe ublk_drv)");
     }
-    let f = crate::ublk::driver_features();
+    let Some(f) = crate::ublk::driver_features() else {
+        anyhow::bail!(
+            "cannot ask the ublk driver for its features through /dev/ublk-control (it needs \
+             root)"
+        );
+    };
     println!("kernel ublk features: {f:#x}");
     for line in feature_lines(f) {
         println!("{line}");
@@ -79,13 +84,13 @@ fn feature_lines(f: u64) -> Vec<String> {
     use libublk::sys;
     let has = |flag: u32| f & flag as u64 != 0;
     let zc = if crate::ublk::zero_copy(f) {
-        "offered, used by clones (--no-zero-copy: not)"
+        "offered; new clones use it unless created with --no-zero-copy"
     } else {
         "not offered (needs UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY: kernel 6.16 or later); \
          request data is copied through the daemon"
     };
     let rec = if has(sys::UBLK_F_USER_RECOVERY) && has(sys::UBLK_F_USER_RECOVERY_REISSUE) {
-        "offered, used by clones (--no-recovery: not)"
+        "offered; new clones use it unless created with --no-recovery"
     } else {
         "not offered: a daemon's death removes its device"
     };
@@ -166,7 +171,7 @@ pub const STATUS_SCHEMA: u32 = 1;
 pub fn status_json(
     device: &str,
     name: Option<&str>,
-    features: &[String],
+    features: Option<&[String]>,
     s: &Status,
     rec: Option<&RecordingStatus>,
 ) -> Result<serde_json::Value> {
@@ -228,7 +233,7 @@ pub fn run_status(a: &StatusArgs) -> Result<()> {
             let dev = format!("/dev/ublkb{id}");
             if a.json {
                 let name = names.get(id).map(String::as_str);
-                let features = records.get(id).map_or(&[][..], |r| &r.features[..]);
+                let features = records.get(id).and_then(|r| r.features.as_deref());
                 println!("{}", status_json(&dev, name, features, &s, rec.as_ref())?);
             } else {
                 println!("{}", format_status(&dev, &s));
@@ -420,6 +425,8 @@ mod tests {
             bytes_zeroed: 1,
             hydration_rate_bytes_per_sec: 6,
             bitmap_bytes: 7,
+            direct_ios: 0,
+            direct_redone: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: Some(SourceDown {
                 since: 1,
@@ -432,7 +439,7 @@ mod tests {
             error: None,
         };
         let features = ["zero-copy".to_string(), "recovery".to_string()];
-        let v = status_json("/dev/ublkb0", Some("db"), &features, &s, Some(&rec))?;
+        let v = status_json("/dev/ublkb0", Some("db"), Some(&features), &s, Some(&rec))?;
         assert_eq!(v["schema_version"], STATUS_SCHEMA);
         assert_eq!(v["name"], "db");
         assert_eq!(v["ublk_features"][0], "zero-copy");

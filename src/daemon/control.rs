@@ -131,9 +131,9 @@ pub struct DaemonRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The ublk features the device serves with (`zero-copy`, `recovery`), from
-    /// the flags the kernel granted (records written before this existed have none).
-    #[serde(default)]
-    pub features: Vec<String>,
+    /// the flags the kernel granted; `None` in records written before this existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<String>>,
 }
 
 pub fn record_path(id: u32) -> PathBuf {

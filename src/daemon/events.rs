@@ -202,6 +202,8 @@ mod tests {
             bytes_zeroed: 0,
             hydration_rate_bytes_per_sec: 0,
             bitmap_bytes: 0,
+            direct_ios: 0,
+            direct_redone: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: None,
         }

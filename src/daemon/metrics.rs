@@ -245,6 +245,8 @@ mod tests {
             bytes_zeroed: 65536,
             hydration_rate_bytes_per_sec: 1 << 20,
             bitmap_bytes: 2048,
+            direct_ios: 0,
+            direct_redone: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: None,
         }

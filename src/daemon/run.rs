@@ -216,10 +216,12 @@ impl Live {
             depth: info.depth,
             region_size: self.region_size,
             name: Some(self.name.clone()),
-            features: ublk::feature_names(info.flags)
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            features: Some(
+                ublk::feature_names(info.flags)
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            ),
         };
         let listener = match server::bind_control(&rec) {
             Ok(l) => l,

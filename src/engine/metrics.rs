@@ -100,6 +100,10 @@ pub struct Metrics {
     pub source_read_errors: AtomicU64,
     /// The slowest commit since [`Metrics::take_slowest_commit`] last looked, in µs.
     slowest_commit_us: AtomicU64,
+    /// Requests served by one backend I/O straight from the queue (the direct path).
+    pub direct_ios: AtomicU64,
+    /// Direct I/Os that did not transfer everything and were redone by the full path.
+    pub direct_redone: AtomicU64,
 }
 
 /// The counters as read, for the control socket.

@@ -73,6 +73,12 @@ pub struct Status {
     pub hydration_rate_bytes_per_sec: u64,
     /// Memory held by the in-core bitmap (released once hydration is complete and committed).
     pub bitmap_bytes: u64,
+    /// Requests served by the direct path (one backend I/O from the queue), and of those the
+    /// ones redone by the full path because the direct I/O did not transfer everything.
+    #[serde(default)]
+    pub direct_ios: u64,
+    #[serde(default)]
+    pub direct_redone: u64,
     pub knobs: Knobs,
     /// A remote source out of reach: since when (seconds since the epoch) and why. Reads that
     /// need it wait for it (up to its timeout) and background hydration pauses.
@@ -406,6 +412,8 @@ impl Engine {
             bytes_zeroed: self.hydrator.bytes_zeroed.load(Ordering::Relaxed),
             hydration_rate_bytes_per_sec: self.hydrator.measured_rate(),
             bitmap_bytes: md.in_core_bytes(),
+            direct_ios: self.metrics().direct_ios.load(Ordering::Relaxed),
+            direct_redone: self.metrics().direct_redone.load(Ordering::Relaxed),
             knobs: self.knobs(),
             source_disconnected: self.source.link_down().map(|d| SourceDown {
                 since: d

@@ -52,13 +52,28 @@ pub fn zero_copy(flags: u64) -> bool {
     flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS
 }
 
-/// The ublk features the loaded driver offers (`UBLK_U_CMD_GET_FEATURES`; 0 when it cannot
-/// tell, e.g. without ublk_drv).
-pub fn driver_features() -> u64 {
+/// The ublk features the loaded driver offers (`UBLK_U_CMD_GET_FEATURES`); `None` when it
+/// cannot be asked (no ublk_drv, or no permission to open `/dev/ublk-control`).
+pub fn driver_features() -> Option<u64> {
     if !std::path::Path::new("/dev/ublk-control").exists() {
-        return 0;
+        return None;
     }
-    UblkCtrl::get_features().unwrap_or(0)
+    UblkCtrl::get_features()
+}
+
+/// Flags that change how request data moves; a device must have none of them or exactly
+/// [`ZERO_COPY_FLAGS`] for this daemon to serve it.
+const DATA_FLAGS: u64 = (libublk::sys::UBLK_F_AUTO_BUF_REG
+    | libublk::sys::UBLK_F_USER_COPY
+    | libublk::sys::UBLK_F_SUPPORT_ZERO_COPY
+    | libublk::sys::UBLK_F_BATCH_IO
+    | libublk::sys::UBLK_F_NEED_GET_DATA) as u64;
+
+/// Whether this daemon can serve a device with `flags` (one it did not create itself may use
+/// a data transport it does not speak).
+pub fn servable(flags: u64) -> bool {
+    let data = flags & DATA_FLAGS;
+    data == 0 || data == ZERO_COPY_FLAGS
 }
 
 /// The names of the ublk features a device with `flags` serves with, for status and list.
@@ -165,6 +180,13 @@ pub fn begin_recovery(id: u32) -> Result<RecoveryStart, ServeError> {
         };
         return Err(not(what.into()));
     }
+    if !servable(info.flags) {
+        return Err(not(format!(
+            "its ublk flags {:#x} ask for a data transport this version does not serve (was it \
+             created by a newer ublk-clone? recover it with that one)",
+            info.flags
+        )));
+    }
     let start = RecoveryStart {
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
@@ -235,15 +257,18 @@ pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
         0
     };
     // Detected at run time, never from the kernel's version.
-    let zc = opts.zero_copy && zero_copy(driver_features());
+    let zc = opts.zero_copy && zero_copy(driver_features().unwrap_or(0));
     let added = builder()
         .ctrl_flags(base | if zc { ZERO_COPY_FLAGS } else { 0 })
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build();
     match added {
-        Err(e) if zc => {
+        Err(UblkError::UringIOError(r)) if zc && (r == -libc::EINVAL || r == -libc::EOPNOTSUPP) => {
             // A driver that offers both flags but refuses them together.
-            log::info!("the kernel refused a zero-copy device ({e}); adding one without");
+            log::warn!(
+                "the kernel refused a zero-copy device (errno {}); adding one without",
+                -r
+            );
             builder()
                 .ctrl_flags(base)
                 .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
@@ -317,7 +342,28 @@ pub(super) fn block_shifts(logical: u64, physical: u32) -> (u8, u8) {
 
 #[cfg(test)]
 mod tests {
-    use super::block_shifts;
+    use super::{block_shifts, servable, zero_copy, ZERO_COPY_FLAGS};
+    use libublk::sys;
+
+    #[test]
+    fn only_the_copy_and_zero_copy_transports_are_served() {
+        let rec = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+        assert!(servable(rec) && !zero_copy(rec));
+        assert!(servable(rec | ZERO_COPY_FLAGS) && zero_copy(rec | ZERO_COPY_FLAGS));
+        // User copy alone, auto registration alone, the older zero copy, batch I/O: refused
+        // (a recovery would set up its queues for the wrong transport).
+        for f in [
+            sys::UBLK_F_USER_COPY,
+            sys::UBLK_F_AUTO_BUF_REG,
+            sys::UBLK_F_SUPPORT_ZERO_COPY,
+            sys::UBLK_F_BATCH_IO,
+        ] {
+            assert!(!servable(rec | f as u64), "{f:#x}");
+        }
+        assert!(!servable(
+            rec | ZERO_COPY_FLAGS | sys::UBLK_F_BATCH_IO as u64
+        ));
+    }
 
     #[test]
     fn advertised_block_sizes_follow_the_devices() {

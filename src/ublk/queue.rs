@@ -220,9 +220,23 @@ impl<'a> Queue<'a> {
             }
         } else if user_data & DIRECT_IO == DIRECT_IO {
             let req = self.requests.borrow()[tag as usize];
+            let m = self.engine.metrics();
+            m.direct_ios.fetch_add(1, Ordering::Relaxed);
             if cqe.result() >= 0 && cqe.result() as u64 == req.len {
                 self.complete(tag, cqe.result());
             } else {
+                let n = m.direct_redone.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::warn!(
+                        "direct {:?} at offset {} length {} returned {} (zero copy: {}); \
+                         redone through the daemon's buffer ({n} so far)",
+                        req.op,
+                        req.offset,
+                        req.len,
+                        cqe.result(),
+                        self.zero_copy.is_some()
+                    );
+                }
                 self.spawn_full(tag, req);
             }
         } else {
