@@ -120,7 +120,8 @@ for region in $regions; do
     done
   done
   # Hydration under load: a fresh clone hydrating at RATE while fio 4k randrw qd8 runs; the
-  # rate achieved as a fraction of RATE, the IOPS as a fraction of the same fio on the hydrated
+  # background rate achieved (status bytes_hydrated: copy-on-write of fio's writes not counted;
+  # dm-clone's count includes those) as a fraction of RATE, the IOPS as a fraction of the same fio on the hydrated
   # clone. dm-clone (no rate limit; it pauses copying while user I/O is in flight) beside it.
   rate=$((16 << 20)); load=$((runtime * 3))
   loadfio() { fio --name=l --filename="$1" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
@@ -129,9 +130,9 @@ for region in $regions; do
   base=$(loadfio "$ubchyd")
   cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
   dev=$(ubc_make "$region" "$cd_" "$cm" "--rate $rate")
-  h0=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["hydrated"] * j["region_size"])')
+  h0=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["bytes_hydrated"])')
   t0=$(date +%s.%N); iops=$(loadfio "$dev"); t1=$(date +%s.%N)
-  h1=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["hydrated"] * j["region_size"])')
+  h1=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["bytes_hydrated"])')
   echo "H {\"dev\":\"ubc\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$((h1 - h0)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base}"
   "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   if [ $have_dm = 1 ]; then
