@@ -45,8 +45,8 @@ dm_drop() { udevadm settle 2>/dev/null || true; dmsetup remove --retry "$1"; }
 ubc_make() { # REGION DEST META [--no-hydration]
   "$bin" create --source "$src_ubc" --dest "$2" --metadata "$3" --region-size "$1" ${4:-} 2>>"$w/ubc.err"
 }
-fresh() { # FILE MB: a fresh (sparse) file behind a new loop device
-  rm -f "$1"; truncate -s "${2}M" "$1"; lo "$1"
+fresh() { # FILE MB: a fresh file of zeroes, allocated (as a disk is), behind a new loop device
+  rm -f "$1"; fallocate -l "${2}M" "$1"; lo "$1"
 }
 unloop() { losetup -d "$1"; }
 
