@@ -281,6 +281,29 @@ fn format_check_dump_and_refusals() {
 }
 
 #[test]
+fn features_answers_or_says_why_it_cannot() {
+    let o = run(&["features"]);
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        // A kernel with ublk (as root): the driver's answer, one line per feature.
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains("zero-copy: ") && out.contains("recovery: "),
+            "{out}"
+        );
+    } else {
+        // No ublk_drv (the CI host): an error naming it, not a guess of "not offered".
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("ublk_drv is not loaded"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(o.stdout.is_empty());
+    }
+}
+
+#[test]
 fn status_of_an_unknown_device_names_it() {
     let o = run(&["status", "/dev/ublkb4242"]);
     assert!(!o.status.success());

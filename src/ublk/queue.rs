@@ -178,34 +178,30 @@ impl<'a> Queue<'a> {
     /// The full path on a zero-copy device: the request's data is copied into the tag's
     /// buffer before a write and out of it after a read, through `/dev/ublkcN`.
     async fn handle_user_copy(&self, tag: u16, req: Request, buf: &mut [u8]) -> i32 {
-        let data = match req.op {
-            Op::Read | Op::Write => match req.fits(buf.len()) {
-                Some(n) => n,
-                // `handle` reports it.
-                None => return request::handle(&self.engine, &self.path, req, buf).await,
-            },
+        let data = match (req.op, req.fits(buf.len())) {
+            (Op::Read | Op::Write, Some(n)) => n,
+            // No data to move, or too large for the buffer (which `handle` reports).
             _ => return request::handle(&self.engine, &self.path, req, buf).await,
         };
         let pos = UblkIOCtx::ublk_user_copy_pos(self.q.get_qid(), tag, 0);
+        let failed = |e: io::Error| {
+            log::error!(
+                "{:?} at offset {} length {}: cannot move its data through /dev/ublkcN: {e}",
+                req.op,
+                req.offset,
+                req.len
+            );
+            -libc::EIO
+        };
         if req.op == Op::Write {
             if let Err(e) = user_copy(&mut buf[..data], pos, true).await {
-                log::error!(
-                    "write at offset {} length {}: cannot fetch its data: {e}",
-                    req.offset,
-                    req.len
-                );
-                return -libc::EIO;
+                return failed(e);
             }
         }
         let res = request::handle(&self.engine, &self.path, req, buf).await;
         if req.op == Op::Read && res > 0 {
             if let Err(e) = user_copy(&mut buf[..data], pos, false).await {
-                log::error!(
-                    "read at offset {} length {}: cannot hand its data over: {e}",
-                    req.offset,
-                    req.len
-                );
-                return -libc::EIO;
+                return failed(e);
             }
         }
         res
