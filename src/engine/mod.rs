@@ -31,6 +31,7 @@ pub mod pause;
 mod readwrite;
 pub mod regions;
 pub mod trace;
+pub mod userdata;
 mod view;
 pub mod wake;
 mod zero_discard;
@@ -40,6 +41,7 @@ pub(crate) use config::Bugs;
 pub use config::{EngineConfig, Geometry, Knobs, Mode, REMOTE_HYDRATION_WORKERS};
 pub use error::{CommitError, EngineError, IoError};
 pub use path::{DataPath, Side, SyncPath};
+pub use userdata::{ReadData, WriteData};
 
 use crate::io::BlockDev;
 use crate::metadata::Metadata;

@@ -9,6 +9,7 @@
 use super::error::IoError;
 use super::path::{DataPath, Side};
 use super::regions::RegionGuard;
+use super::userdata::{ReadData, WriteData};
 use super::{budget, Engine, Mode};
 use crate::metadata::MetadataError;
 use std::sync::atomic::Ordering;
@@ -47,18 +48,29 @@ impl Engine {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), IoError> {
-        self.validate(offset, buf.len() as u64)?;
+        self.read_into(p, offset, buf).await
+    }
+
+    /// [`Engine::read`] into `buf` wherever its bytes live.
+    pub async fn read_into<P: DataPath, B: ReadData + ?Sized>(
+        &self,
+        p: &P,
+        offset: u64,
+        buf: &mut B,
+    ) -> Result<(), IoError> {
+        let len = buf.len();
+        self.validate(offset, len as u64)?;
         self.committer.await_settled_map().await;
         if self.committer.mode() == Mode::Fail {
             return Err(IoError::eio("device is in fail mode"));
         }
         if self.map.is_fully_hydrated() {
-            return p
-                .read(Side::Dest, buf, offset)
+            return buf
+                .read_from(p, Side::Dest, offset, 0, len)
                 .await
                 .map_err(|e| IoError::eio(e.to_string()));
         }
-        let end = offset + buf.len() as u64;
+        let end = offset + len as u64;
         let mut pos = offset;
         while pos < end {
             let r = self.geo.region_of(pos);
@@ -79,11 +91,13 @@ impl Engine {
                 }
                 run_end = self.geo.region_end(next).min(end);
             }
-            let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            let (at, n) = ((pos - offset) as usize, (run_end - pos) as usize);
             let read = if hydrated {
-                p.read(Side::Dest, slice, pos).await
+                buf.read_from(p, Side::Dest, pos, at, n).await
             } else {
-                self.read_source(p, slice, pos).await
+                let r = buf.read_from(p, Side::Source, pos, at, n).await;
+                self.count_source_error(&r);
+                r
             };
             read.map_err(|e| IoError::eio(e.to_string()))?;
             if !hydrated && self.knobs.lock().hydrate_on_read {
@@ -106,6 +120,17 @@ impl Engine {
         data: &[u8],
         fua: bool,
     ) -> Result<(), IoError> {
+        self.write_from(p, offset, data, fua).await
+    }
+
+    /// [`Engine::write`] of `data` wherever its bytes live.
+    pub async fn write_from<P: DataPath, D: WriteData + ?Sized>(
+        &self,
+        p: &P,
+        offset: u64,
+        data: &D,
+        fua: bool,
+    ) -> Result<(), IoError> {
         self.validate(offset, data.len() as u64)?;
         self.committer.await_settled_map().await;
         let mode = self.committer.mode();
@@ -118,7 +143,7 @@ impl Engine {
             }
             _ => {}
         }
-        if data.is_empty() {
+        if data.len() == 0 {
             return Ok(());
         }
         self.write_inner(p, offset, data).await?;
@@ -136,19 +161,19 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) async fn write_inner<P: DataPath>(
+    pub(super) async fn write_inner<P: DataPath, D: WriteData + ?Sized>(
         &self,
         p: &P,
         offset: u64,
-        data: &[u8],
+        data: &D,
     ) -> Result<(), IoError> {
         let end = offset + data.len() as u64;
         let first = self.geo.region_of(offset);
         let last = self.geo.region_of(end - 1);
         // Fast path: every touched region is hydrated.
         if (first..=last).all(|r| self.map.is_hydrated(r)) {
-            return p
-                .write_dest(data, offset)
+            return data
+                .write_dest(p, offset)
                 .await
                 .map_err(|e| IoError::eio(e.to_string()));
         }
@@ -157,8 +182,8 @@ impl Engine {
             .lock_unhydrated(first..last + 1, |r| self.map.is_hydrated(r))
             .await;
         if guards.is_empty() {
-            return p
-                .write_dest(data, offset)
+            return data
+                .write_dest(p, offset)
                 .await
                 .map_err(|e| IoError::eio(e.to_string()));
         }
@@ -206,24 +231,24 @@ impl Engine {
     /// Writes `data` at `offset` as part of hydrating `[start, stop)` (whole regions for the
     /// locked head and tail): the parts of the span the write does not cover are filled from
     /// the source. The caller holds the region locks.
-    async fn write_hydrating<P: DataPath>(
+    async fn write_hydrating<P: DataPath, D: WriteData + ?Sized>(
         &self,
         p: &P,
         (start, stop): (u64, u64),
         offset: u64,
-        data: &[u8],
+        data: &D,
     ) -> std::io::Result<()> {
         let end = offset + data.len() as u64;
         if start == offset && stop == end {
             // Whole regions overwritten: no copy needed.
-            return p.write_dest(data, offset).await;
+            return data.write_dest(p, offset).await;
         }
         if stop - start > budget::COPY_CHUNK as u64 {
             // Large regions: the uncovered head and tail are copied a chunk at a time, then
             // the data is written; the bits are set only after all of it.
             self.copy_source_range(p, start, offset).await?;
             self.copy_source_range(p, end, stop).await?;
-            return p.write_dest(data, offset).await;
+            return data.write_dest(p, offset).await;
         }
         let mut buf = self.copy_budget.take((stop - start) as usize).await;
         if start < offset {
@@ -234,7 +259,8 @@ impl Engine {
             let at = (end - start) as usize;
             self.read_source(p, &mut buf[at..], end).await?;
         }
-        buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(data);
+        data.copy_into(&mut buf[(offset - start) as usize..(end - start) as usize])
+            .await?;
         p.write_dest(&buf, start).await
     }
 
@@ -247,12 +273,16 @@ impl Engine {
         offset: u64,
     ) -> std::io::Result<()> {
         let r = p.read(Side::Source, buf, offset).await;
+        self.count_source_error(&r);
+        r
+    }
+
+    fn count_source_error<T>(&self, r: &std::io::Result<T>) {
         if r.is_err() {
             self.metrics
                 .source_read_errors
                 .fetch_add(1, Ordering::Relaxed);
         }
-        r
     }
 
     /// Copies `[a, b)` from the source to the destination, a budgeted chunk at a time (the
@@ -272,21 +302,34 @@ impl Engine {
     /// Marks the regions of `guards` hydrated after a user write (or zeroing) made their data
     /// complete on the destination; called before the guards are released.
     pub(super) fn set_written(&self, guards: &[RegionGuard<'_>]) -> Result<(), IoError> {
-        for g in guards {
-            #[cfg(test)]
-            if self.config.bugs.survival_after_ack {
-                // BUG (test only): the bit reaches the survival copy only later (with a
-                // neighbour's, or not at all before the next commit).
+        #[cfg(test)]
+        if self.config.bugs.survival_after_ack {
+            // BUG (test only): the bits reach the survival copy only later (with a
+            // neighbour's, or not at all before the next commit).
+            for g in guards {
                 self.map
                     .md()
                     .set_hydrated_unmirrored(g.region())
                     .map_err(|e| self.bit_not_recorded(g.region(), e))?;
-                continue;
+            }
+            self.regions_hydrated_write
+                .fetch_add(guards.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        // One bitmap update (and one survival write) per run of consecutive regions: a large
+        // write over cold regions sets its bits at once.
+        let mut i = 0;
+        while i < guards.len() {
+            let first = guards[i].region();
+            let mut n = 1;
+            while i + (n as usize) < guards.len() && guards[i + n as usize].region() == first + n {
+                n += 1;
             }
             self.map
                 .md()
-                .set_hydrated(g.region())
-                .map_err(|e| self.bit_not_recorded(g.region(), e))?;
+                .set_range_hydrated(first, n)
+                .map_err(|e| self.bit_not_recorded(first, e))?;
+            i += n as usize;
         }
         self.regions_hydrated_write
             .fetch_add(guards.len() as u64, Ordering::Relaxed);

@@ -26,6 +26,7 @@
 //! request takes the full path.
 
 mod device;
+mod pages;
 mod queue;
 mod remote;
 mod request;

@@ -22,6 +22,7 @@
 //! Invariant: a tag has at most one request in flight, so its I/O buffer, its registered
 //! pages and its entry in `requests` belong to that request alone until it is committed.
 
+use super::pages::{user_copy, RequestPages};
 use super::remote::RemoteSource;
 use super::request::{self, Op, Request};
 use super::uring_path::{self, UringPath};
@@ -70,8 +71,10 @@ struct Queue<'a> {
     /// files unregistered) when the serving loop ends, not leaked through a cycle.
     exe: std::rc::Weak<smol::LocalExecutor<'a>>,
     /// Direct I/O is off while an observer watches the destination (it is told of I/O
-    /// through `UringPath` only).
+    /// through `UringPath` only); so is the full path's I/O on a zero-copy request's pages.
     direct: bool,
+    /// The source is remote (NBD): its reads arrive in memory.
+    remote_source: bool,
     /// Zero copy: each tag's registration (its buffer-table index and flags), given back
     /// with every commit; `None` when the kernel copies request data into the tag buffers.
     zero_copy: Option<Vec<ublk_auto_buf_reg>>,
@@ -175,8 +178,10 @@ impl<'a> Queue<'a> {
         .detach();
     }
 
-    /// The full path on a zero-copy device: the request's data is copied into the tag's
-    /// buffer before a write and out of it after a read, through `/dev/ublkcN`.
+    /// The full path on a zero-copy device. A read or a write whose pages are registered
+    /// leaves its data there: the engine's backend I/O uses them in place (see `pages`).
+    /// Otherwise the request's data is copied into the tag's buffer before a write and out of
+    /// it after a read, through `/dev/ublkcN`.
     async fn handle_user_copy(&self, tag: u16, req: Request, buf: &mut [u8]) -> i32 {
         let data = match (req.op, req.fits(buf.len())) {
             (Op::Read | Op::Write, Some(n)) => n,
@@ -184,6 +189,17 @@ impl<'a> Queue<'a> {
             _ => return request::handle(&self.engine, &self.path, req, buf).await,
         };
         let pos = UblkIOCtx::ublk_user_copy_pos(self.q.get_qid(), tag, 0);
+        if let (true, false, Some(regs)) = (self.direct, req.unregistered, &self.zero_copy) {
+            let redone = &self.engine.metrics().direct_redone;
+            let mut pages = RequestPages::new(
+                regs[tag as usize].index,
+                pos,
+                &mut buf[..data],
+                self.remote_source,
+                redone,
+            );
+            return request::read_write(&self.engine, &self.path, req, &mut pages).await;
+        }
         let failed = |e: io::Error| {
             log::error!(
                 "{:?} at offset {} length {}: cannot move its data through /dev/ublkcN: {e}",
@@ -239,38 +255,6 @@ impl<'a> Queue<'a> {
             libublk::uring_async::ublk_wake_task(user_data, cqe);
         }
     }
-}
-
-/// Copies a request's data between `buf` and the request's pages, through `/dev/ublkcN`
-/// (fixed file 0) at the request's user-copy offset `pos`: `fetch` reads the data of a write
-/// into `buf`, otherwise `buf` is written into a read's pages.
-async fn user_copy(buf: &mut [u8], pos: u64, fetch: bool) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        let (ptr, len, at) = (rest.as_mut_ptr(), rest.len() as u32, pos + done as u64);
-        let sqe = if fetch {
-            opcode::Read::new(types::Fixed(0), ptr, len)
-                .offset(at)
-                .build()
-        } else {
-            opcode::Write::new(types::Fixed(0), ptr, len)
-                .offset(at)
-                .build()
-        };
-        match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
-            Ok(n) if n > 0 => done += n as usize,
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "no bytes moved",
-                ))
-            }
-            Ok(n) => return Err(io::Error::from_raw_os_error(-n)),
-            Err(e) => return Err(io::Error::other(format!("io_uring: {e}"))),
-        }
-    }
-    Ok(())
 }
 
 /// Keeps a read pending on the queue's eventfd so that kicks from other threads wake the
@@ -371,6 +355,7 @@ fn serve_queue(
     let idle = Request::decode(&libublk::sys::ublksrv_io_desc::default());
     let queue = Rc::new(Queue {
         direct: observer.is_none(),
+        remote_source: remote.is_some(),
         zero_copy,
         path: Rc::new(UringPath::new(observer, remote.map(|r| (r, kick)))),
         q,

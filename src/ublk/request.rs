@@ -6,7 +6,7 @@
 //! operation, range and flags.
 
 use super::uring_path::UringPath;
-use crate::engine::{Engine, IoError};
+use crate::engine::{Engine, IoError, ReadData, WriteData};
 use libublk::sys;
 
 /// The operation of a request.
@@ -116,13 +116,7 @@ pub(super) async fn handle(engine: &Engine, path: &UringPath, req: Request, buf:
                 );
                 return -libc::EINVAL;
             };
-            if op == Op::Read {
-                let res = engine.read(path, off, &mut buf[..n]).await;
-                op_result(res, n as i32, "read", off, len)
-            } else {
-                let res = engine.write(path, off, &buf[..n], fua).await;
-                op_result(res, n as i32, "write", off, len)
-            }
+            read_write(engine, path, req, &mut buf[..n]).await
         }
         Op::Flush => op_result(engine.flush(path).await, 0, "flush", off, 0),
         Op::WriteZeroes { unmap } => {
@@ -131,6 +125,25 @@ pub(super) async fn handle(engine: &Engine, path: &UringPath, req: Request, buf:
         }
         Op::Discard => op_result(engine.discard(path, off, len).await, 0, "discard", off, len),
         Op::Unsupported(_) => -libc::EOPNOTSUPP,
+    }
+}
+
+/// Serves `req`, a read or a write, with `data` its data (in memory, or in the request's own
+/// pages); returns the ublk result.
+pub(super) async fn read_write<D: ReadData + WriteData + ?Sized>(
+    engine: &Engine,
+    path: &UringPath,
+    req: Request,
+    data: &mut D,
+) -> i32 {
+    let n = ReadData::len(data) as i32;
+    let (off, len) = (req.offset, req.len);
+    if req.op == Op::Read {
+        let res = engine.read_into(path, off, data).await;
+        op_result(res, n, "read", off, len)
+    } else {
+        let res = engine.write_from(path, off, data, req.fua).await;
+        op_result(res, n, "write", off, len)
     }
 }
 

@@ -185,6 +185,22 @@ test_zero_copy_where_offered() {
   fi
   cmp <(dd if="$dev" bs=1M count=32 iflag=direct status=none) <(head -c 32M "$WORK/src") \
     || fail "unhydrated reads differ from the source"
+  # Cold writes: three whole regions (5-7, no copy: on a zero-copy device the request's pages
+  # go to the destination in place) and 4 KiB into region 10 (copy-on-write: the data merged
+  # with the source's). Then 1 MiB reads that cross hydrated and unhydrated regions: each run
+  # lands at its own offset in the request's pages.
+  head -c 1M "$WORK/src" >"$WORK/exp"; head -c 196608 /dev/urandom >"$WORK/w3"; head -c 4096 /dev/urandom >"$WORK/w1"
+  for f in "$dev" "$WORK/exp"; do
+    local o=seek_bytes; [ "$f" = "$dev" ] && o=direct,seek_bytes
+    dd if="$WORK/w3" of="$f" bs=192K seek=$((5 << 16)) oflag=$o conv=notrunc status=none
+    dd if="$WORK/w1" of="$f" bs=4K seek=$(((10 << 16) + 4096)) oflag=$o conv=notrunc status=none
+  done
+  cmp <(dd if="$dev" bs=1M count=1 iflag=direct status=none) "$WORK/exp" || fail "reads across cold writes differ"
+  cmp <(dd if="$dev" bs=96K skip=3 count=4 iflag=direct status=none) <(dd if="$WORK/exp" bs=96K skip=3 count=4 status=none) \
+    || fail "unaligned reads across cold writes differ"
+  st=$(status_json "$dev")
+  [ "$(echo "$st" | json_field hydrated)" = 4 ] || fail "cold writes: 4 regions hydrated expected: $st"
+  [ "$(echo "$st" | json_field direct_redone)" = 0 ] || fail "cold I/O on the request's pages was redone: $st"
   "$BIN" set "$dev" --hydration true >>"$LOG" 2>&1 || fail "set --hydration true"
   fio --name=zc --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --bsrange=4k-256k \
       --iodepth=16 --numjobs=2 --size=28M --offset_increment=32M --verify=crc32c \
