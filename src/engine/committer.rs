@@ -255,11 +255,33 @@ impl Committer {
         self.cv.notify_all();
     }
 
-    /// The commit thread.
+    /// The commit thread. It keeps a second thread that flushes the destination while it
+    /// writes a commit's bitmap blocks (see [`DestFlusher`]).
     pub fn run(&self) {
+        let flusher = DestFlusher::default();
+        std::thread::scope(|s| {
+            let helper = std::thread::Builder::new()
+                .name("ubc-dest-flush".into())
+                .spawn_scoped(s, || flusher.serve(self.dest.as_ref()));
+            let overlap = match helper {
+                Ok(_) => Some(&flusher),
+                Err(e) => {
+                    log::warn!(
+                        "cannot start the destination flush thread ({e}): commits flush the \
+                         destination, then write the bitmap"
+                    );
+                    None
+                }
+            };
+            self.commit_loop(overlap);
+            flusher.shutdown();
+        });
+    }
+
+    fn commit_loop(&self, flusher: Option<&DestFlusher>) {
         while let Some(epoch) = self.next_epoch() {
             let t = Instant::now();
-            let res = self.commit_once();
+            let res = self.commit_once(flusher);
             self.metrics.observe_commit(t.elapsed());
             if let Err(e) = res {
                 self.degrade(Mode::ReadOnly, &format!("commit failed: {e}"));
@@ -302,7 +324,7 @@ impl Committer {
     }
 
     /// One commit: destination flush always; the two metadata phases when anything changed.
-    fn commit_once(&self) -> Result<(), CommitError> {
+    fn commit_once(&self, flusher: Option<&DestFlusher>) -> Result<(), CommitError> {
         if self.mode() != Mode::ReadWrite {
             return Err(CommitError::NotReadWrite);
         }
@@ -315,15 +337,23 @@ impl Committer {
             return self.commit_before_destination_flush(frozen);
         }
         // The shadow writes and the destination flush are independent: overlap them.
-        let (shadows, dest) = std::thread::scope(|s| {
-            let shadows = s.spawn(|| frozen.write_shadows());
-            let dest =
-                self.sequenced_flush(|| metadata::flush_destination(self.dest.as_ref(), &frozen));
-            (shadows.join(), dest)
-        });
+        let mut shadows = None;
+        let dest = match flusher {
+            Some(f) => self.sequenced_flush(|| {
+                metadata::flush_destination_with(&frozen, || {
+                    let (flushed, written) = f.flush_while(|| frozen.write_shadows());
+                    shadows = Some(written);
+                    flushed
+                })
+            }),
+            None => {
+                shadows = Some(frozen.write_shadows());
+                self.sequenced_flush(|| metadata::flush_destination(self.dest.as_ref(), &frozen))
+            }
+        };
         let dest = dest?;
         let shadows = shadows
-            .map_err(|_| CommitError::ShadowWriterPanicked)?
+            .ok_or(CommitError::ShadowsNotWritten)?
             .map_err(CommitError::Shadows)?;
         super::pause::point(super::pause::Point::Commit);
         self.md
@@ -460,5 +490,68 @@ impl Committer {
                 .degrade_survival(crate::metadata::MetadataMode::Fail, &reason);
             *self.mode.lock() = (Mode::Fail, reason);
         }
+    }
+}
+
+/// A thread that flushes the destination when the commit thread asks, so that a commit
+/// overlaps its destination flush with its bitmap writes without starting a thread each
+/// time (which costs more than both on a fast device). Only the commit thread asks.
+#[derive(Default)]
+struct DestFlusher {
+    state: Mutex<FlusherState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct FlusherState {
+    requested: u64,
+    done: u64,
+    result: Option<std::io::Result<()>>,
+    shutdown: bool,
+}
+
+impl DestFlusher {
+    /// The flusher thread's body: one destination flush per request, until shutdown.
+    fn serve(&self, dest: &dyn BlockDev) {
+        let mut st = self.state.lock();
+        loop {
+            if st.requested > st.done {
+                let n = st.requested;
+                let res = parking_lot::MutexGuard::unlocked(&mut st, || dest.flush());
+                st.result = Some(res);
+                st.done = n;
+                self.cv.notify_all();
+            } else if st.shutdown {
+                return;
+            } else {
+                self.cv.wait(&mut st);
+            }
+        }
+    }
+
+    /// Flushes the destination on the flusher thread (the flush starts after this call)
+    /// while this thread runs `meanwhile`; returns the flush's result and `meanwhile`'s.
+    fn flush_while<T>(&self, meanwhile: impl FnOnce() -> T) -> (std::io::Result<()>, T) {
+        let n = {
+            let mut st = self.state.lock();
+            st.requested += 1;
+            self.cv.notify_all();
+            st.requested
+        };
+        let value = meanwhile();
+        let mut st = self.state.lock();
+        while st.done < n {
+            self.cv.wait(&mut st);
+        }
+        let flushed = st
+            .result
+            .take()
+            .unwrap_or_else(|| Err(std::io::Error::other("the flusher reported no result")));
+        (flushed, value)
+    }
+
+    fn shutdown(&self) {
+        self.state.lock().shutdown = true;
+        self.cv.notify_all();
     }
 }

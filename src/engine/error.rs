@@ -82,8 +82,8 @@ pub enum CommitError {
     DestinationFlush(String),
     #[error("a concurrent destination flush failed: {0}")]
     ConcurrentFlush(super::flush::FlushFailed),
-    #[error("metadata shadow writer panicked")]
-    ShadowWriterPanicked,
+    #[error("the metadata shadows were not written")]
+    ShadowsNotWritten,
     #[error("metadata shadow write: {0}")]
     Shadows(metadata::MetadataError),
     #[error("metadata superblock write: {0}")]

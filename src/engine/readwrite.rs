@@ -250,14 +250,19 @@ impl Engine {
             self.copy_source_range(p, end, stop).await?;
             return data.write_dest(p, offset).await;
         }
+        // One source read of the whole span: the part the write covers is read too and
+        // overwritten, as one I/O costs less than a head and a tail. If it fails, only the
+        // head and the tail are read (the source's error may lie under the write).
         let mut buf = self.copy_budget.take((stop - start) as usize).await;
-        if start < offset {
-            self.read_source(p, &mut buf[..(offset - start) as usize], start)
-                .await?;
-        }
-        if stop > end {
-            let at = (end - start) as usize;
-            self.read_source(p, &mut buf[at..], end).await?;
+        if p.read(Side::Source, &mut buf, start).await.is_err() {
+            if start < offset {
+                self.read_source(p, &mut buf[..(offset - start) as usize], start)
+                    .await?;
+            }
+            if stop > end {
+                let at = (end - start) as usize;
+                self.read_source(p, &mut buf[at..], end).await?;
+            }
         }
         data.copy_into(&mut buf[(offset - start) as usize..(end - start) as usize])
             .await?;

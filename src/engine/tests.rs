@@ -1602,3 +1602,32 @@ pub(crate) fn hydrate_fully(engine: &Engine, within: Duration) {
     }
     assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
 }
+
+/// A copy-on-write reads the region's source in one I/O; when that fails, it reads only the
+/// head and the tail. A source error under the part the write covers does not fail the
+/// write; one under the rest does, and leaves the region cold.
+#[test]
+fn copy_on_write_over_a_bad_source_block_reads_around_it() {
+    const RS: u64 = 64 * 1024;
+    let r = rig(8 * RS, RS, no_hydration);
+    let (under, beside) = (2 * RS + 8192, 3 * RS);
+    r.source.set_fault(Some(Arc::new(move |op: &Op| {
+        matches!(op, Op::Read { offset, len }
+            if [under, beside].iter().any(|b| *offset <= *b && *b < offset + len))
+        .then(|| io::Error::other("bad sector"))
+    })));
+    assert_eq!(
+        block_on(r.engine.write(&r.path, under, &[7u8; 4096], false)),
+        Ok(())
+    );
+    let src = pattern(8 * RS, 1);
+    let snap = r.dest.snapshot();
+    let (a, b) = (under as usize, under as usize + 4096);
+    assert!(snap[a..b].iter().all(|x| *x == 7));
+    assert!(snap[2 * RS as usize..a] == src[2 * RS as usize..a], "head");
+    assert!(snap[b..3 * RS as usize] == src[b..3 * RS as usize], "tail");
+    let res = block_on(r.engine.write(&r.path, beside + 8192, &[8u8; 4096], false));
+    assert_eq!(res.map_err(|e| e.errno), Err(libc::EIO));
+    assert_eq!(r.engine.status().hydrated, 1);
+    assert!(r.engine.shutdown().is_ok());
+}

@@ -302,12 +302,15 @@ impl BlockDev for FileDev {
                 .pwrite(buf, offset)
                 .map_err(|e| self.err(e, "write", offset, buf.len()));
         }
-        // Read-modify-write through an aligned bounce buffer.
+        // Read-modify-write through an aligned bounce buffer; only the copy when the write
+        // covers whole blocks (its memory alone is misaligned).
         let (start, bounce_len) = bounce_span(offset, buf.len(), self.align(), self.size);
         let mut bounce = AlignedBuf::try_zeroed(bounce_len)
             .map_err(|e| self.err(e, "write", offset, buf.len()))?;
-        let end = (start + bounce_len as u64).min(self.size);
-        self.read_at(&mut bounce[..(end - start) as usize], start)?;
+        if (start, bounce_len) != (offset, buf.len()) {
+            let end = (start + bounce_len as u64).min(self.size);
+            self.read_at(&mut bounce[..(end - start) as usize], start)?;
+        }
         let skip = (offset - start) as usize;
         bounce[skip..skip + buf.len()].copy_from_slice(buf);
         self.pwrite(&bounce, start)
@@ -405,6 +408,33 @@ mod tests {
             dev.read_at(&mut back, 3 * 4096 - 2).is_err(),
             "read past the end must fail"
         );
+        Ok(())
+    }
+
+    /// Whole blocks from misaligned memory go through the bounce buffer without a read
+    /// first: the write replaces exactly its blocks.
+    #[test]
+    fn whole_blocks_from_misaligned_memory_replace_exactly_their_blocks() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("dev");
+        std::fs::write(&path, vec![7u8; 4 * 4096])?;
+        let dev = FileDev::open(&path, Access::ReadWrite, true)?;
+        let mut v = vec![9u8; 2 * 4096 + 1];
+        let data = &v[1..];
+        assert!((data.as_ptr() as usize) % AlignedBuf::ALIGN != 0);
+        dev.write_at(data, 4096)?;
+        let mut back = vec![0u8; 4 * 4096];
+        dev.read_at(&mut back, 0)?;
+        let mut want = vec![7u8; 4 * 4096];
+        want[4096..3 * 4096].fill(9);
+        assert!(
+            back == want,
+            "the write did not replace exactly blocks 1 and 2"
+        );
+        v[1] = 1;
+        dev.write_at(&v[1..513], 3 * 4096)?;
+        dev.read_at(&mut back[..4096], 3 * 4096)?;
+        assert_eq!((back[0], back[1], back[511], back[512]), (1, 9, 9, 7));
         Ok(())
     }
 

@@ -13,7 +13,8 @@
 //!   commit is durable in its non-live slot and (b) a destination flush that *started
 //!   after the freeze* completed. (a) and (b) are proven by the [`ShadowsDurable`] and
 //!   [`DestinationFlushed`] values, which only [`FrozenCommit::write_shadows`] and
-//!   [`flush_destination`] can construct, and which carry the commit's id;
+//!   [`flush_destination`] (or [`flush_destination_with`]) can construct, and which carry
+//!   the commit's id;
 //! - the live slot of a bitmap block and the current superblock slot are never written while
 //!   they are live;
 //! - a commit that does not finish re-marks its blocks dirty (so a retry commits them) and
@@ -447,6 +448,16 @@ pub fn flush_destination(
     dest: &dyn BlockDev,
     frozen: &FrozenCommit,
 ) -> io::Result<DestinationFlushed> {
-    dest.flush()?;
+    flush_destination_with(frozen, || dest.flush())
+}
+
+/// [`flush_destination`] where `flush` flushes the destination (e.g. on another thread, while
+/// the caller writes the shadows): it is called after the freeze, and must issue a flush of
+/// the destination device and return once that flush has completed.
+pub fn flush_destination_with(
+    frozen: &FrozenCommit,
+    flush: impl FnOnce() -> io::Result<()>,
+) -> io::Result<DestinationFlushed> {
+    flush()?;
     Ok(DestinationFlushed { commit: frozen.id })
 }
