@@ -12,10 +12,13 @@
 # Output: one JSON line per measurement ("M {...}") and per hydration-under-load run ("H
 # {...}"); the host turns them into tables (tools/bench-clone-report.py).
 set -euo pipefail
-bin=$1 rublk=$2 rounds=$3 runtime=$4 size_mb=$5 regions=$6 profiles=$7
+bin=$1 rublk=$2 rounds=$3 runtime=$4 size_mb=$5 regions=$6 profiles=$7 dm_ko=${8:--}
 modprobe ublk_drv
 modprobe loop 2>/dev/null || true
-modprobe dm-clone 2>/dev/null || true
+if ! modprobe dm-clone 2>/dev/null && [ "$dm_ko" != - ]; then
+  # Built out of tree (tools/build-dm-clone.sh): its dependencies first.
+  modprobe -a dm-mod dm-bufio dm-persistent-data && insmod "$dm_ko" && echo "dm-clone: $dm_ko"
+fi
 have_dm=1
 grep -qw clone <(dmsetup targets 2>/dev/null) || have_dm=0
 [ $have_dm = 1 ] || echo "NOTE kernel $(uname -r) has no dm-clone target: dm-clone rows are left out"
