@@ -251,21 +251,36 @@ impl Engine {
             return data.write_dest(p, offset).await;
         }
         // One source read of the whole span: the part the write covers is read too and
-        // overwritten, as one I/O costs less than a head and a tail. If it fails, only the
-        // head and the tail are read (the source's error may lie under the write).
+        // overwritten, as one I/O costs less than a head and a tail. Data that is not in
+        // memory yet (a zero-copy request's) is fetched meanwhile.
         let mut buf = self.copy_budget.take((stop - start) as usize).await;
-        if p.read(Side::Source, &mut buf, start).await.is_err() {
+        let (at, n) = ((offset - start) as usize, data.len());
+        let (read, fetched) = match data.bytes() {
+            Some(_) => (p.read(Side::Source, &mut buf, start).await, None),
+            None => {
+                let mut fetched = vec![0u8; n];
+                let (read, copy) = futures_lite::future::zip(
+                    p.read(Side::Source, &mut buf, start),
+                    data.copy_into(&mut fetched),
+                )
+                .await;
+                copy?;
+                (read, Some(fetched))
+            }
+        };
+        if read.is_err() {
+            // Only the head and the tail, then: the source's error may lie under the write.
             if start < offset {
-                self.read_source(p, &mut buf[..(offset - start) as usize], start)
-                    .await?;
+                self.read_source(p, &mut buf[..at], start).await?;
             }
             if stop > end {
-                let at = (end - start) as usize;
-                self.read_source(p, &mut buf[at..], end).await?;
+                self.read_source(p, &mut buf[at + n..], end).await?;
             }
         }
-        data.copy_into(&mut buf[(offset - start) as usize..(end - start) as usize])
-            .await?;
+        match fetched.as_deref().or(data.bytes()) {
+            Some(bytes) => buf[at..at + n].copy_from_slice(bytes),
+            None => data.copy_into(&mut buf[at..at + n]).await?,
+        }
         p.write_dest(&buf, start).await
     }
 

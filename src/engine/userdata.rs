@@ -20,6 +20,10 @@ pub trait WriteData {
     async fn write_dest<P: DataPath>(&self, p: &P, offset: u64) -> io::Result<()>;
     /// Copies all of it into `buf`, which has the same length.
     async fn copy_into(&self, buf: &mut [u8]) -> io::Result<()>;
+    /// The bytes, when they are in memory already (no copy to wait for).
+    fn bytes(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Where a user read's data goes.
@@ -49,6 +53,10 @@ impl WriteData for [u8] {
     async fn copy_into(&self, buf: &mut [u8]) -> io::Result<()> {
         buf.copy_from_slice(self);
         Ok(())
+    }
+
+    fn bytes(&self) -> Option<&[u8]> {
+        Some(self)
     }
 }
 
