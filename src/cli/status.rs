@@ -427,6 +427,7 @@ mod tests {
             bitmap_bytes: 7,
             direct_ios: 0,
             direct_redone: 0,
+            in_place_ios: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: Some(SourceDown {
                 since: 1,

@@ -204,6 +204,7 @@ mod tests {
             bitmap_bytes: 0,
             direct_ios: 0,
             direct_redone: 0,
+            in_place_ios: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: None,
         }

@@ -273,8 +273,10 @@ impl Committer {
                     None
                 }
             };
+            // Shut the flusher down however the loop ends (a panic included): the scope
+            // waits for it.
+            let _stop = StopFlusher(&flusher);
             self.commit_loop(overlap);
-            flusher.shutdown();
         });
     }
 
@@ -517,7 +519,11 @@ impl DestFlusher {
         loop {
             if st.requested > st.done {
                 let n = st.requested;
-                let res = parking_lot::MutexGuard::unlocked(&mut st, || dest.flush());
+                // A panic is a failed flush: the commit thread must get an answer.
+                let res = parking_lot::MutexGuard::unlocked(&mut st, || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dest.flush()))
+                        .unwrap_or_else(|_| Err(std::io::Error::other("the flush panicked")))
+                });
                 st.result = Some(res);
                 st.done = n;
                 self.cv.notify_all();
@@ -553,5 +559,86 @@ impl DestFlusher {
     fn shutdown(&self) {
         self.state.lock().shutdown = true;
         self.cv.notify_all();
+    }
+}
+
+/// Shuts the flusher down when dropped.
+struct StopFlusher<'a>(&'a DestFlusher);
+
+impl Drop for StopFlusher<'_> {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::mem::MemDev;
+    use std::sync::mpsc;
+
+    /// A device whose flush waits for a go from the test, then records that it ended.
+    struct GatedFlush {
+        inner: MemDev,
+        go: Mutex<mpsc::Receiver<()>>,
+        ended: AtomicBool,
+        panic: bool,
+    }
+
+    impl BlockDev for GatedFlush {
+        fn name(&self) -> &str {
+            "gated"
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            let _ = self.go.lock().recv();
+            if self.panic {
+                panic!("flush");
+            }
+            self.ended.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// `flush_while` returns only once the flush it asked for has ended, and a flush that
+    /// panics is reported as failed instead of leaving the commit thread waiting.
+    #[test]
+    fn flush_while_waits_for_its_flush_and_survives_a_panicking_one() {
+        for panic in [false, true] {
+            let (tx, rx) = mpsc::channel();
+            let dev = GatedFlush {
+                inner: MemDev::new("m", 4096),
+                go: Mutex::new(rx),
+                ended: AtomicBool::new(false),
+                panic,
+            };
+            let flusher = DestFlusher::default();
+            std::thread::scope(|s| {
+                s.spawn(|| flusher.serve(&dev));
+                let _stop = StopFlusher(&flusher);
+                for round in 0..2 {
+                    dev.ended.store(false, Ordering::SeqCst);
+                    let (flushed, seen) = flusher.flush_while(|| {
+                        let seen = dev.ended.load(Ordering::SeqCst);
+                        let _ = tx.send(());
+                        seen
+                    });
+                    assert!(!seen, "round {round}: the flush ended before it was let go");
+                    assert_eq!(flushed.is_ok(), !panic, "round {round}: {flushed:?}");
+                    assert_eq!(dev.ended.load(Ordering::SeqCst), !panic);
+                }
+            });
+        }
     }
 }

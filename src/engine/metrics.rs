@@ -102,8 +102,11 @@ pub struct Metrics {
     slowest_commit_us: AtomicU64,
     /// Requests served by one backend I/O straight from the queue (the direct path).
     pub direct_ios: AtomicU64,
-    /// Direct I/Os that did not transfer everything and were redone by the full path.
+    /// Direct I/Os, and fixed I/Os of in-place requests, that did not transfer everything
+    /// and were redone through the daemon's buffers.
     pub direct_redone: AtomicU64,
+    /// Requests of the full path whose data stayed in the request's own pages (zero copy).
+    pub in_place_ios: AtomicU64,
 }
 
 /// The counters as read, for the control socket.

@@ -81,6 +81,10 @@ pub struct Status {
     pub direct_ios: u64,
     #[serde(default)]
     pub direct_redone: u64,
+    /// Requests of the full path (cold regions, copy-on-write) whose data stayed in the
+    /// request's pages (zero copy).
+    #[serde(default)]
+    pub in_place_ios: u64,
     pub knobs: Knobs,
     /// A remote source out of reach: since when (seconds since the epoch) and why. Reads that
     /// need it wait for it (up to its timeout) and background hydration pauses.
@@ -416,6 +420,7 @@ impl Engine {
             bitmap_bytes: md.in_core_bytes(),
             direct_ios: self.metrics().direct_ios.load(Ordering::Relaxed),
             direct_redone: self.metrics().direct_redone.load(Ordering::Relaxed),
+            in_place_ios: self.metrics().in_place_ios.load(Ordering::Relaxed),
             knobs: self.knobs(),
             source_disconnected: self.source.link_down().map(|d| SourceDown {
                 since: d

@@ -256,11 +256,11 @@ impl Engine {
         let mut buf = self.copy_budget.take((stop - start) as usize).await;
         let (at, n) = ((offset - start) as usize, data.len());
         let (read, fetched) = match data.bytes() {
-            Some(_) => (p.read(Side::Source, &mut buf, start).await, None),
+            Some(_) => (self.read_source(p, &mut buf, start).await, None),
             None => {
                 let mut fetched = vec![0u8; n];
                 let (read, copy) = futures_lite::future::zip(
-                    p.read(Side::Source, &mut buf, start),
+                    self.read_source(p, &mut buf, start),
                     data.copy_into(&mut fetched),
                 )
                 .await;
@@ -268,8 +268,13 @@ impl Engine {
                 (read, Some(fetched))
             }
         };
-        if read.is_err() {
-            // Only the head and the tail, then: the source's error may lie under the write.
+        if let Err(e) = read {
+            // A source that is away (a remote one timed out or disconnected) fails the write
+            // now rather than after a second wait.
+            if !localised(&e) || self.source.link_down().is_some() {
+                return Err(e);
+            }
+            // Only the head and the tail, then: a bad block may lie under the write.
             if start < offset {
                 self.read_source(p, &mut buf[..at], start).await?;
             }
@@ -366,4 +371,15 @@ impl Engine {
         }
         IoError::eio(msg)
     }
+}
+
+/// A source read error that concerns the blocks read (a bad block), not the source as a whole
+/// (a remote source that did not answer, or a lost connection): reading fewer blocks may then
+/// succeed.
+fn localised(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    !matches!(
+        e.kind(),
+        TimedOut | NotConnected | BrokenPipe | ConnectionReset | ConnectionAborted | Interrupted
+    )
 }

@@ -1629,5 +1629,25 @@ fn copy_on_write_over_a_bad_source_block_reads_around_it() {
     let res = block_on(r.engine.write(&r.path, beside + 8192, &[8u8; 4096], false));
     assert_eq!(res.map_err(|e| e.errno), Err(libc::EIO));
     assert_eq!(r.engine.status().hydrated, 1);
+    // A source that does not answer (a remote one timed out) is not asked again for the head
+    // and the tail: the write fails after one wait.
+    let reads = Arc::new(AtomicU64::new(0));
+    let counted = reads.clone();
+    r.source.set_fault(Some(Arc::new(move |op: &Op| {
+        let Op::Read { offset, .. } = op else {
+            return None;
+        };
+        (*offset >= 5 * RS && *offset < 6 * RS).then(|| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            io::Error::new(io::ErrorKind::TimedOut, "no answer")
+        })
+    })));
+    let res = block_on(r.engine.write(&r.path, 5 * RS + 8192, &[9u8; 4096], false));
+    assert_eq!(res.map_err(|e| e.errno), Err(libc::EIO));
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        1,
+        "the source was asked again"
+    );
     assert!(r.engine.shutdown().is_ok());
 }

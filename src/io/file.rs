@@ -418,7 +418,12 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("dev");
         std::fs::write(&path, vec![7u8; 4 * 4096])?;
-        let dev = FileDev::open(&path, Access::ReadWrite, true)?;
+        let dev = FileDev::open(&path, Access::ReadWrite, true)?.with_logical_block_size(4096);
+        assert!(
+            dev.is_direct(),
+            "the test needs O_DIRECT on {}",
+            path.display()
+        );
         let mut v = vec![9u8; 2 * 4096 + 1];
         let data = &v[1..];
         assert!((data.as_ptr() as usize) % AlignedBuf::ALIGN != 0);

@@ -454,7 +454,7 @@ pub fn flush_destination(
 /// [`flush_destination`] where `flush` flushes the destination (e.g. on another thread, while
 /// the caller writes the shadows): it is called after the freeze, and must issue a flush of
 /// the destination device and return once that flush has completed.
-pub fn flush_destination_with(
+pub(crate) fn flush_destination_with(
     frozen: &FrozenCommit,
     flush: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<DestinationFlushed> {

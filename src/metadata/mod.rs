@@ -36,10 +36,8 @@ mod tests;
 mod vectors;
 
 pub use check::{check, CheckReport, Problem};
-pub use commit::{
-    flush_destination, flush_destination_with, CommitInfo, DestinationFlushed, FrozenCommit,
-    ShadowsDurable,
-};
+pub(crate) use commit::flush_destination_with;
+pub use commit::{flush_destination, CommitInfo, DestinationFlushed, FrozenCommit, ShadowsDurable};
 pub use dump::{dump, DumpOutput};
 pub use error::{MetadataError, Result};
 pub use fingerprint::{hex, source_fingerprint, FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_SIZE};

@@ -59,8 +59,16 @@ impl<'b> RequestPages<'b> {
     }
 
     /// A fixed read (`read`) or write of `len` bytes of the pages from byte `at`, at `offset`
-    /// of the file in `slot`. `false`: it failed or came short, and must be redone.
-    async fn fixed(&self, slot: u32, read: bool, at: usize, len: usize, offset: u64) -> bool {
+    /// of the file in `slot`. `Err` (what went wrong): it failed or came short, and must be
+    /// redone.
+    async fn fixed(
+        &self,
+        slot: u32,
+        read: bool,
+        at: usize,
+        len: usize,
+        offset: u64,
+    ) -> Result<(), String> {
         let mut done = 0usize;
         while done < len {
             // A registered kernel buffer is addressed by the offset within it.
@@ -76,18 +84,20 @@ impl<'b> RequestPages<'b> {
             };
             match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
                 Ok(n) if n > 0 => done += n as usize,
-                _ => return false,
+                Ok(0) => return Err(format!("no bytes moved after {done}")),
+                Ok(n) => return Err(io::Error::from_raw_os_error(-n).to_string()),
+                Err(e) => return Err(format!("io_uring: {e}")),
             }
         }
-        true
+        Ok(())
     }
 
-    fn count_redone(&self, what: &str, offset: u64, len: usize) {
+    fn count_redone(&self, what: &str, offset: u64, len: usize, why: &str) {
         let n = self.redone.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             log::warn!(
-                "zero-copy {what} at offset {offset} length {len} did not complete; redone \
-                 through the daemon's buffer ({n} so far)"
+                "zero-copy {what} at offset {offset} length {len} did not complete ({why}); \
+                 redone through the daemon's buffer ({n} so far)"
             );
         }
     }
@@ -99,13 +109,13 @@ impl WriteData for RequestPages<'_> {
     }
 
     async fn write_dest<P: DataPath>(&self, p: &P, offset: u64) -> io::Result<()> {
-        if self
+        match self
             .fixed(uring_path::DEST_SLOT, false, 0, self.len, offset)
             .await
         {
-            return Ok(());
+            Ok(()) => return Ok(()),
+            Err(why) => self.count_redone("write", offset, self.len, &why),
         }
-        self.count_redone("write", offset, self.len);
         // The engine moves a request's data one step at a time: nobody else holds the buffer.
         let Some(buf) = self.buf.take() else {
             return Err(io::Error::other("the request's buffer is in use"));
@@ -138,13 +148,13 @@ impl ReadData for RequestPages<'_> {
     ) -> io::Result<()> {
         let in_memory = side == Side::Source && self.remote_source;
         if !in_memory {
-            if self
+            match self
                 .fixed(uring_path::slot(side), true, at, len, offset)
                 .await
             {
-                return Ok(());
+                Ok(()) => return Ok(()),
+                Err(why) => self.count_redone("read", offset, len, &why),
             }
-            self.count_redone("read", offset, len);
         }
         let Some(buf) = self.buf.get_mut() else {
             return Err(io::Error::other("the request's buffer is in use"));

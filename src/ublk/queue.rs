@@ -14,10 +14,11 @@
 //! kernel registers each request's own pages in the queue ring's buffer table at the index of
 //! its tag before it hands the request over, and unregisters them when it is committed. The
 //! direct path then reads and writes those pages in place (`ReadFixed`/`WriteFixed`): no copy
-//! through the daemon. The full path still works on the tag's buffer, and copies the request's
-//! data into it (a write) or out of it (a read) itself, with reads and writes of `/dev/ublkcN`
-//! at the request's user-copy offset (fixed file 0). A request whose pages the kernel could not
-//! register (`UBLK_IO_F_NEED_REG_BUF`) takes the full path.
+//! through the daemon. So does the full path's backend I/O for a read or a write (`pages`):
+//! only what must be merged or comes from a remote source is copied, through `/dev/ublkcN` at
+//! the request's user-copy offset (fixed file 0). A request whose pages the kernel could not
+//! register (`UBLK_IO_F_NEED_REG_BUF`), and one whose direct I/O failed, works on the tag's
+//! buffer: its data is copied into it (a write) or out of it (a read) whole.
 //!
 //! Invariant: a tag has at most one request in flight, so its I/O buffer, its registered
 //! pages and its entry in `requests` belong to that request alone until it is committed.
@@ -115,7 +116,7 @@ impl<'a> Queue<'a> {
         if self.direct && in_place && req.carries_data() && self.try_direct(tag, req) {
             return;
         }
-        self.spawn_full(tag, req);
+        self.spawn_full(tag, req, true);
     }
 
     /// Submits `req` (a read or a write) as one direct backend I/O if the engine routes it
@@ -155,8 +156,10 @@ impl<'a> Queue<'a> {
         self.q.ublk_submit_sqe_sync(sqe).is_ok()
     }
 
-    /// The full engine path for `req` on `tag`, as a task.
-    fn spawn_full(self: &Rc<Self>, tag: u16, req: Request) {
+    /// The full engine path for `req` on `tag`, as a task. `in_place`: on a zero-copy device
+    /// its backend I/O may use the request's pages (not for a request whose direct I/O on
+    /// them failed: it is redone through the tag's buffer).
+    fn spawn_full(self: &Rc<Self>, tag: u16, req: Request, in_place: bool) {
         let Some(exe) = self.exe.upgrade() else {
             // Only after the serving loop ended, when no request can arrive.
             return;
@@ -169,7 +172,7 @@ impl<'a> Queue<'a> {
             let buf =
                 unsafe { std::slice::from_raw_parts_mut(me.bufs[tag as usize].as_mut_ptr(), n) };
             let res = if me.zero_copy.is_some() {
-                me.handle_user_copy(tag, req, buf).await
+                me.handle_user_copy(tag, req, buf, in_place).await
             } else {
                 request::handle(&me.engine, &me.path, req, buf).await
             };
@@ -182,15 +185,25 @@ impl<'a> Queue<'a> {
     /// leaves its data there: the engine's backend I/O uses them in place (see `pages`).
     /// Otherwise the request's data is copied into the tag's buffer before a write and out of
     /// it after a read, through `/dev/ublkcN`.
-    async fn handle_user_copy(&self, tag: u16, req: Request, buf: &mut [u8]) -> i32 {
+    async fn handle_user_copy(
+        &self,
+        tag: u16,
+        req: Request,
+        buf: &mut [u8],
+        in_place: bool,
+    ) -> i32 {
         let data = match (req.op, req.fits(buf.len())) {
             (Op::Read | Op::Write, Some(n)) => n,
             // No data to move, or too large for the buffer (which `handle` reports).
             _ => return request::handle(&self.engine, &self.path, req, buf).await,
         };
         let pos = UblkIOCtx::ublk_user_copy_pos(self.q.get_qid(), tag, 0);
-        if let (true, false, Some(regs)) = (self.direct, req.unregistered, &self.zero_copy) {
-            let redone = &self.engine.metrics().direct_redone;
+        if let (true, true, false, Some(regs)) =
+            (in_place, self.direct, req.unregistered, &self.zero_copy)
+        {
+            let m = self.engine.metrics();
+            m.in_place_ios.fetch_add(1, Ordering::Relaxed);
+            let redone = &m.direct_redone;
             let mut pages = RequestPages::new(
                 regs[tag as usize].index,
                 pos,
@@ -249,7 +262,7 @@ impl<'a> Queue<'a> {
                         self.zero_copy.is_some()
                     );
                 }
-                self.spawn_full(tag, req);
+                self.spawn_full(tag, req, false);
             }
         } else {
             libublk::uring_async::ublk_wake_task(user_data, cqe);

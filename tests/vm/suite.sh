@@ -201,6 +201,14 @@ test_zero_copy_where_offered() {
   st=$(status_json "$dev")
   [ "$(echo "$st" | json_field hydrated)" = 4 ] || fail "cold writes: 4 regions hydrated expected: $st"
   [ "$(echo "$st" | json_field direct_redone)" = 0 ] || fail "cold I/O on the request's pages was redone: $st"
+  # Those cold reads and writes kept their data in the request's pages (zero copy) where the
+  # kernel offers it, and went through the daemon's buffers where it does not.
+  local inplace; inplace=$(echo "$st" | json_field in_place_ios)
+  if [ $want = yes ]; then
+    [ "$inplace" -ge 32 ] || fail "cold I/O did not stay in the request's pages: $st"
+  else
+    [ "$inplace" = 0 ] || fail "in-place I/O without zero copy: $st"
+  fi
   "$BIN" set "$dev" --hydration true >>"$LOG" 2>&1 || fail "set --hydration true"
   fio --name=zc --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --bsrange=4k-256k \
       --iodepth=16 --numjobs=2 --size=28M --offset_increment=32M --verify=crc32c \
