@@ -124,28 +124,38 @@ for region in $regions; do
   done
   # Hydration under load: a fresh clone hydrating at RATE while fio 4k randrw qd8 runs; the
   # background rate achieved (status bytes_hydrated: copy-on-write of fio's writes not counted;
-  # dm-clone's count includes those) as a fraction of RATE, the IOPS as a fraction of the same fio on the hydrated
-  # clone. dm-clone (no rate limit; it pauses copying while user I/O is in flight) beside it.
+  # dm-clone's count includes those) as a fraction of RATE, the IOPS as a fraction of the same
+  # fio unloaded: on a fresh clone without background hydration (the same cold state, no
+  # hydration load: "iops_unloaded"), and on the hydrated clone ("iops_hydrated"). dm-clone (no
+  # rate limit; it pauses copying while user I/O is in flight) beside it.
   rate=$((16 << 20)); load=$((runtime * 3))
   loadfio() { fio --name=l --filename="$1" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
       --iodepth=8 --time_based --runtime="$load" --size=$((size_mb * 3 / 4))M --output-format=json 2>/dev/null \
     | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"],1))'; }
-  base=$(loadfio "$ubchyd")
+  hyd_base=$(loadfio "$ubchyd")
+  cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
+  dev=$(ubc_make "$region" "$cd_" "$cm" --no-hydration)
+  base=$(loadfio "$dev")
+  "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
   dev=$(ubc_make "$region" "$cd_" "$cm" "--rate $rate")
   h0=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["bytes_hydrated"])')
   t0=$(date +%s.%N); iops=$(loadfio "$dev"); t1=$(date +%s.%N)
   h1=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["bytes_hydrated"])')
-  echo "H {\"dev\":\"ubc\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$((h1 - h0)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base}"
+  echo "H {\"dev\":\"ubc\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$((h1 - h0)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
   "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   if [ $have_dm = 1 ]; then
-    base=$(loadfio "$dmhyd")
+    hyd_base=$(loadfio "$dmhyd")
+    cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
+    dev=$(dm_make bench-cold "$rs" "$cd_" "$cm" no_hydration)
+    base=$(loadfio "$dev")
+    dm_drop bench-cold; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
     cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
     dev=$(dm_make bench-cold "$rs" "$cd_" "$cm")
     read -r h0 _ < <(dm_status bench-cold)
     t0=$(date +%s.%N); iops=$(loadfio "$dev"); t1=$(date +%s.%N)
     read -r h1 _ < <(dm_status bench-cold)
-    echo "H {\"dev\":\"dm\",\"region\":\"$region\",\"rate_limit\":0,\"bytes\":$(((h1 - h0) * rs * 512)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base}"
+    echo "H {\"dev\":\"dm\",\"region\":\"$region\",\"rate_limit\":0,\"bytes\":$(((h1 - h0) * rs * 512)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
     dm_drop bench-cold; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   fi
   "$bin" stop "$ubchyd" >/dev/null; unloop "$ubc_dst"; unloop "$ubc_md"

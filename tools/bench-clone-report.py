@@ -97,10 +97,14 @@ def main():
         for h in hyd:
             rate = h["bytes"] / h["seconds"] if h["seconds"] else 0
             frac = h["iops"] / h["iops_unloaded"] if h["iops_unloaded"] else 0
+            # Runs before this baseline was added measured unloaded on the hydrated clone only.
+            hyd_base = h.get("iops_hydrated")
+            vs_hyd = f", {h['iops'] / hyd_base:.2f}x of the hydrated clone's" if hyd_base else ""
             lim = f", {rate / h['rate_limit']:.0%} of the {h['rate_limit'] >> 20} MiB/s limit" if h["rate_limit"] else " (no rate limit)"
             who = "ublk-clone" if h["dev"] == "ubc" else "dm-clone"
             print(f"  {who:10} region {h['region']}: hydrated {rate / 2**20:.1f} MiB/s{lim}; "
-                  f"fio {frac:.2f}x of the hydrated clone's")
+                  f"fio {h['iops']:.0f} IOPS, {frac:.2f}x of the same fio on a "
+                  f"{'cold clone without hydration' if hyd_base else 'hydrated clone'}{vs_hyd}")
             if h["rate_limit"]:
                 ok = rate / h["rate_limit"] >= 0.5 and frac >= 0.8
                 report["targets"].append({"target": f"hydration under load >= 50% of the limit with fio >= 0.8x ({h['region']})",

@@ -453,7 +453,7 @@ mod tests {
         while !engine.is_fully_hydrated() && Instant::now() < deadline {
             engine
                 .hydrator
-                .wake
+                .progress
                 .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
         }
         assert!(engine.is_fully_hydrated(), "{:?}", engine.status());

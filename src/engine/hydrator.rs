@@ -63,7 +63,13 @@ impl RateLimiter {
 
 /// The background sweep's state.
 pub(crate) struct Hydrator {
-    pub wake: Signal,
+    /// Control changes (stop, knobs, failed regions restored): wakes every waiting worker
+    /// (see [`Hydrator::poke`]).
+    wake: Signal,
+    /// Progress: hydrations ended (room under the threshold), bits set. Only workers that
+    /// wait for room or for writers to finish listen: a worker waiting out the rate limit or
+    /// with hydration off is not woken by every user write.
+    pub progress: Signal,
     stop: AtomicBool,
     /// Regions being hydrated, background and write-triggered: bounded by the threshold.
     in_flight: AtomicU64,
@@ -89,6 +95,7 @@ impl Hydrator {
     pub fn new(kickers: &Arc<Kickers>) -> Hydrator {
         Hydrator {
             wake: Signal::new(kickers),
+            progress: Signal::new(kickers),
             stop: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             cursor: Mutex::new(0),
@@ -116,7 +123,7 @@ impl Hydrator {
     /// Tells the workers to exit.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        self.wake.notify();
+        self.poke();
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -138,10 +145,17 @@ impl Hydrator {
         self.in_flight.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// Ends `n` hydrations and wakes the workers waiting for room.
+    /// Ends `n` hydrations and wakes the workers waiting for room (or for writers).
     pub fn end_hydrations(&self, n: u64) {
         self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        self.progress.notify();
+    }
+
+    /// Wakes every waiting worker to look again: after a change of knobs, of failed regions,
+    /// or a stop.
+    pub fn poke(&self) {
         self.wake.notify();
+        self.progress.notify();
     }
 
     /// A user read an unhydrated region: queue it for early hydration.
@@ -222,7 +236,7 @@ impl Engine {
             let batch = knobs.batch_size.max(1).min(knobs.threshold);
             // Reserve room under the threshold before picking regions.
             if !self.hydrator.try_begin_hydrations(batch, knobs.threshold) {
-                self.hydrator.wake.wait_until_blocking(
+                self.hydrator.progress.wait_until_blocking(
                     || {
                         self.hydrator.stopping()
                             || self.hydrator.in_flight() + batch <= self.knobs().threshold
@@ -235,7 +249,6 @@ impl Engine {
             self.hydrator.scans.fetch_add(1, Ordering::Relaxed);
             let outcome = self.hydrate_next_batch(reserved);
             self.hydrator.end_hydrations(reserved);
-            self.hydrator.wake.notify();
             match outcome {
                 Batch::Copied => {
                     self.hydrator
@@ -248,7 +261,7 @@ impl Engine {
                     // Everything left is locked by writers (which hydrate it) or failed: wait
                     // until a writer makes progress.
                     let hydrated = self.map.md().nr_hydrated();
-                    self.hydrator.wake.wait_until_blocking(
+                    self.hydrator.progress.wait_until_blocking(
                         || self.hydrator.stopping() || self.map.md().nr_hydrated() != hydrated,
                         Duration::from_millis(500),
                     );
@@ -292,7 +305,7 @@ impl Engine {
         if self.only_failed_regions_left() {
             // Nothing to copy: wait for a change instead of rescanning the bitmap.
             let hydrated = self.map.md().nr_hydrated();
-            self.hydrator.wake.wait_until_blocking(
+            self.hydrator.progress.wait_until_blocking(
                 || {
                     self.hydrator.stopping()
                         || self.map.md().nr_hydrated() != hydrated

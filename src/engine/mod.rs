@@ -318,7 +318,7 @@ impl Engine {
 
     pub fn set_knobs(&self, k: Knobs) {
         *self.knobs.lock() = k;
-        self.hydrator.wake.notify();
+        self.hydrator.poke();
     }
 
     /// Regions whose source could not be read, as a dead daemon of this clone left them:
@@ -327,7 +327,7 @@ impl Engine {
         for &r in regions.iter().filter(|r| **r < self.geo.nr_regions) {
             self.hydrator.mark_failed(r);
         }
-        self.hydrator.wake.notify();
+        self.hydrator.poke();
     }
 
     /// Regions whose source could not be read.

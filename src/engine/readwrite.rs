@@ -215,14 +215,20 @@ impl Engine {
             }
             let _ = self.committer.commit_flush().await;
         }
-        let result = self.write_hydrating(p, (start, stop), offset, data).await;
+        let result = match self.write_hydrating(p, (start, stop), offset, data).await {
+            Ok(()) => {
+                if (start, stop) != (offset, end) {
+                    super::pause::point(super::pause::Point::CopyOnWrite);
+                }
+                // The data of every locked region is now complete on the destination.
+                self.set_written(&guards)
+            }
+            Err(e) => Err(IoError::eio(e.to_string())),
+        };
+        // Ended once the bits are set: a worker waiting for writers to finish their regions
+        // finds them hydrated when it wakes.
         self.hydrator.end_hydrations(guards.len() as u64);
-        result.map_err(|e| IoError::eio(e.to_string()))?;
-        if (start, stop) != (offset, end) {
-            super::pause::point(super::pause::Point::CopyOnWrite);
-        }
-        // The data of every locked region is now complete on the destination.
-        self.set_written(&guards)?;
+        result?;
         drop(guards);
         self.map.check_fully_hydrated();
         Ok(())

@@ -242,7 +242,7 @@ fn wait_until_hydrated(r: &Rig, seed: u64) {
     while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
         r.engine
             .hydrator
-            .wake
+            .progress
             .wait_until_blocking(|| r.engine.is_fully_hydrated(), Duration::from_millis(50));
     }
     assert!(
@@ -514,7 +514,7 @@ fn source_read_errors_mark_the_region_failed_and_hydration_continues() {
         }
         r.engine
             .hydrator
-            .wake
+            .progress
             .wait_until_blocking(|| false, Duration::from_millis(20));
     }
     let st = r.engine.status();
@@ -715,7 +715,7 @@ fn background_hydration_completes_and_switches_to_pass_through() {
     while !r.engine.is_fully_hydrated() && Instant::now() < deadline {
         r.engine
             .hydrator
-            .wake
+            .progress
             .wait_until_blocking(|| r.engine.is_fully_hydrated(), Duration::from_millis(20));
     }
     assert!(r.engine.is_fully_hydrated());
@@ -1280,7 +1280,7 @@ fn a_failed_region_hydrated_later_does_not_stall_hydration() {
     // The failed region is discarded (marked hydrated), then region 31 is released.
     assert_eq!(block_on(r.engine.discard(&r.path, 5 * 4096, 4096)), Ok(()));
     drop(guard);
-    r.engine.hydrator.wake.notify();
+    r.engine.hydrator.poke();
     assert!(
         eventually(20, || r.engine.is_fully_hydrated()),
         "hydration stalled: {:?}",
@@ -1597,7 +1597,7 @@ pub(crate) fn hydrate_fully(engine: &Engine, within: Duration) {
     while !engine.is_fully_hydrated() && std::time::Instant::now() < deadline {
         engine
             .hydrator
-            .wake
+            .progress
             .wait_until_blocking(|| engine.is_fully_hydrated(), Duration::from_millis(50));
     }
     assert!(engine.is_fully_hydrated(), "{:?}", engine.status());
