@@ -31,7 +31,12 @@ cp "$w/src" "$w/kloop"; cp "$w/src" "$w/rublk"
 lo() { losetup --direct-io=on -f --show "$@"; } # FILE [-r]
 kl=$(lo "$w/kloop")
 rl=$(lo "$w/rublk")
-"$rublk" add loop -f "$rl" -q "$(nproc)" -d 128 --quiet >"$w/rublk.out" 2>&1
+# rublk with zero copy where the kernel offers it (as ours uses it): the best ublk loop device
+# of this kernel is ours' floor.
+rublk_zc=""
+"$bin" features 2>/dev/null | grep -q '^zero-copy: offered' && rublk_zc=-z
+echo "NOTE rublk loop: ${rublk_zc:+zero copy (-z)}${rublk_zc:-copy (no zero copy offered)}"
+"$rublk" add loop -f "$rl" -q "$(nproc)" -d 128 $rublk_zc --quiet >"$w/rublk.out" 2>&1
 rdev=$(ls -d /dev/ublkb* | sort -V | tail -n1)
 src_ubc=$(lo "$w/src" -r)   # ublk-clone's source
 src_dm=$(lo "$w/src" -r)    # dm-clone's (a dm table claims its devices)

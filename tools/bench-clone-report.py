@@ -2,6 +2,7 @@
 """Tables, JSON and a chart from tools/bench-clone-guest.sh's output (benchmark only).
 
 Usage: bench-clone-report.py GUEST_OUTPUT JSON_OUT PNG_OUT COMMAND
+       bench-clone-report.py --markdown JSON   the README's table of a run's JSON
 
 A ratio is the median over rounds of the ratio within a round (the devices of a round run
 back to back, so slow drift of the host cancels out). Ours costs less than dm-clone on a row
@@ -50,7 +51,31 @@ def med(meas, region, profile, dev, key):
     return statistics.median(v) if v else None
 
 
+def markdown(path):
+    """The README's table: one row per profile and state, both region sizes side by side."""
+    report = json.load(open(path))
+    regions = list(report["tables"])
+    fmt = lambda x: "-" if x is None else f"{x:.2f}x"
+    head = "| profile | state |" + "".join(f" {r}: ours/rublk | {r}: dm/kloop |" for r in regions)
+    print(head)
+    print("|" + "---|" * (2 + 2 * len(regions)))
+    rows = report["tables"][regions[0]]
+    for i, row in enumerate(rows):
+        cells = []
+        for r in regions:
+            x = report["tables"][r][i]
+            o = fmt(x["ours_over_rublk"])
+            # A row where ours does not cost less than dm-clone is in bold.
+            cells += [f"**{o}**" if x["verdict"] == "MISSED" else o, fmt(x["dm_over_kloop"])]
+        print(f"| {NAMES[row['profile']]} | {row['state']} | " + " | ".join(cells) + " |")
+    less = sum(x["verdict"] == "ours less" for r in regions for x in report["tables"][r])
+    total = sum(x["verdict"] != "-" for r in regions for x in report["tables"][r])
+    print(f"\nours costs less than dm-clone in {less} of {total} rows")
+
+
 def main():
+    if sys.argv[1] == "--markdown":
+        return markdown(sys.argv[2])
     src, json_out, png_out, command = sys.argv[1:5]
     meas, hyd, notes = load(src)
     regions = list(dict.fromkeys(m["region"] for m in meas))

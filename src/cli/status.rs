@@ -94,7 +94,18 @@ fn feature_lines(f: u64) -> Vec<String> {
     } else {
         "not offered: a daemon's death removes its device"
     };
-    vec![format!("zero-copy: {zc}"), format!("recovery: {rec}")]
+    let quiesce = if has(sys::UBLK_F_QUIESCE) {
+        "offered; `restart` quiesces the device: the old daemon completes the requests it \
+         holds, none is re-issued"
+    } else {
+        "not offered (UBLK_F_QUIESCE: kernel 6.16 or later); `restart` hands over as a \
+         recovery: requests in flight are re-issued to the new daemon"
+    };
+    vec![
+        format!("zero-copy: {zc}"),
+        format!("recovery: {rec}"),
+        format!("quiesce: {quiesce}"),
+    ]
 }
 
 fn human(bytes: f64) -> String {
@@ -389,6 +400,12 @@ mod tests {
             crate::ublk::feature_names(zc | rec),
             ["zero-copy", "recovery"]
         );
+        // Quiesce is used on a recoverable device only.
+        let q = sys::UBLK_F_QUIESCE as u64;
+        assert!(l[2].starts_with("quiesce: not offered"), "{l:?}");
+        assert!(feature_lines(rec | q)[2].starts_with("quiesce: offered"));
+        assert_eq!(crate::ublk::feature_names(rec | q), ["recovery", "quiesce"]);
+        assert!(crate::ublk::feature_names(q).is_empty());
         assert!(crate::ublk::feature_names(zc & !(sys::UBLK_F_USER_COPY as u64)).is_empty());
     }
 

@@ -286,12 +286,31 @@ impl Live {
             self.recording.as_ref(),
         ) == server::LoopEnd::Handover
         {
-            // The device stays: the kernel quiesces it once this process (every thread and
-            // ring) is gone, and the next daemon recovers it. The record stays for it too.
-            log::info!(
-                "{}: handed over; exiting without removing the device",
-                info.path
-            );
+            // The device stays and the next daemon recovers it; the record stays for it too.
+            // Where the kernel can, this daemon quiesces it first: the requests it holds
+            // complete here and none is re-issued to the next daemon. Otherwise (6.12) the
+            // kernel quiesces it once this process (every thread and ring) is gone, and
+            // re-issues what was in flight (every request is idempotent for that).
+            if ublk::quiesce(info.flags) {
+                match ublk::quiesce_for_handover(info.id) {
+                    Ok(()) => log::info!(
+                        "{}: handed over, quiesced: every request this daemon took is \
+                         completed; exiting without removing the device",
+                        info.path
+                    ),
+                    Err(e) => log::warn!(
+                        "{}: handed over; quiescing failed ({e}): requests in flight are \
+                         re-issued to the next daemon; exiting without removing the device",
+                        info.path
+                    ),
+                }
+            } else {
+                log::info!(
+                    "{}: handed over (no quiesce on this kernel: requests in flight are \
+                     re-issued to the next daemon); exiting without removing the device",
+                    info.path
+                );
+            }
             // SAFETY: _exit ends the process at once (no atexit handlers, which would run
             // while the queue threads still serve); the kernel tears the rings down.
             unsafe { libc::_exit(0) };

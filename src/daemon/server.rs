@@ -188,9 +188,10 @@ fn answer(
 /// the next daemon would start a new one); otherwise a commit makes everything done so far
 /// durable, so the next daemon has little to take from the survival copy, and the process
 /// exits. Hydration and requests that run meanwhile go on as usual (their bits go to the
-/// survival copy); copies and requests in flight when the process exits are cut short
-/// exactly as by a crash: a copy's bit is not set, and a request is re-issued to the next
-/// daemon.
+/// survival copy). Where the kernel can quiesce the device (`UBLK_F_QUIESCE`), the daemon
+/// then completes every request it holds before it exits; otherwise copies and requests in
+/// flight when the process exits are cut short exactly as by a crash: a copy's bit is not
+/// set, and a request is re-issued to the next daemon.
 fn handover(engine: &Engine, rec: Option<&CtlRecording>) -> (Response, Option<LoopEnd>) {
     if rec.is_some() {
         return (

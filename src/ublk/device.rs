@@ -86,7 +86,30 @@ pub fn feature_names(flags: u64) -> Vec<&'static str> {
     if flags & sys::UBLK_F_USER_RECOVERY as u64 != 0 {
         names.push("recovery");
     }
+    if quiesce(flags) {
+        names.push("quiesce");
+    }
     names
+}
+
+/// Whether a device with `flags` (as granted) can be quiesced by its daemon for a handover
+/// (`UBLK_F_QUIESCE` on a recoverable device, kernel 6.16 and later).
+pub fn quiesce(flags: u64) -> bool {
+    let need = (libublk::sys::UBLK_F_QUIESCE | libublk::sys::UBLK_F_USER_RECOVERY) as u64;
+    flags & need == need
+}
+
+/// How long [`quiesce_for_handover`] lets the requests in flight take to complete.
+const QUIESCE_TIMEOUT_MS: u64 = 30_000;
+
+/// Quiesces device `id` from its own live daemon, for a handover: the kernel stops handing
+/// this daemon requests (it holds new ones for the next daemon), waits until every request
+/// the daemon holds has been completed by it, and ends its queues' commands. Then nothing
+/// this daemon took is re-issued to the next one, and none of its I/O is in flight when it
+/// exits. Called on a thread that serves no queue, while the queues serve on.
+pub fn quiesce_for_handover(id: u32) -> Result<(), UblkError> {
+    let ctrl = UblkCtrl::new_simple(id as i32)?;
+    ctrl.quiesce_dev(QUIESCE_TIMEOUT_MS).map(|_| ())
 }
 
 /// What a device's recovery starts from: the existing device's queues and depth.
@@ -251,13 +274,10 @@ pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
                 cause,
             });
     }
-    let base = if opts.recovery {
-        RECOVERY_FLAGS as u64
-    } else {
-        0
-    };
     // Detected at run time, never from the kernel's version.
-    let zc = opts.zero_copy && zero_copy(driver_features().unwrap_or(0));
+    let offered = driver_features().unwrap_or(0);
+    let base = recovery_flags(offered, opts.recovery);
+    let zc = opts.zero_copy && zero_copy(offered);
     let added = builder()
         .ctrl_flags(base | if zc { ZERO_COPY_FLAGS } else { 0 })
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
@@ -276,6 +296,16 @@ pub(super) fn add(opts: &DeviceOptions) -> Result<UblkCtrl, ServeError> {
                 .map_err(|cause| ServeError::Add { cause })
         }
         other => other.map_err(|cause| ServeError::Add { cause }),
+    }
+}
+
+/// The recovery flags of a new device where the driver offers `offered`: none without
+/// `recovery`; otherwise recovery with re-issue, and quiesce for `restart` where offered.
+fn recovery_flags(offered: u64, recovery: bool) -> u64 {
+    let quiesce = libublk::sys::UBLK_F_QUIESCE as u64;
+    match recovery {
+        false => 0,
+        true => RECOVERY_FLAGS as u64 | (offered & quiesce),
     }
 }
 
@@ -342,8 +372,22 @@ pub(super) fn block_shifts(logical: u64, physical: u32) -> (u8, u8) {
 
 #[cfg(test)]
 mod tests {
-    use super::{block_shifts, servable, zero_copy, ZERO_COPY_FLAGS};
+    use super::{block_shifts, quiesce, recovery_flags, servable, zero_copy, ZERO_COPY_FLAGS};
     use libublk::sys;
+
+    #[test]
+    fn a_recoverable_device_is_quiesced_for_restart_where_the_driver_offers_it() {
+        let rec = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+        let q = sys::UBLK_F_QUIESCE as u64;
+        // 6.12 offers recovery, not quiesce.
+        assert_eq!(recovery_flags(rec, true), rec);
+        assert!(!quiesce(recovery_flags(rec, true)));
+        assert_eq!(recovery_flags(rec | q, true), rec | q);
+        assert!(quiesce(recovery_flags(rec | q, true)));
+        // --no-recovery: neither (quiesce needs a recoverable device).
+        assert_eq!(recovery_flags(rec | q, false), 0);
+        assert!(!quiesce(q));
+    }
 
     #[test]
     fn only_the_copy_and_zero_copy_transports_are_served() {

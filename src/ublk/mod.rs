@@ -34,7 +34,8 @@ mod uring_path;
 
 pub use device::{
     begin_recovery, delete_device, device_daemon_pid, device_state, driver_features, feature_names,
-    zero_copy, DeviceInfo, DeviceOptions, DeviceState, RecoveryStart, ZERO_COPY_FLAGS,
+    quiesce, quiesce_for_handover, zero_copy, DeviceInfo, DeviceOptions, DeviceState,
+    RecoveryStart, ZERO_COPY_FLAGS,
 };
 pub use queue::queues_alive;
 pub use uring_path::UringPath;

@@ -172,14 +172,22 @@ test_zero_copy_where_offered() {
     grep -q '^zero-copy: not offered' <<<"$feats" || fail "kernel $(uname -r): zero copy detected: $feats"
   fi
   grep -q '^recovery: offered' <<<"$feats" || fail "recovery not detected: $feats"
+  # Quiesce (UBLK_F_QUIESCE) came in 6.16 too; a recoverable device uses it for `restart`.
+  local q=""
+  if [ $want = yes ]; then
+    grep -q '^quiesce: offered' <<<"$feats" || fail "kernel $(uname -r): quiesce not detected: $feats"
+    q=',"quiesce"'
+  else
+    grep -q '^quiesce: not offered' <<<"$feats" || fail "kernel $(uname -r): quiesce detected: $feats"
+  fi
   mk_images 64
   # Unhydrated first (the full path: data copied through the daemon's buffers), then hydrating
   # under fio (both paths), then hydrated (the direct path: in place with zero copy).
   dev=$(create --no-hydration --region-size 64K --queues 2)
   local st; st=$(status_json "$dev")
   if [ $want = yes ]; then
-    grep -q '"ublk_features":\["zero-copy","recovery"\]' <<<"$st" || fail "status: $st"
-    "$BIN" list | grep -E "^$dev .* zero-copy,recovery" >/dev/null || fail "list: $("$BIN" list)"
+    grep -q '"ublk_features":\["zero-copy","recovery","quiesce"\]' <<<"$st" || fail "status: $st"
+    "$BIN" list | grep -E "^$dev .* zero-copy,recovery,quiesce" >/dev/null || fail "list: $("$BIN" list)"
   else
     grep -q '"ublk_features":\["recovery"\]' <<<"$st" || fail "status: $st"
   fi
@@ -237,7 +245,7 @@ PY
   stop "$dev"
   # --no-zero-copy: the 6.12 data path on any kernel (for comparison).
   dev=$(create --no-zero-copy) || fail "create --no-zero-copy failed"
-  grep -q '"ublk_features":\["recovery"\]' <<<"$(status_json "$dev")" || fail "--no-zero-copy: $(status_json "$dev")"
+  grep -q "\"ublk_features\":\\[\"recovery\"$q\\]" <<<"$(status_json "$dev")" || fail "--no-zero-copy: $(status_json "$dev")"
   cmp <(dd if="$dev" bs=1M skip=28 count=4 iflag=direct status=none) <(dd if="$WORK/src" bs=1M skip=28 count=4 status=none) \
     || fail "--no-zero-copy: reads differ"
   stop "$dev"
@@ -373,6 +381,15 @@ test_kill_and_restart_under_load() {
     echo "kill $round $t0 $t1" >>"$WORK/rounds"
     [ "$(daemon_pid "$dev")" != "$pid" ] || fail "kill round $round: no new daemon"
   done
+  # Where the kernel can quiesce (UBLK_F_QUIESCE), every handover quiesces the device: the
+  # old daemon completes what it holds, nothing is re-issued. The daemon log says which.
+  local dlog=/run/ublk-clone/daemon.log handed quiesced
+  if "$BIN" list | grep -F "$dev" | grep -q quiesce; then
+    handed="handed over, quiesced"; LOAD_QUIESCE=1
+  else
+    handed="no quiesce on this kernel"; LOAD_QUIESCE=0
+  fi
+  quiesced=$(grep -c "$handed" "$dlog" || true)
   for round in $(seq 1 "$rounds"); do
     sleep "$(python3 -c 'import random; print(random.uniform(0.3, 2))')"
     pid=$(daemon_pid "$dev")
@@ -382,6 +399,9 @@ test_kill_and_restart_under_load() {
     echo "restart $round $t0 $t1" >>"$WORK/rounds"
     [ "$(daemon_pid "$dev")" != "$pid" ] || fail "restart round $round: no new daemon"
   done
+  quiesced=$(($(grep -c "$handed" "$dlog" || true) - quiesced))
+  [ "$quiesced" = "$rounds" ] || fail "$quiesced of $rounds handovers logged '$handed' (quiesce offered: $LOAD_QUIESCE)"
+  say "$rounds handovers, quiesced: $LOAD_QUIESCE"
   say "$partial of $rounds kills hit a partially hydrated clone"
   # The workloads' writes hydrate regions too (copy-on-write), so the clone may be complete
   # before the restarts; most kills must still land while it is partial.
