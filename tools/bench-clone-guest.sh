@@ -35,7 +35,7 @@ rl=$(lo "$w/rublk")
 # of this kernel is ours' floor.
 rublk_zc=""
 "$bin" features 2>/dev/null | grep -q '^zero-copy: offered' && rublk_zc=-z
-echo "NOTE rublk loop: ${rublk_zc:+zero copy (-z)}${rublk_zc:-copy (no zero copy offered)}"
+if [ -n "$rublk_zc" ]; then echo "NOTE rublk loop: zero copy (-z)"; else echo "NOTE rublk loop: copy (no zero copy offered)"; fi
 "$rublk" add loop -f "$rl" -q "$(nproc)" -d 128 $rublk_zc --quiet >"$w/rublk.out" 2>&1
 rdev=$(ls -d /dev/ublkb* | sort -V | tail -n1)
 src_ubc=$(lo "$w/src" -r)   # ublk-clone's source

@@ -95,8 +95,8 @@ fn feature_lines(f: u64) -> Vec<String> {
         "not offered: a daemon's death removes its device"
     };
     let quiesce = if has(sys::UBLK_F_QUIESCE) {
-        "offered; `restart` quiesces the device: the old daemon completes the requests it \
-         holds, none is re-issued"
+        "offered; `restart` quiesces the device: new requests wait in the kernel for the \
+         new daemon instead of reaching the old one"
     } else {
         "not offered (UBLK_F_QUIESCE: kernel 6.16 or later); `restart` hands over as a \
          recovery: requests in flight are re-issued to the new daemon"

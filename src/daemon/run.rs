@@ -287,16 +287,19 @@ impl Live {
         ) == server::LoopEnd::Handover
         {
             // The device stays and the next daemon recovers it; the record stays for it too.
-            // Where the kernel can, this daemon quiesces it first: the requests it holds
-            // complete here and none is re-issued to the next daemon. Otherwise (6.12) the
-            // kernel quiesces it once this process (every thread and ring) is gone, and
-            // re-issues what was in flight (every request is idempotent for that).
+            // Where the kernel can, this daemon quiesces it first: new requests wait in the
+            // kernel from then on instead of reaching a daemon about to exit. Otherwise (6.12)
+            // the kernel quiesces it once this process (every thread and ring) is gone. Either
+            // way the requests in service at the end are re-issued to the next daemon (every
+            // request is idempotent for that), which starts no I/O before this process and
+            // its I/O are gone (the recovery barrier).
             if ublk::quiesce(info.flags) {
                 match ublk::quiesce_for_handover(info.id) {
                     Ok(()) => log::info!(
-                        "{}: handed over, quiesced: every request this daemon took is \
-                         completed; exiting without removing the device",
-                        info.path
+                        "{}: handed over, quiesced ({} requests in service are re-issued to \
+                         the next daemon); exiting without removing the device",
+                        info.path,
+                        ublk::requests_in_service()
                     ),
                     Err(e) => log::warn!(
                         "{}: handed over; quiescing failed ({e}): requests in flight are \

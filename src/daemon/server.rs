@@ -189,9 +189,9 @@ fn answer(
 /// durable, so the next daemon has little to take from the survival copy, and the process
 /// exits. Hydration and requests that run meanwhile go on as usual (their bits go to the
 /// survival copy). Where the kernel can quiesce the device (`UBLK_F_QUIESCE`), the daemon
-/// then completes every request it holds before it exits; otherwise copies and requests in
-/// flight when the process exits are cut short exactly as by a crash: a copy's bit is not
-/// set, and a request is re-issued to the next daemon.
+/// then quiesces it, so that new requests wait in the kernel rather than reach it. Copies and
+/// requests in flight when the process exits are cut short exactly as by a crash: a copy's
+/// bit is not set, and a request is re-issued to the next daemon.
 fn handover(engine: &Engine, rec: Option<&CtlRecording>) -> (Response, Option<LoopEnd>) {
     if rec.is_some() {
         return (

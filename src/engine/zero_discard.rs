@@ -74,6 +74,8 @@ impl Engine {
             drop(guards);
             r = chunk_end;
         }
+        // A worker waiting for these regions' locks (or for anything left to copy) looks again.
+        self.hydrator.progress.notify();
         self.map.check_fully_hydrated();
         if fua {
             self.committer.flush(p).await?;
@@ -178,6 +180,7 @@ impl Engine {
                     .map_err(|e| self.bit_not_recorded(g.region(), e))?;
             }
         }
+        self.hydrator.progress.notify();
         self.map.check_fully_hydrated();
         if self.config.discard_passdown {
             let (full_start, full_len) = self.geo.regions_span(rs, re - rs);

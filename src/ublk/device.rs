@@ -103,10 +103,11 @@ pub fn quiesce(flags: u64) -> bool {
 const QUIESCE_TIMEOUT_MS: u64 = 30_000;
 
 /// Quiesces device `id` from its own live daemon, for a handover: the kernel stops handing
-/// this daemon requests (it holds new ones for the next daemon), waits until every request
-/// the daemon holds has been completed by it, and ends its queues' commands. Then nothing
-/// this daemon took is re-issued to the next one, and none of its I/O is in flight when it
-/// exits. Called on a thread that serves no queue, while the queues serve on.
+/// this daemon requests (new ones wait in the kernel for the next daemon), waits until every
+/// queue has an idle tag, and ends the queues' idle commands. Requests still in service here
+/// then are not committed any more (libublk stops committing once a queue is aborted): the
+/// kernel re-issues them to the next daemon, as after a crash. Called on a thread that serves
+/// no queue, while the queues serve on.
 pub fn quiesce_for_handover(id: u32) -> Result<(), UblkError> {
     let ctrl = UblkCtrl::new_simple(id as i32)?;
     ctrl.quiesce_dev(QUIESCE_TIMEOUT_MS).map(|_| ())

@@ -37,7 +37,7 @@ use libublk::io::{BufDescList, UblkDev, UblkQueue};
 use libublk::sys::ublk_auto_buf_reg;
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -51,6 +51,14 @@ static QUEUES_ALIVE: AtomicUsize = AtomicUsize::new(0);
 /// Number of queue threads still serving the device.
 pub fn queues_alive() -> usize {
     QUEUES_ALIVE.load(Ordering::Acquire)
+}
+
+/// Requests taken from the kernel and not yet completed, on every queue.
+static IN_SERVICE: AtomicUsize = AtomicUsize::new(0);
+
+/// Number of requests the daemon has taken and not completed (every queue).
+pub fn requests_in_service() -> usize {
+    IN_SERVICE.load(Ordering::Acquire)
 }
 
 /// Sets the number of queue threads about to serve the device.
@@ -83,14 +91,24 @@ struct Queue<'a> {
     /// I/O is submitted and read when it completes (initially the decoding of an all-zero
     /// descriptor, which no completion ever reads).
     requests: RefCell<Vec<Request>>,
+    /// Requests taken ([`Queue::start`]) and not yet completed ([`Queue::complete`]).
+    in_service_tags: Cell<usize>,
 }
 
 impl<'a> Queue<'a> {
+    /// Requests of this queue taken and not yet completed (each tag holds at most one).
+    fn in_service(&self) -> usize {
+        self.in_service_tags.get()
+    }
+
     fn buf(&self, tag: u16) -> &[u8] {
         self.bufs[tag as usize].as_slice()
     }
 
     fn complete(&self, tag: u16, res: i32) {
+        IN_SERVICE.fetch_sub(1, Ordering::AcqRel);
+        self.in_service_tags
+            .set(self.in_service_tags.get().saturating_sub(1));
         let desc = match &self.zero_copy {
             Some(regs) => BufDesc::AutoReg(regs[tag as usize]),
             None => BufDesc::Slice(self.buf(tag)),
@@ -105,6 +123,8 @@ impl<'a> Queue<'a> {
 
     /// A new request arrived on `tag`.
     fn start(self: &Rc<Self>, tag: u16) {
+        IN_SERVICE.fetch_add(1, Ordering::AcqRel);
+        self.in_service_tags.set(self.in_service_tags.get() + 1);
         let req = Request::decode(self.q.get_iod(tag));
         if let Some(op) = req.op.kind() {
             self.engine.metrics().count_op(op, req.len);
@@ -376,6 +396,7 @@ fn serve_queue(
         bufs,
         exe: Rc::downgrade(&exe),
         requests: RefCell::new(vec![idle; depth]),
+        in_service_tags: Cell::new(0),
     });
     run_loop(qid, queue, exe);
 }
@@ -390,6 +411,22 @@ fn run_loop<'a>(qid: u16, queue: Rc<Queue<'a>>, exe: Rc<smol::LocalExecutor<'a>>
         while exe.try_tick() {}
         match res {
             Ok(_) => {}
+            Err(UblkError::QueueIsDown) if queue.in_service() > 0 => {
+                // The kernel ended the queue's idle commands while requests are still in
+                // service here: a handover's quiesce (`UBLK_U_CMD_QUIESCE_DEV`) waits for
+                // one idle tag per queue, not for every request. libublk no longer commits
+                // them; the kernel re-issues them to the next daemon. Their backend I/O may
+                // still be in flight into the queue's buffers and the tasks' memory: never
+                // free them (the process is about to exit).
+                log::warn!(
+                    "queue {qid}: ended with {} requests in service; the next daemon \
+                     serves them again",
+                    queue.in_service()
+                );
+                std::mem::forget(exe);
+                std::mem::forget(queue);
+                return;
+            }
             Err(UblkError::QueueIsDown) => break,
             // A signal interrupted the wait (SIGTERM/SIGINT have handlers): wait again.
             Err(UblkError::IOError(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}

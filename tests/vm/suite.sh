@@ -381,10 +381,10 @@ test_kill_and_restart_under_load() {
     echo "kill $round $t0 $t1" >>"$WORK/rounds"
     [ "$(daemon_pid "$dev")" != "$pid" ] || fail "kill round $round: no new daemon"
   done
-  # Where the kernel can quiesce (UBLK_F_QUIESCE), every handover quiesces the device: the
-  # old daemon completes what it holds, nothing is re-issued. The daemon log says which.
+  # Where the kernel can quiesce (UBLK_F_QUIESCE), every handover quiesces the device (new
+  # requests wait in the kernel, not in a daemon about to exit). The daemon log says which.
   local dlog=/run/ublk-clone/daemon.log handed quiesced
-  if "$BIN" list | grep -F "$dev" | grep -q quiesce; then
+  if "$BIN" list | awk -v d="$dev" '$1 == d' | grep -q quiesce; then
     handed="handed over, quiesced"; LOAD_QUIESCE=1
   else
     handed="no quiesce on this kernel"; LOAD_QUIESCE=0
