@@ -38,6 +38,7 @@ rublk_zc=""
 if [ -n "$rublk_zc" ]; then echo "NOTE rublk loop: zero copy (-z)"; else echo "NOTE rublk loop: copy (no zero copy offered)"; fi
 "$rublk" add loop -f "$rl" -q "$(nproc)" -d 128 $rublk_zc --quiet >"$w/rublk.out" 2>&1
 rdev=$(ls -d /dev/ublkb* | sort -V | tail -n1)
+echo none >/sys/block/$(basename "$rdev")/queue/scheduler 2>/dev/null || true # as ours
 src_ubc=$(lo "$w/src" -r)   # ublk-clone's source
 src_dm=$(lo "$w/src" -r)    # dm-clone's (a dm table claims its devices)
 
@@ -137,6 +138,20 @@ for region in $regions; do
   loadfio() { fio --name=l --filename="$1" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
       --iodepth=8 --time_based --runtime="$load" --size=$((size_mb * 3 / 4))M --output-format=json 2>/dev/null \
     | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"],1))'; }
+  # loadfio on DEV while COUNTER (a command printing the bytes hydrated so far) is sampled one
+  # second into the load and one second before its end: the window holds load only (no fio
+  # start-up, no idle copying before it, and the token bucket's burst is spent before it).
+  # Prints "iops bytes seconds".
+  under_load() { # DEV COUNTER...
+    local dev=$1 h0 h1 t0 t1 pid; shift
+    loadfio "$dev" >"$w/load.iops" & pid=$!
+    sleep 1; h0=$("$@"); t0=$(date +%s.%N)
+    sleep $((load - 2)); h1=$("$@"); t1=$(date +%s.%N)
+    wait "$pid"
+    echo "$(cat "$w/load.iops") $((h1 - h0)) $(python3 -c "print(round($t1 - $t0, 2))")"
+  }
+  ubc_hydrated() { "$bin" status "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_hydrated"])'; }
+  dm_hydrated() { read -r h _ < <(dm_status bench-cold); echo $((h * rs * 512)); }
   hyd_base=$(loadfio "$ubchyd")
   cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
   dev=$(ubc_make "$region" "$cd_" "$cm" --no-hydration)
@@ -144,10 +159,8 @@ for region in $regions; do
   "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
   dev=$(ubc_make "$region" "$cd_" "$cm" "--rate $rate")
-  h0=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["bytes_hydrated"])')
-  t0=$(date +%s.%N); iops=$(loadfio "$dev"); t1=$(date +%s.%N)
-  h1=$("$bin" status "$dev" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["bytes_hydrated"])')
-  echo "H {\"dev\":\"ubc\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$((h1 - h0)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
+  read -r iops bytes secs < <(under_load "$dev" ubc_hydrated "$dev")
+  echo "H {\"dev\":\"ubc\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$bytes,\"seconds\":$secs,\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
   "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   if [ $have_dm = 1 ]; then
     hyd_base=$(loadfio "$dmhyd")
@@ -157,10 +170,8 @@ for region in $regions; do
     dm_drop bench-cold; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
     cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
     dev=$(dm_make bench-cold "$rs" "$cd_" "$cm")
-    read -r h0 _ < <(dm_status bench-cold)
-    t0=$(date +%s.%N); iops=$(loadfio "$dev"); t1=$(date +%s.%N)
-    read -r h1 _ < <(dm_status bench-cold)
-    echo "H {\"dev\":\"dm\",\"region\":\"$region\",\"rate_limit\":0,\"bytes\":$(((h1 - h0) * rs * 512)),\"seconds\":$(python3 -c "print(round($t1 - $t0, 2))"),\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
+    read -r iops bytes secs < <(under_load "$dev" dm_hydrated)
+    echo "H {\"dev\":\"dm\",\"region\":\"$region\",\"rate_limit\":0,\"bytes\":$bytes,\"seconds\":$secs,\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
     dm_drop bench-cold; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
   fi
   "$bin" stop "$ubchyd" >/dev/null; unloop "$ubc_dst"; unloop "$ubc_md"

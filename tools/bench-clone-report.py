@@ -131,9 +131,12 @@ def main():
                   f"fio {h['iops']:.0f} IOPS, {frac:.2f}x of the same fio on a "
                   f"{'cold clone without hydration' if hyd_base else 'hydrated clone'}{vs_hyd}")
             if h["rate_limit"]:
-                ok = rate / h["rate_limit"] >= 0.5 and frac >= 0.8
-                report["targets"].append({"target": f"hydration under load >= 50% of the limit with fio >= 0.8x ({h['region']})",
-                                          "value": [round(rate / h["rate_limit"], 3), round(frac, 3)], "met": ok})
+                # The baseline is the same fio on the hydrated clone; the cold clone
+                # without hydration (same state, no copying) is shown beside it.
+                base = h["iops"] / hyd_base if hyd_base else frac
+                ok = rate / h["rate_limit"] >= 0.5 and base >= 0.8
+                report["targets"].append({"target": f"hydration under load >= 50% of the limit with fio >= 0.8x of the hydrated clone's (cold clone's beside it) ({h['region']})",
+                                          "value": [round(rate / h["rate_limit"], 3), round(base, 3), round(frac, 3)], "met": ok})
     print("\ntargets:")
     for t in report["targets"]:
         v = t["value"]
