@@ -145,8 +145,9 @@ for region in $regions; do
   under_load() { # DEV COUNTER...
     local dev=$1 h0 h1 t0 t1 pid; shift
     loadfio "$dev" >"$w/load.iops" & pid=$!
-    sleep 1; h0=$("$@"); t0=$(date +%s.%N)
-    sleep $((load - 2)); h1=$("$@"); t1=$(date +%s.%N)
+    # Each clock reading right before its counter's: the two samples lag their clock alike.
+    sleep 1; t0=$(date +%s.%N); h0=$("$@")
+    sleep $((load - 2)); t1=$(date +%s.%N); h1=$("$@")
     wait "$pid"
     echo "$(cat "$w/load.iops") $((h1 - h0)) $(python3 -c "print(round($t1 - $t0, 2))")"
   }
