@@ -296,10 +296,10 @@ impl Live {
             if ublk::quiesce(info.flags) {
                 match ublk::quiesce_for_handover(info.id) {
                     Ok(()) => log::info!(
-                        "{}: handed over, quiesced ({} requests in service are re-issued to \
-                         the next daemon); exiting without removing the device",
-                        info.path,
-                        ublk::requests_in_service()
+                        "{}: handed over, quiesced (each queue logs the requests still in \
+                         service, which are re-issued to the next daemon); exiting without \
+                         removing the device",
+                        info.path
                     ),
                     Err(e) => log::warn!(
                         "{}: handed over; quiescing failed ({e}): requests in flight are \

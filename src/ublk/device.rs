@@ -99,7 +99,7 @@ pub fn quiesce(flags: u64) -> bool {
     flags & need == need
 }
 
-/// How long [`quiesce_for_handover`] lets the requests in flight take to complete.
+/// How long the kernel waits, in [`quiesce_for_handover`], for an idle tag on every queue.
 const QUIESCE_TIMEOUT_MS: u64 = 30_000;
 
 /// Quiesces device `id` from its own live daemon, for a handover: the kernel stops handing

@@ -37,7 +37,7 @@ pub use device::{
     quiesce, quiesce_for_handover, zero_copy, DeviceInfo, DeviceOptions, DeviceState,
     RecoveryStart, ZERO_COPY_FLAGS,
 };
-pub use queue::{queues_alive, requests_in_service};
+pub use queue::queues_alive;
 pub use uring_path::UringPath;
 
 use crate::engine::Engine;

@@ -53,14 +53,6 @@ pub fn queues_alive() -> usize {
     QUEUES_ALIVE.load(Ordering::Acquire)
 }
 
-/// Requests taken from the kernel and not yet completed, on every queue.
-static IN_SERVICE: AtomicUsize = AtomicUsize::new(0);
-
-/// Number of requests the daemon has taken and not completed (every queue).
-pub fn requests_in_service() -> usize {
-    IN_SERVICE.load(Ordering::Acquire)
-}
-
 /// Sets the number of queue threads about to serve the device.
 pub(super) fn set_queues_alive(n: usize) {
     QUEUES_ALIVE.store(n, Ordering::Release);
@@ -106,7 +98,6 @@ impl<'a> Queue<'a> {
     }
 
     fn complete(&self, tag: u16, res: i32) {
-        IN_SERVICE.fetch_sub(1, Ordering::AcqRel);
         self.in_service_tags
             .set(self.in_service_tags.get().saturating_sub(1));
         let desc = match &self.zero_copy {
@@ -123,7 +114,6 @@ impl<'a> Queue<'a> {
 
     /// A new request arrived on `tag`.
     fn start(self: &Rc<Self>, tag: u16) {
-        IN_SERVICE.fetch_add(1, Ordering::AcqRel);
         self.in_service_tags.set(self.in_service_tags.get() + 1);
         let req = Request::decode(self.q.get_iod(tag));
         if let Some(op) = req.op.kind() {
