@@ -158,11 +158,15 @@ for region in $regions; do
   dev=$(ubc_make "$region" "$cd_" "$cm" --no-hydration)
   base=$(loadfio "$dev")
   "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
-  cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
-  dev=$(ubc_make "$region" "$cd_" "$cm" "--rate $rate")
-  read -r iops bytes secs < <(under_load "$dev" ubc_hydrated "$dev")
-  echo "H {\"dev\":\"ubc\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$bytes,\"seconds\":$secs,\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
-  "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
+  # Ours with each hydration policy: `always` (copies at the rate whatever users do) and
+  # `idle` (a batch starts only while no user request is in service, as dm-clone's sweep).
+  for policy in always idle; do
+    cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)
+    dev=$(ubc_make "$region" "$cd_" "$cm" "--rate $rate --hydrate-when $policy")
+    read -r iops bytes secs < <(under_load "$dev" ubc_hydrated "$dev")
+    echo "H {\"dev\":\"ubc\",\"policy\":\"$policy\",\"region\":\"$region\",\"rate_limit\":$rate,\"bytes\":$bytes,\"seconds\":$secs,\"iops\":$iops,\"iops_unloaded\":$base,\"iops_hydrated\":$hyd_base}"
+    "$bin" stop "$dev" >/dev/null; unloop "$cd_"; unloop "$cm"; rm -f "$w/cold-dst" "$w/cold-md"
+  done
   if [ $have_dm = 1 ]; then
     hyd_base=$(loadfio "$dmhyd")
     cd_=$(fresh "$w/cold-dst" "$size_mb"); cm=$(fresh "$w/cold-md" 64)

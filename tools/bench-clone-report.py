@@ -126,8 +126,11 @@ def main():
             hyd_base = h.get("iops_hydrated")
             vs_hyd = f", {h['iops'] / hyd_base:.2f}x of the hydrated clone's" if hyd_base else ""
             lim = f", {rate / h['rate_limit']:.0%} of the {h['rate_limit'] >> 20} MiB/s limit" if h["rate_limit"] else " (no rate limit)"
-            who = "ublk-clone" if h["dev"] == "ubc" else "dm-clone"
-            print(f"  {who:10} region {h['region']}: hydrated {rate / 2**20:.1f} MiB/s{lim}; "
+            # Ours runs with each hydration policy (`--hydrate-when`; runs before it had one,
+            # `always`).
+            policy = h.get("policy", "always") if h["dev"] == "ubc" else ""
+            who = f"ublk-clone {policy}" if h["dev"] == "ubc" else "dm-clone"
+            print(f"  {who:17} region {h['region']}: hydrated {rate / 2**20:.1f} MiB/s{lim}; "
                   f"fio {h['iops']:.0f} IOPS, {frac:.2f}x of the same fio on a "
                   f"{'cold clone without hydration' if hyd_base else 'hydrated clone'}{vs_hyd}")
             if h["rate_limit"]:
@@ -135,7 +138,7 @@ def main():
                 # without hydration (same state, no copying) is shown beside it.
                 base = h["iops"] / hyd_base if hyd_base else frac
                 ok = rate / h["rate_limit"] >= 0.5 and base >= 0.8
-                report["targets"].append({"target": f"hydration under load >= 50% of the limit with fio >= 0.8x of the hydrated clone's (cold clone's beside it) ({h['region']})",
+                report["targets"].append({"target": f"hydration under load >= 50% of the limit with fio >= 0.8x of the hydrated clone's (cold clone's beside it) ({h['region']}, {policy})",
                                           "value": [round(rate / h["rate_limit"], 3), round(base, 3), round(frac, 3)], "met": ok})
     print("\ntargets:")
     for t in report["targets"]:

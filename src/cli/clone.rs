@@ -4,6 +4,7 @@
 use super::size::parse_size;
 use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonConfig};
+use crate::engine::HydrateWhen;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::ffi::OsString;
@@ -44,6 +45,11 @@ pub struct CreateArgs {
     /// Background hydration rate limit in bytes/s (0 = unlimited).
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub rate: u64,
+    /// When background hydration copies: `always` (bounded by the threshold and --rate), or
+    /// `idle`: a batch starts only while no user request is in service (dm-clone's policy;
+    /// under a load that never pauses, hydration waits).
+    #[arg(long, default_value = "always")]
+    pub hydrate_when: HydrateWhen,
     /// Number of ublk queues (default: one per CPU).
     #[arg(long)]
     pub queues: Option<u16>,
@@ -126,6 +132,7 @@ impl From<&CreateArgs> for DaemonConfig {
             hydration_threshold: a.hydration_threshold,
             batch_size: a.batch_size,
             rate: a.rate,
+            hydrate_when: a.hydrate_when,
             queues: a.queues,
             depth: a.depth,
             number: a.number,
@@ -188,6 +195,9 @@ pub(super) fn daemon_command_line(cfg: &DaemonConfig) -> Vec<OsString> {
         kv("--batch-size", b.to_string().into());
     }
     kv("--rate", cfg.rate.to_string().into());
+    if cfg.hydrate_when != HydrateWhen::default() {
+        kv("--hydrate-when", cfg.hydrate_when.name().into());
+    }
     if let Some(q) = cfg.queues {
         kv("--queues", q.to_string().into());
     }
@@ -314,6 +324,10 @@ pub struct SetArgs {
     pub rate: Option<u64>,
     #[arg(long)]
     pub hydrate_on_read: Option<bool>,
+    /// When background hydration copies: always, or idle (only while no user request is in
+    /// service).
+    #[arg(long)]
+    pub hydrate_when: Option<HydrateWhen>,
 }
 
 /// `ublk-clone set DEV ...`: changes the daemon's run-time settings.
@@ -325,6 +339,7 @@ pub fn run_set(a: &SetArgs) -> Result<()> {
         batch_size: a.batch_size,
         rate: a.rate,
         hydrate_on_read: a.hydrate_on_read,
+        hydrate_when: a.hydrate_when,
     };
     control::request(id, &req)?;
     Ok(())

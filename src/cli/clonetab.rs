@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Options are comma-separated (`-` or nothing: none): `region-size=SIZE`, `rate=SIZE`
-//! (bytes/s), `hydration-threshold=N`, `batch-size=N`, `queues=N`, `depth=N`,
+//! (bytes/s), `hydrate-when=always|idle`, `hydration-threshold=N`, `batch-size=N`, `queues=N`, `depth=N`,
 //! `source-timeout=SECONDS`, `metrics=HOST:PORT`, `prefetch=FILE`, and the flags `no-hydration`, `no-discard-passdown`,
 //! `buffered-io`, `no-recovery`, `no-zero-copy`, `trace-reads`. `#` starts a comment.
 //!
@@ -18,6 +18,7 @@
 use super::size::parse_size;
 use crate::daemon::config::DEFAULT_SOURCE_TIMEOUT;
 use crate::daemon::{names, DaemonConfig};
+use crate::engine::HydrateWhen;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -49,6 +50,7 @@ pub struct Entry {
 pub struct Options {
     pub region_size: Option<u64>,
     pub rate: u64,
+    pub hydrate_when: HydrateWhen,
     pub hydration_threshold: Option<u64>,
     pub batch_size: Option<u64>,
     pub queues: Option<u16>,
@@ -232,6 +234,7 @@ fn parse_options(col: &str) -> Result<Options, String> {
         match key {
             "region-size" => o.region_size = Some(size()?),
             "rate" => o.rate = size()?,
+            "hydrate-when" => o.hydrate_when = need()?.parse()?,
             "hydration-threshold" => o.hydration_threshold = Some(num()?),
             "batch-size" => o.batch_size = Some(num()?),
             "queues" => o.queues = Some(small()?),
@@ -247,7 +250,7 @@ fn parse_options(col: &str) -> Result<Options, String> {
             "prefetch" => o.prefetch = Some(PathBuf::from(need()?)),
             other => {
                 return Err(format!(
-                    "unknown option '{other}' (known: region-size, rate, hydration-threshold, \
+                    "unknown option '{other}' (known: region-size, rate, hydrate-when, hydration-threshold, \
                      batch-size, queues, depth, source-timeout, no-hydration, \
                      no-discard-passdown, buffered-io, no-recovery, no-zero-copy, metrics, \
                      trace-reads, prefetch)"
@@ -274,6 +277,7 @@ impl Entry {
             hydration_threshold: o.hydration_threshold,
             batch_size: o.batch_size,
             rate: o.rate,
+            hydrate_when: o.hydrate_when,
             queues: o.queues,
             depth: o.depth.unwrap_or(128),
             number: -1,

@@ -158,6 +158,12 @@ pub fn format_status(dev: &str, s: &Status) -> String {
         s.commits,
         s.failed_regions.len()
     );
+    if s.knobs.hydrate_when == crate::engine::HydrateWhen::Idle {
+        out += &format!(
+            "\n  hydration only while users are idle (--hydrate-when idle; waited {} times)",
+            s.hydration_idle_waits
+        );
+    }
     if !s.mode_reason.is_empty() {
         out += &format!("\n  mode {}: {}", s.mode.name(), s.mode_reason);
     }
@@ -445,6 +451,7 @@ mod tests {
             direct_ios: 0,
             direct_redone: 0,
             in_place_ios: 0,
+            hydration_idle_waits: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: Some(SourceDown {
                 since: 1,

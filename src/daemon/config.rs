@@ -8,7 +8,7 @@
 
 use super::devices;
 use super::error::{refuse, Named, Result};
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, HydrateWhen};
 use crate::metadata::overwrite::Overwrite;
 use crate::metadata::DEFAULT_REGION_SIZE;
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,9 @@ pub struct DaemonConfig {
     pub batch_size: Option<u64>,
     /// Background hydration rate limit in bytes/s (0 = unlimited).
     pub rate: u64,
+    /// When background batches start (`--hydrate-when`); saved only when not the default.
+    #[serde(default, skip_serializing_if = "HydrateWhen::is_always")]
+    pub hydrate_when: HydrateWhen,
     /// Number of ublk queues (default: one per CPU).
     pub queues: Option<u16>,
     /// Queue depth.
@@ -169,6 +172,7 @@ impl DaemonConfig {
             .hydration_threshold
             .unwrap_or(cfg.knobs.batch_size * batches);
         cfg.knobs.rate_bytes_per_sec = self.rate;
+        cfg.knobs.hydrate_when = self.hydrate_when;
         cfg
     }
 

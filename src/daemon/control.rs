@@ -34,6 +34,8 @@ pub enum Request {
         batch_size: Option<u64>,
         rate: Option<u64>,
         hydrate_on_read: Option<bool>,
+        #[serde(default)]
+        hydrate_when: Option<crate::engine::HydrateWhen>,
     },
     Stop,
     /// Hand the device over to a new daemon (`ublk-clone restart`): commit, then exit without

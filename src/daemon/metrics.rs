@@ -248,6 +248,7 @@ mod tests {
             direct_ios: 0,
             direct_redone: 0,
             in_place_ios: 0,
+            hydration_idle_waits: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: None,
         }

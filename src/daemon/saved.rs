@@ -228,6 +228,13 @@ mod tests {
         let older: SavedConfig =
             serde_json::from_str(&full.replace(r#""source_timeout": 30,"#, ""))?;
         assert_eq!(older.config.source_timeout, 30);
+        // A policy other than the default is saved, and kept.
+        let idle: SavedConfig = serde_json::from_str(&full.replace(
+            r#""rate": 1048576,"#,
+            r#""rate": 1048576, "hydrate_when": "idle","#,
+        ))?;
+        assert_eq!(idle.config.hydrate_when, crate::engine::HydrateWhen::Idle);
+        assert_eq!(serde_json::to_value(&idle)?["hydrate_when"], "idle");
         let cfg: SavedConfig = serde_json::from_str(full)?;
         assert_eq!(cfg.config.hydration_threshold, Some(8));
         assert_eq!(cfg.config.queues, Some(2));

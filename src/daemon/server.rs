@@ -107,6 +107,7 @@ fn answer(
             batch_size,
             rate,
             hydrate_on_read,
+            hydrate_when,
         }) => {
             let mut k = engine.knobs();
             if let Some(h) = hydration {
@@ -123,6 +124,9 @@ fn answer(
             }
             if let Some(h) = hydrate_on_read {
                 k.hydrate_on_read = h;
+            }
+            if let Some(w) = hydrate_when {
+                k.hydrate_when = w;
             }
             engine.set_knobs(k);
             // Answered once a daemon started after this one dies would keep the settings.

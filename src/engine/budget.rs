@@ -8,24 +8,66 @@
 //!
 //! Invariant: the bytes handed out never exceed the budget, except that a single request
 //! larger than the whole budget is let through alone (it waits until nothing else is out).
+//!
+//! Buffers given back are kept for reuse (up to [`POOL_BYTES`], by exact length): a fresh
+//! multi-megabyte allocation per copy cost page faults and the kernel's page clearing on
+//! every batch. A buffer handed out therefore holds whatever its last copy left in it: every
+//! caller fills it whole (a source read that fails errs, it never leaves a part unwritten)
+//! before writing it anywhere.
 
 use super::wake::{Kickers, Signal};
 use crate::io::AlignedBuf;
 use parking_lot::Mutex;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 /// Largest buffer one copy step uses.
 pub const COPY_CHUNK: usize = 4 << 20;
+/// Most bytes of given-back buffers kept for reuse (held while the daemon idles).
+pub const POOL_BYTES: usize = 4 * COPY_CHUNK;
 
 pub struct CopyBudget {
     limit: u64,
     used: Mutex<u64>,
     freed: Signal,
+    /// Buffers given back, for reuse by a copy of the same length; at most `POOL_BYTES` in all.
+    pool: Mutex<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    bufs: Vec<AlignedBuf>,
+    bytes: usize,
+}
+
+impl Pool {
+    fn take(&mut self, len: usize) -> Option<AlignedBuf> {
+        let i = self.bufs.iter().rposition(|b| b.len() == len)?;
+        let buf = self.bufs.swap_remove(i);
+        self.bytes -= len;
+        Some(buf)
+    }
+
+    /// Keeps `buf` if there is room; the oldest buffers make room for it otherwise (the
+    /// lengths in use now are the ones worth keeping).
+    fn give_back(&mut self, buf: AlignedBuf) {
+        let len = buf.len();
+        if len == 0 || len > POOL_BYTES {
+            return;
+        }
+        while self.bytes + len > POOL_BYTES {
+            let old = self.bufs.remove(0);
+            self.bytes -= old.len();
+        }
+        self.bytes += len;
+        self.bufs.push(buf);
+    }
 }
 
 /// A buffer taken from the budget; returned to it when dropped.
 pub struct BudgetBuf<'a> {
-    buf: AlignedBuf,
+    /// Moved out (to the pool) only in `drop`.
+    buf: ManuallyDrop<AlignedBuf>,
     budget: &'a CopyBudget,
 }
 
@@ -35,7 +77,14 @@ impl CopyBudget {
             limit: limit.max(COPY_CHUNK as u64),
             used: Mutex::new(0),
             freed: Signal::new(kickers),
+            pool: Mutex::new(Pool::default()),
         }
+    }
+
+    /// An aligned buffer of `len` bytes: a given-back one of that length, else a new one.
+    fn buffer(&self, len: usize) -> AlignedBuf {
+        let pooled = self.pool.lock().take(len);
+        pooled.unwrap_or_else(|| AlignedBuf::zeroed(len))
     }
 
     fn try_take(&self, len: u64) -> bool {
@@ -47,11 +96,12 @@ impl CopyBudget {
         false
     }
 
-    /// A zeroed, aligned buffer of `len` bytes, once the budget allows it.
+    /// An aligned buffer of `len` bytes, once the budget allows it. Its contents are those
+    /// of an earlier copy (see the module's doc): fill it whole before writing it.
     pub async fn take(&self, len: usize) -> BudgetBuf<'_> {
         self.freed.wait_until(|| self.try_take(len as u64)).await;
         BudgetBuf {
-            buf: AlignedBuf::zeroed(len),
+            buf: ManuallyDrop::new(self.buffer(len)),
             budget: self,
         }
     }
@@ -63,7 +113,7 @@ impl CopyBudget {
             std::time::Duration::from_secs(1),
         ) {}
         BudgetBuf {
-            buf: AlignedBuf::zeroed(len),
+            buf: ManuallyDrop::new(self.buffer(len)),
             budget: self,
         }
     }
@@ -89,7 +139,11 @@ impl std::ops::DerefMut for BudgetBuf<'_> {
 
 impl Drop for BudgetBuf<'_> {
     fn drop(&mut self) {
-        *self.budget.used.lock() -= self.buf.len() as u64;
+        // SAFETY: `drop` runs once and `self.buf` is not touched after this move; the
+        // ManuallyDrop keeps it from being dropped a second time.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        *self.budget.used.lock() -= buf.len() as u64;
+        self.budget.pool.lock().give_back(buf);
         self.budget.freed.notify();
     }
 }
@@ -116,5 +170,29 @@ mod tests {
         let big = b.take_blocking(3 * C);
         assert!(!b.try_take(1));
         drop(big);
+    }
+
+    #[test]
+    fn given_back_buffers_are_reused_up_to_the_pool_limit() {
+        let b = CopyBudget::new(64 * COPY_CHUNK as u64, &Arc::new(Kickers::default()));
+        let first = b.take_blocking(COPY_CHUNK);
+        let addr = first.as_ptr() as usize;
+        drop(first);
+        let again = b.take_blocking(COPY_CHUNK);
+        assert_eq!(
+            again.as_ptr() as usize,
+            addr,
+            "the given-back buffer is reused"
+        );
+        // Another length does not get it.
+        let other = b.take_blocking(4096);
+        assert_ne!(other.as_ptr() as usize, addr);
+        drop((again, other));
+        // More given back than the pool holds: it keeps at most POOL_BYTES.
+        let many: Vec<_> = (0..8).map(|_| b.take_blocking(COPY_CHUNK)).collect();
+        drop(many);
+        let pool = b.pool.lock();
+        assert!(pool.bytes <= POOL_BYTES, "{} bytes kept", pool.bytes);
+        assert_eq!(pool.bytes, pool.bufs.iter().map(|b| b.len()).sum::<usize>());
     }
 }

@@ -50,6 +50,50 @@ pub struct Knobs {
     pub rate_bytes_per_sec: u64,
     /// Queue regions that users read for early hydration.
     pub hydrate_on_read: bool,
+    /// When background batches start: whatever users do, or only while they have no request
+    /// in service.
+    #[serde(default)]
+    pub hydrate_when: HydrateWhen,
+}
+
+/// When background hydration starts a batch (`--hydrate-when`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HydrateWhen {
+    /// Whatever users do, bounded by the threshold and the rate limit.
+    #[default]
+    Always,
+    /// Only while no user request is in service (dm-clone's sweep pauses while user I/O is in
+    /// flight): a batch under way finishes, the next waits for a moment without user I/O.
+    /// Under a load that never pauses, hydration waits for it; the rate limit is then a
+    /// ceiling, not a promise.
+    Idle,
+}
+
+impl HydrateWhen {
+    pub fn is_always(&self) -> bool {
+        *self == HydrateWhen::Always
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HydrateWhen::Always => "always",
+            HydrateWhen::Idle => "idle",
+        }
+    }
+}
+
+impl std::str::FromStr for HydrateWhen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(HydrateWhen::Always),
+            "idle" => Ok(HydrateWhen::Idle),
+            other => Err(format!(
+                "unknown hydration policy '{other}' (known: always, idle)"
+            )),
+        }
+    }
 }
 
 impl Knobs {
@@ -63,6 +107,7 @@ impl Knobs {
             batch_size: batch,
             rate_bytes_per_sec: 0,
             hydrate_on_read: true,
+            hydrate_when: HydrateWhen::Always,
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Background hydration: copies unhydrated regions from the source to the destination.
 //!
 //! Better than dm-clone's sweep:
-//! - it never pauses for user I/O (it is bounded by `threshold` regions in flight, which
-//!   counts write-triggered hydrations too, and by an optional byte rate limit);
+//! - by default it does not pause for user I/O (it is bounded by `threshold` regions in
+//!   flight, which counts write-triggered hydrations too, and by an optional byte rate
+//!   limit); with `--hydrate-when idle` it starts a batch only while users have no request in
+//!   service, as dm-clone's sweep does;
 //! - regions that users read are queued as hints and hydrated first;
 //! - a source read error is retried a bounded number of times with backoff; then the region is
 //!   marked failed (reads of it return EIO), reported in the status, and the sweep goes on;
@@ -20,7 +22,7 @@
 //! lock is released (see `regions`). No region lock is held while waiting for the rate limit
 //! or a backoff: a user write to those regions never waits for them.
 
-use super::config::{Knobs, Mode};
+use super::config::{HydrateWhen, Knobs, Mode};
 use super::wake::{Kickers, Signal};
 use super::Engine;
 use parking_lot::Mutex;
@@ -43,6 +45,9 @@ const SOURCE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// at most per wait.
 const SOURCE_POLL: Duration = Duration::from_millis(200);
 const SOURCE_POLL_MAX: Duration = Duration::from_secs(5);
+/// With `--hydrate-when idle`, how often a sweep waiting for users to pause looks again (the
+/// queues do not signal the moment they go idle: that would cost every request a wake-up).
+const IDLE_POLL: Duration = Duration::from_millis(5);
 
 /// Token bucket for the hydration rate limit: a copy is charged after it was made, and the
 /// next batch is picked only once the bucket is out of debt (`Engine::wait_for_rate`).
@@ -89,6 +94,8 @@ pub(crate) struct Hydrator {
     pub dest_write_errors: AtomicU64,
     /// Background batches picked (each one a look at the bitmap).
     pub scans: AtomicU64,
+    /// Times the sweep waited because users had requests in service (`--hydrate-when idle`).
+    pub idle_waits: AtomicU64,
 }
 
 impl Hydrator {
@@ -113,6 +120,7 @@ impl Hydrator {
             regions_hydrated_bg: AtomicU64::new(0),
             dest_write_errors: AtomicU64::new(0),
             scans: AtomicU64::new(0),
+            idle_waits: AtomicU64::new(0),
         }
     }
 
@@ -315,8 +323,23 @@ impl Engine {
             );
             return false;
         }
-        // The rate limit is waited for before any region is locked.
-        self.wait_for_rate()
+        // The rate limit is waited for before any region is locked, then (with the `idle`
+        // policy) a moment without user requests, right before the batch is picked.
+        self.wait_for_rate() && self.users_idle(knobs)
+    }
+
+    /// With `--hydrate-when idle`: true when users have no request in service; otherwise
+    /// waits a poll interval (holding no region lock) and returns false to look again.
+    fn users_idle(&self, knobs: &Knobs) -> bool {
+        if knobs.hydrate_when != HydrateWhen::Idle || self.user_io.in_service() == 0 {
+            return true;
+        }
+        self.hydrator.idle_waits.fetch_add(1, Ordering::Relaxed);
+        self.hydrator.wake.wait_until_blocking(
+            || self.hydrator.stopping() || self.knobs().hydrate_when != HydrateWhen::Idle,
+            IDLE_POLL,
+        );
+        false
     }
 
     /// Waits, holding no region lock, for a source out of reach: at least `at_least`, then on

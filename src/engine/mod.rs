@@ -31,6 +31,7 @@ pub mod pause;
 mod readwrite;
 pub mod regions;
 pub mod trace;
+pub mod user_io;
 pub mod userdata;
 mod view;
 pub mod wake;
@@ -38,7 +39,7 @@ mod zero_discard;
 
 #[cfg(test)]
 pub(crate) use config::Bugs;
-pub use config::{EngineConfig, Geometry, Knobs, Mode, REMOTE_HYDRATION_WORKERS};
+pub use config::{EngineConfig, Geometry, HydrateWhen, Knobs, Mode, REMOTE_HYDRATION_WORKERS};
 pub use error::{CommitError, EngineError, IoError};
 pub use path::{DataPath, Side, SyncPath};
 pub use userdata::{ReadData, WriteData};
@@ -85,6 +86,10 @@ pub struct Status {
     /// request's pages (zero copy).
     #[serde(default)]
     pub in_place_ios: u64,
+    /// Times background hydration waited because users had requests in service
+    /// (`--hydrate-when idle`).
+    #[serde(default)]
+    pub hydration_idle_waits: u64,
     pub knobs: Knobs,
     /// A remote source out of reach: since when (seconds since the epoch) and why. Reads that
     /// need it wait for it (up to its timeout) and background hydration pauses.
@@ -113,6 +118,8 @@ pub struct Engine {
     knobs: Mutex<Knobs>,
     /// Every copy buffer comes from it.
     copy_budget: budget::CopyBudget,
+    /// User requests in service (the queues count them).
+    user_io: user_io::UserIo,
     regions_hydrated_write: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<metrics::Metrics>,
@@ -167,6 +174,7 @@ impl Engine {
             locks: RegionLocks::new(&kickers),
             hydrator: Hydrator::new(&kickers),
             copy_budget: budget::CopyBudget::new(config.copy_budget, &kickers),
+            user_io: user_io::UserIo::default(),
             kickers,
             map,
             committer,
@@ -364,6 +372,12 @@ impl Engine {
         self.trace.as_ref().map(|t| t.order())
     }
 
+    /// User requests in service: the frontend counts each request it takes
+    /// ([`UserIo::started`](user_io::UserIo::started)) and completes.
+    pub fn user_io(&self) -> &user_io::UserIo {
+        &self.user_io
+    }
+
     /// The monitoring counters (user I/O by operation, FLUSH and commit latency).
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.metrics
@@ -421,6 +435,7 @@ impl Engine {
             direct_ios: self.metrics().direct_ios.load(Ordering::Relaxed),
             direct_redone: self.metrics().direct_redone.load(Ordering::Relaxed),
             in_place_ios: self.metrics().in_place_ios.load(Ordering::Relaxed),
+            hydration_idle_waits: self.hydrator.idle_waits.load(Ordering::Relaxed),
             knobs: self.knobs(),
             source_disconnected: self.source.link_down().map(|d| SourceDown {
                 since: d

@@ -1651,3 +1651,51 @@ fn copy_on_write_over_a_bad_source_block_reads_around_it() {
     );
     assert!(r.engine.shutdown().is_ok());
 }
+
+/// `--hydrate-when idle`: while a user request is in service the sweep copies nothing; once
+/// users are idle it hydrates everything. With `always` a request in service does not hold
+/// it back.
+#[test]
+fn the_idle_policy_copies_nothing_while_a_user_request_is_in_service() {
+    let r = rig(32 * 4096, 4096, |c| {
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 8;
+        c.knobs.hydration_enabled = false;
+        c.knobs.hydrate_when = super::HydrateWhen::Idle;
+    });
+    r.engine.user_io().started(1);
+    enable_hydration(&r.engine);
+    // The workers have looked several times and found the request in service.
+    assert!(
+        eventually(20, || r.engine.status().hydration_idle_waits >= 10),
+        "{:?}",
+        r.engine.status()
+    );
+    let s = r.engine.status();
+    assert_eq!(
+        (s.hydrated, s.bytes_hydrated),
+        (0, 0),
+        "copied while a user request was in service"
+    );
+    r.engine.user_io().ended(1);
+    assert!(
+        eventually(20, || r.engine.is_fully_hydrated()),
+        "{:?}",
+        r.engine.status()
+    );
+    assert!(r.engine.shutdown().is_ok());
+
+    let r = rig(32 * 4096, 4096, |c| {
+        c.knobs.batch_size = 4;
+        c.knobs.threshold = 8;
+    });
+    r.engine.user_io().started(0);
+    assert!(
+        eventually(20, || r.engine.is_fully_hydrated()),
+        "`always` waited for users: {:?}",
+        r.engine.status()
+    );
+    assert_eq!(r.engine.status().hydration_idle_waits, 0);
+    r.engine.user_io().ended(0);
+    assert!(r.engine.shutdown().is_ok());
+}

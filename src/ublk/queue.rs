@@ -98,8 +98,11 @@ impl<'a> Queue<'a> {
     }
 
     fn complete(&self, tag: u16, res: i32) {
-        self.in_service_tags
-            .set(self.in_service_tags.get().saturating_sub(1));
+        let in_service = self.in_service_tags.get();
+        if in_service > 0 {
+            self.in_service_tags.set(in_service - 1);
+            self.engine.user_io().ended(self.q.get_qid() as usize);
+        }
         let desc = match &self.zero_copy {
             Some(regs) => BufDesc::AutoReg(regs[tag as usize]),
             None => BufDesc::Slice(self.buf(tag)),
@@ -115,6 +118,7 @@ impl<'a> Queue<'a> {
     /// A new request arrived on `tag`.
     fn start(self: &Rc<Self>, tag: u16) {
         self.in_service_tags.set(self.in_service_tags.get() + 1);
+        self.engine.user_io().started(self.q.get_qid() as usize);
         let req = Request::decode(self.q.get_iod(tag));
         if let Some(op) = req.op.kind() {
             self.engine.metrics().count_op(op, req.len);

@@ -42,7 +42,9 @@ fn good_lines_comments_and_blanks() {
 
 #[test]
 fn options_map_onto_the_daemon_configuration() {
-    let t = table("ro /srv/ro.img /dev/vg/ro /dev/vg/romd no-hydration,rate=1M,depth=64\n");
+    let t = table(
+        "ro /srv/ro.img /dev/vg/ro /dev/vg/romd no-hydration,rate=1M,depth=64,hydrate-when=idle\n",
+    );
     let cfg = t.get("ro").expect("ro").config();
     assert_eq!(cfg.name.as_deref(), Some("ro"));
     assert_eq!(cfg.source, PathBuf::from("/srv/ro.img"));
@@ -50,6 +52,7 @@ fn options_map_onto_the_daemon_configuration() {
     assert_eq!(cfg.metadata, PathBuf::from("/dev/vg/romd"));
     assert!(cfg.no_hydration && !cfg.buffered_io);
     assert_eq!((cfg.rate, cfg.depth), (1 << 20, 64));
+    assert_eq!(cfg.hydrate_when, crate::engine::HydrateWhen::Idle);
     // Nothing in a table can reformat.
     assert!(!cfg.force && !cfg.force_reformat_this_clone && !cfg.ignore_source_mismatch);
     assert_eq!(cfg.source_timeout, DEFAULT_SOURCE_TIMEOUT);
@@ -57,6 +60,7 @@ fn options_map_onto_the_daemon_configuration() {
     let plain = table("p /srv/p.img /dev/vg/p /dev/vg/pmd\n");
     let cfg = plain.get("p").expect("p").config();
     assert_eq!((cfg.depth, cfg.rate, cfg.queues), (128, 0, None));
+    assert_eq!(cfg.hydrate_when, crate::engine::HydrateWhen::Always);
 }
 
 /// Each bad line is reported with its file, line and field; the good lines still parse.
@@ -80,6 +84,11 @@ fn every_bad_field_is_named() {
         ),
         ("a /s /d /m region-size=huge", "options", "'region-size'"),
         ("a /s /d /m rate", "options", "'rate' needs a value"),
+        (
+            "a /s /d /m hydrate-when=sometimes",
+            "options",
+            "unknown hydration policy 'sometimes'",
+        ),
         ("a /s /d /m no-hydration=yes", "options", "takes no value"),
         ("a /s /d /m queues=70000", "options", "too large"),
         ("a /s /d /m depth=-1", "options", "whole number"),
