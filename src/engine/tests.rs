@@ -1699,3 +1699,34 @@ fn the_idle_policy_copies_nothing_while_a_user_request_is_in_service() {
     r.engine.user_io().ended(0);
     assert!(r.engine.shutdown().is_ok());
 }
+
+/// While users have a request in service, background batches are cut to 256 KiB (a batch
+/// holds its regions' locks, and a user write to one of them, until its copy is written); an
+/// idle device gets the whole batch.
+#[test]
+fn batches_are_small_while_users_have_requests_in_service() {
+    let largest_copy = |busy: bool| {
+        let r = rig(2 << 20, 4096, |c| {
+            c.knobs.batch_size = 128;
+            c.knobs.threshold = 256;
+            c.knobs.hydration_enabled = false;
+        });
+        let largest = record_largest_io(&[&r.source]);
+        if busy {
+            r.engine.user_io().started(0);
+        }
+        enable_hydration(&r.engine);
+        assert!(
+            eventually(20, || r.engine.is_fully_hydrated()),
+            "{:?}",
+            r.engine.status()
+        );
+        if busy {
+            r.engine.user_io().ended(0);
+        }
+        assert!(r.engine.shutdown().is_ok());
+        largest.load(Ordering::SeqCst)
+    };
+    assert_eq!(largest_copy(true), 256 << 10, "a batch under user load");
+    assert_eq!(largest_copy(false), 512 << 10, "a batch on an idle device");
+}
