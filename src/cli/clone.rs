@@ -39,8 +39,8 @@ pub struct CreateArgs {
     /// Maximum regions hydrating at once (default: 2 batches; 4 for an NBD source).
     #[arg(long)]
     pub hydration_threshold: Option<u64>,
-    /// Contiguous regions per background copy (default: 4 MiB worth; at most 256 KiB while
-    /// users have requests in service).
+    /// Contiguous regions per background copy (default: 4 MiB worth; over a local source at
+    /// most 256 KiB, or one region, while users have requests in service).
     #[arg(long)]
     pub batch_size: Option<u64>,
     /// Background hydration rate limit in bytes/s (0 = unlimited).

@@ -160,8 +160,9 @@ pub fn format_status(dev: &str, s: &Status) -> String {
     );
     if s.knobs.hydrate_when == crate::engine::HydrateWhen::Idle {
         out += &format!(
-            "\n  hydration only while users are idle (--hydrate-when idle; waited {} times)",
-            s.hydration_idle_waits
+            "\n  hydration only while users are idle (--hydrate-when idle): waited {} ms in all, \
+             {} user requests in service now",
+            s.hydration_idle_wait_ms, s.user_requests_in_service
         );
     }
     if !s.mode_reason.is_empty() {
@@ -451,7 +452,8 @@ mod tests {
             direct_ios: 0,
             direct_redone: 0,
             in_place_ios: 0,
-            hydration_idle_waits: 0,
+            hydration_idle_wait_ms: 0,
+            user_requests_in_service: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: Some(SourceDown {
                 since: 1,

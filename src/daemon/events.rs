@@ -205,7 +205,8 @@ mod tests {
             direct_ios: 0,
             direct_redone: 0,
             in_place_ios: 0,
-            hydration_idle_waits: 0,
+            hydration_idle_wait_ms: 0,
+            user_requests_in_service: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: None,
         }

@@ -73,6 +73,18 @@ pub fn render(
         &one(s.hydration_rate_bytes_per_sec as f64),
     );
     metric(
+        "user_requests_in_service",
+        "gauge",
+        "User requests the daemon holds now, on all queues.",
+        &one(s.user_requests_in_service as f64),
+    );
+    metric(
+        "hydration_idle_wait_seconds_total",
+        "counter",
+        "Time background hydration waited for users to pause (--hydrate-when idle), summed over its workers.",
+        &one(s.hydration_idle_wait_ms as f64 / 1000.0),
+    );
+    metric(
         "mode",
         "gauge",
         "1 for the mode the clone is in (rw, ro, fail).",
@@ -248,7 +260,8 @@ mod tests {
             direct_ios: 0,
             direct_redone: 0,
             in_place_ios: 0,
-            hydration_idle_waits: 0,
+            hydration_idle_wait_ms: 0,
+            user_requests_in_service: 0,
             knobs: Knobs::defaults_for(65536),
             source_disconnected: None,
         }

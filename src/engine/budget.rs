@@ -11,9 +11,9 @@
 //!
 //! Buffers given back are kept for reuse (up to [`POOL_BYTES`], by exact length): a fresh
 //! multi-megabyte allocation per copy cost page faults and the kernel's page clearing on
-//! every batch. A buffer handed out therefore holds whatever its last copy left in it: every
-//! caller fills it whole (a source read that fails errs, it never leaves a part unwritten)
-//! before writing it anywhere.
+//! every batch. A buffer handed out therefore holds whatever its last copy left in it (another
+//! region's data): every caller fills it whole before writing it anywhere, and a buffer whose
+//! read failed is dropped or read again, never written.
 
 use super::wake::{Kickers, Signal};
 use crate::io::AlignedBuf;
@@ -50,17 +50,22 @@ impl Pool {
 
     /// Keeps `buf` if there is room; the oldest buffers make room for it otherwise (the
     /// lengths in use now are the ones worth keeping).
-    fn give_back(&mut self, buf: AlignedBuf) {
+    /// Returns the buffers that no longer fit, to be freed outside the pool's lock.
+    #[must_use]
+    fn give_back(&mut self, buf: AlignedBuf) -> Vec<AlignedBuf> {
         let len = buf.len();
         if len == 0 || len > POOL_BYTES {
-            return;
+            return vec![buf];
         }
+        let mut evicted = Vec::new();
         while self.bytes + len > POOL_BYTES {
             let old = self.bufs.remove(0);
             self.bytes -= old.len();
+            evicted.push(old);
         }
         self.bytes += len;
         self.bufs.push(buf);
+        evicted
     }
 }
 
@@ -143,7 +148,8 @@ impl Drop for BudgetBuf<'_> {
         // ManuallyDrop keeps it from being dropped a second time.
         let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
         *self.budget.used.lock() -= buf.len() as u64;
-        self.budget.pool.lock().give_back(buf);
+        let evicted = self.budget.pool.lock().give_back(buf);
+        drop(evicted);
         self.budget.freed.notify();
     }
 }
@@ -184,15 +190,16 @@ mod tests {
             addr,
             "the given-back buffer is reused"
         );
+        drop(again);
         // Another length does not get it.
         let other = b.take_blocking(4096);
         assert_ne!(other.as_ptr() as usize, addr);
-        drop((again, other));
-        // More given back than the pool holds: it keeps at most POOL_BYTES.
+        drop(other);
+        // More given back than the pool holds: it keeps POOL_BYTES.
         let many: Vec<_> = (0..8).map(|_| b.take_blocking(COPY_CHUNK)).collect();
         drop(many);
         let pool = b.pool.lock();
-        assert!(pool.bytes <= POOL_BYTES, "{} bytes kept", pool.bytes);
+        assert_eq!(pool.bytes, POOL_BYTES, "bytes kept");
         assert_eq!(pool.bytes, pool.bufs.iter().map(|b| b.len()).sum::<usize>());
     }
 }

@@ -128,6 +128,10 @@ pub struct EngineConfig {
     pub source_retries: u32,
     pub retry_backoff: Duration,
     pub hydration_workers: usize,
+    /// Background batches keep their full size under user load (a remote source pays a round
+    /// trip or two per batch, so smaller batches would cut its throughput, and its copies do
+    /// not contend with user I/O for a local device).
+    pub full_batches_under_load: bool,
     /// Memory for copy buffers (copy-on-write and background hydration), in bytes.
     pub copy_budget: u64,
     pub knobs: Knobs,
@@ -173,6 +177,7 @@ impl EngineConfig {
             source_retries: 3,
             retry_backoff: Duration::from_millis(10),
             hydration_workers: 2,
+            full_batches_under_load: false,
             copy_budget: 64 << 20,
             knobs: Knobs::defaults_for(region_size),
             start_mode: None,
@@ -190,6 +195,7 @@ impl EngineConfig {
     /// 2, leaving its disk to users.
     pub fn for_remote_source(mut self) -> EngineConfig {
         self.hydration_workers = REMOTE_HYDRATION_WORKERS;
+        self.full_batches_under_load = true;
         self.knobs.threshold = self.knobs.batch_size * REMOTE_HYDRATION_WORKERS as u64;
         self
     }

@@ -86,10 +86,13 @@ pub struct Status {
     /// request's pages (zero copy).
     #[serde(default)]
     pub in_place_ios: u64,
-    /// Times background hydration waited because users had requests in service
-    /// (`--hydrate-when idle`).
+    /// Milliseconds background hydration waited because users had requests in service
+    /// (`--hydrate-when idle`), summed over its workers.
     #[serde(default)]
-    pub hydration_idle_waits: u64,
+    pub hydration_idle_wait_ms: u64,
+    /// User requests in service now, on all queues.
+    #[serde(default)]
+    pub user_requests_in_service: u64,
     pub knobs: Knobs,
     /// A remote source out of reach: since when (seconds since the epoch) and why. Reads that
     /// need it wait for it (up to its timeout) and background hydration pauses.
@@ -435,7 +438,8 @@ impl Engine {
             direct_ios: self.metrics().direct_ios.load(Ordering::Relaxed),
             direct_redone: self.metrics().direct_redone.load(Ordering::Relaxed),
             in_place_ios: self.metrics().in_place_ios.load(Ordering::Relaxed),
-            hydration_idle_waits: self.hydrator.idle_waits.load(Ordering::Relaxed),
+            hydration_idle_wait_ms: self.hydrator.idle_wait_us.load(Ordering::Relaxed) / 1000,
+            user_requests_in_service: self.user_io.in_service(),
             knobs: self.knobs(),
             source_disconnected: self.source.link_down().map(|d| SourceDown {
                 since: d

@@ -293,6 +293,25 @@ test_stop_and_restart_resumes() {
   stop "$dev"
 }
 
+# --hydrate-when idle: the queues count every request they take and complete (direct path,
+# full path, zero copy where offered), so the sweep waits while fio runs, nothing stays
+# counted once fio has ended, and hydration then finishes.
+test_idle_hydration_waits_for_users() {
+  mk_images 64
+  dev=$(create --region-size 64K --queues 2 --rate 4M --hydrate-when idle)
+  [ "$(status_json "$dev" | python3 -c 'import json,sys; print(json.load(sys.stdin)["knobs"]["hydrate_when"])')" = idle ] \
+    || fail "the policy is not shown: $(status_json "$dev")"
+  fio --name=idle --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
+      --iodepth=16 --numjobs=2 --size=64M --time_based --runtime=4 --group_reporting \
+      --output="$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio failed"; }
+  st=$(status_json "$dev")
+  [ "$(echo "$st" | json_field user_requests_in_service)" = 0 ] || fail "requests counted in service after fio ended: $st"
+  [ "$(echo "$st" | json_field hydration_idle_wait_ms)" -gt 0 ] || fail "the sweep never waited for fio: $st"
+  "$BIN" status "$dev" | grep -q "hydration only while users are idle" || fail "status text lacks the policy"
+  wait_hydrated "$dev" 120
+  stop "$dev"
+}
+
 daemon_pid() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "/run/ublk-clone/${1#/dev/ublkb}.json"; }
 
 test_kill_and_recover() {
@@ -1185,6 +1204,7 @@ truncate -s 8M "$WORK/meta2"
 for t in kernel_has_ublk reads_writes_and_partial_regions zero_copy_where_offered flush_and_fua_reach_the_engine \
          fio_verify_multi_queue ext4_while_hydrating xfs_while_hydrating stop_and_restart_resumes \
          kill_and_recover kill_at_pause_points recover_waits_for_old_writes kill_and_restart_under_load \
+         idle_hydration_waits_for_users \
          nbd_source_comes_and_goes clonetab_up_and_down trace_and_prefetch debian_package \
          cli_bad_input stop_releases_devices exclusive_devices 4kn_devices \
          fault_dest_error_writes fault_dest_drop_writes fault_metadata_error_writes \
