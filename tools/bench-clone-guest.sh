@@ -143,11 +143,16 @@ for region in $regions; do
   # start-up, no idle copying before it, and the token bucket's burst is spent before it).
   # Prints "iops bytes seconds".
   under_load() { # DEV COUNTER...
-    local dev=$1 h0 h1 t0 t1 pid; shift
+    local dev=$1 h0 h1 t0 t1 pid start left; shift
+    start=$(date +%s%N)
     loadfio "$dev" >"$w/load.iops" & pid=$!
     # Each clock reading right before its counter's: the two samples lag their clock alike.
     sleep 1; t0=$(date +%s.%N); h0=$("$@")
-    sleep $((load - 2)); t1=$(date +%s.%N); h1=$("$@")
+    # The second sample at a fixed deadline, one second before the load ends: a slow first
+    # sample (a status call under load took 2-3 s) must not push it past the load.
+    left=$(( (start + (load - 1) * 1000000000 - $(date +%s%N)) / 1000000 ))
+    [ "$left" -gt 0 ] && sleep "$((left / 1000)).$(printf %03d $((left % 1000)))"
+    t1=$(date +%s.%N); h1=$("$@")
     wait "$pid"
     echo "$(cat "$w/load.iops") $((h1 - h0)) $(python3 -c "print(round($t1 - $t0, 2))")"
   }
