@@ -901,6 +901,7 @@ const CASES: &[Case] = &[
     case(clone!("--region-size 0"), &["--region-size", "power of two"], &[]),
     case(clone!("--region-size 12Q"), &["--region-size", "12Q", "unknown suffix", "e.g. 64K"], &[]),
     case(clone!("--rate 1.5M"), &["--rate", "1.5M"], &[]),
+    case(clone!("--hydrate-when sometimes"), &["--hydrate-when", "unknown hydration policy 'sometimes'", "always, idle"], &[]),
     case(clone!("--depth 0"), &["--depth", "between 1 and 4096"], &[]),
     case(clone!("--queues 0"), &["--queues", "at least one queue"], &[]),
     case(clone!("--log-writes {nodir}/x.log"), &["--log-writes", "{nodir}/x.log", "directory does not exist"], &[]),
@@ -930,6 +931,7 @@ const CASES: &[Case] = &[
     case("set 4242 --rate 1M", &["/dev/ublkb4242", "ublk-clone list"], &[]),
     case("set 4242 --rate 12Q", &["--rate", "12Q", "unknown suffix"], &[]),
     case("set 4242 --hydration maybe", &["--hydration", "maybe", "true"], &[]),
+    case("set 4242 --hydrate-when sometimes", &["--hydrate-when", "unknown hydration policy", "always, idle"], &[]),
     case("mark 4242 checkpoint", &["/dev/ublkb4242", "ublk-clone list"], &[]),
     // format.
     case("format --metadata {meta} --source {gone} --dest {dst}", &["--source", "{gone}", "cannot open"], &[]),
